@@ -1,0 +1,241 @@
+"""Model configuration read from a checkpoint's `config.json` (`model_type: gemma4_unified`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+SUPPORTED_MODEL_TYPE = "gemma4_unified"
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
+
+
+@dataclass
+class RopeConfig:
+    rope_type: str  # "default" or "proportional"
+    theta: float
+    partial_rotary_factor: float = 1.0
+
+    def inv_freq(self, head_dim: int) -> list[float]:
+        """Inverse frequencies for rotate-half pairs (i, i + head_dim/2), as the reference computes them.
+
+        Proportional RoPE keeps the whole head_dim and zeroes the frequencies past the rotated fraction,
+        so those pairs pass through unrotated.
+        """
+        half = head_dim // 2
+        rotated = half if self.rope_type == "default" else int(self.partial_rotary_factor * head_dim // 2)
+        return [self.theta ** (-(2 * i) / head_dim) if i < rotated else 0.0 for i in range(half)]
+
+
+@dataclass
+class LayerShape:
+    layer_type: str
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool  # no v_proj: values are the raw k_proj output
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.layer_type == SLIDING
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 262_144
+    hidden_size: int = 3840
+    intermediate_size: int = 15360
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = 1
+    per_layer_config: dict[int, dict[str, int]] | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 1024
+    layer_types: list[str] = field(default_factory=list)
+    final_logit_softcapping: float | None = 30.0
+    attention_k_eq_v: bool = True
+    attention_bias: bool = False
+    use_bidirectional_attention: str | None = "vision"
+    rope_parameters: dict[str, RopeConfig] = field(default_factory=dict)
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    bos_token_id: int = 2
+    max_position_embeddings: int = 262_144
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            # The reference's default pattern: 5 sliding layers then 1 global.
+            self.layer_types = [SLIDING if (i + 1) % 6 else GLOBAL for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        # The reference forces the last layer to be global.
+        self.layer_types = [*self.layer_types[:-1], GLOBAL]
+        for kind in self.layer_types:
+            if kind not in (SLIDING, GLOBAL):
+                raise ConfigError(f"unsupported layer type {kind!r}")
+        defaults = {
+            SLIDING: RopeConfig("default", 10_000.0),
+            GLOBAL: RopeConfig("proportional", 1_000_000.0, 0.25),
+        }
+        self.rope_parameters = {**defaults, **self.rope_parameters}
+        for kind, rope in self.rope_parameters.items():
+            if rope.rope_type not in ("default", "proportional"):
+                raise ConfigError(f"unsupported rope_type {rope.rope_type!r} for {kind}")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
+        if self.use_bidirectional_attention not in (None, "vision"):
+            raise ConfigError(
+                f"use_bidirectional_attention={self.use_bidirectional_attention!r} is not a Gemma 4 unified "
+                "checkpoint setting (expected 'vision' or null)"
+            )
+
+    def layer(self, index: int) -> LayerShape:
+        kind = self.layer_types[index]
+        head_dim, kv_heads = self.head_dim, self.num_key_value_heads
+        if self.per_layer_config is not None:
+            override = self.per_layer_config.get(index, {})
+            head_dim = override.get("head_dim", head_dim)
+            kv_heads = override.get("num_key_value_heads", kv_heads)
+        elif kind == GLOBAL:
+            head_dim = self.global_head_dim
+            # As in the reference: the global KV-head override applies to K=V models only.
+            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
+                kv_heads = self.num_global_key_value_heads
+        return LayerShape(kind, head_dim, kv_heads, self.attention_k_eq_v and kind == GLOBAL)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@dataclass
+class VisionConfig:
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120
+    output_proj_dims: int = 3840
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def model_patch_size(self) -> int:
+        return self.patch_size * self.pooling_kernel_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.model_patch_size**2 * 3
+
+
+@dataclass
+class AudioConfig:
+    audio_embed_dim: int = 640  # samples per soft token (40 ms at 16 kHz)
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class ModelConfig:
+    text: TextConfig
+    vision: VisionConfig | None
+    audio: AudioConfig | None
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    image_token_id: int = 258_880
+    video_token_id: int = 258_884
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 258_883
+    audio_token_id: int = 258_881
+    quantization: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        model_type = data.get("model_type")
+        if model_type != SUPPORTED_MODEL_TYPE:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported: mlx-unified runs '{SUPPORTED_MODEL_TYPE}' checkpoints"
+            )
+        text = _text_config(data.get("text_config") or {})
+        vision = _pick(VisionConfig, data["vision_config"]) if data.get("vision_config") else None
+        audio = _pick(AudioConfig, data["audio_config"]) if data.get("audio_config") else None
+        if vision is not None and vision.output_proj_dims != vision.mm_embed_dim:
+            raise ConfigError("vision_config.output_proj_dims must equal mm_embed_dim")
+        ids = {
+            name: data[name]
+            for name in (
+                "boi_token_id",
+                "eoi_token_id",
+                "image_token_id",
+                "video_token_id",
+                "boa_token_id",
+                "audio_token_id",
+            )
+            if data.get(name) is not None
+        }
+        if data.get("eoa_token_index") is not None:
+            ids["eoa_token_id"] = data["eoa_token_index"]
+        return cls(
+            text=text,
+            vision=vision,
+            audio=audio,
+            quantization=data.get("quantization") or data.get("quantization_config"),
+            raw=data,
+            **ids,
+        )
+
+    @property
+    def media_token_ids(self) -> tuple[int, int, int]:
+        return self.image_token_id, self.video_token_id, self.audio_token_id
+
+
+def _pick(cls: type, data: dict[str, Any]) -> Any:
+    names = cls.__dataclass_fields__.keys()
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _text_config(data: dict[str, Any]) -> TextConfig:
+    if data.get("num_kv_shared_layers", 0):
+        raise ConfigError("num_kv_shared_layers > 0 is not a Gemma 4 12B unified architecture")
+    values = dict(data)
+    if values.get("per_layer_config") is not None:
+        values["per_layer_config"] = {int(k): dict(v) for k, v in values["per_layer_config"].items()}
+    rope = values.pop("rope_parameters", None) or {}
+    values["rope_parameters"] = {
+        kind: RopeConfig(
+            params.get("rope_type", "default"),
+            float(params.get("rope_theta", 10_000.0)),
+            float(params.get("partial_rotary_factor", 1.0)),
+        )
+        for kind, params in rope.items()
+        if params is not None
+    }
+    if values.get("tie_word_embeddings") is False:
+        raise ConfigError("untied output embeddings are not a Gemma 4 unified architecture")
+    return _pick(TextConfig, values)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `<path>/config.json` (or the file itself) into a ModelConfig."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{file}: no config.json") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable config ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: config is not a JSON object")
+    return ModelConfig.from_dict(data)

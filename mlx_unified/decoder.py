@@ -1,0 +1,68 @@
+"""The decoder: scaled token embeddings, hybrid-attention layers with GeGLU MLPs, final norm."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention, AttentionContext, RMSNorm
+from .cache import LayerCache
+from .config import TextConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # "gelu_pytorch_tanh" is the tanh approximation; "gelu" the exact erf form.
+        self.activation = nn.gelu_approx if config.hidden_activation == "gelu_pytorch_tanh" else nn.gelu
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, index: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, config.layer(index))
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cache))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        # The reference scales the whole residual stream, residual included.
+        return h * self.layer_scalar.astype(h.dtype)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        # sqrt(hidden) rounded to the weights' dtype, as the reference does (55.4 -> 55.5 in bf16).
+        return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
+
+    def __call__(self, h: mx.array, ctx: AttentionContext, cache: list[LayerCache] | None) -> mx.array:
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, None if cache is None else cache[i])
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        logits = self.embed_tokens.as_linear(self.norm(h))
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,61 @@
+"""Attention masks: causal, sliding window, and the bidirectional image/video block overlay."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+IMAGE_TYPE, VIDEO_TYPE = 1, 2
+
+
+def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
+    """Number each contiguous run of image/video tokens (0, 1, ...); text and audio get -1.
+
+    Each run is one block whose tokens see each other in both directions (the reference's
+    `get_block_sequence_ids_for_mask`).
+    """
+    types = np.asarray(mm_token_type_ids)
+    is_vision = (types == IMAGE_TYPE) | (types == VIDEO_TYPE)
+    prev = np.zeros_like(is_vision)
+    prev[..., 1:] = is_vision[..., :-1]
+    starts = is_vision & ~prev
+    ids = np.cumsum(starts, axis=-1) - 1
+    return np.where(is_vision, ids, -1)
+
+
+def attention_mask(
+    query_start: int,
+    num_queries: int,
+    key_start: int,
+    num_keys: int,
+    sliding_window: int | None,
+    block_ids: np.ndarray | None,
+) -> mx.array | str | None:
+    """Boolean mask [.., num_queries, num_keys] (True = attend) for queries at absolute positions
+    query_start.. and keys at key_start.., or "causal"/None when MLX's built-in handling is exact.
+
+    block_ids: [B, num_queries] vision block ids of the queries (-1 outside blocks); keys before
+    query_start never share a block with a query, because prefill never splits a block.
+    """
+    window_binds = sliding_window is not None and (
+        query_start + num_queries - 1 - sliding_window >= key_start
+    )
+    has_blocks = block_ids is not None and bool((np.asarray(block_ids) >= 0).any())
+    if num_queries == 1 and not window_binds:
+        return None
+    if not window_binds and not has_blocks and key_start + num_keys == query_start + num_queries:
+        return "causal"
+    q_pos = np.arange(query_start, query_start + num_queries)[:, None]
+    k_pos = np.arange(key_start, key_start + num_keys)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    if has_blocks:
+        # As the reference: the block overlay is OR-ed last, so a block longer than the window
+        # still sees all of itself on sliding layers.
+        q_blocks = np.asarray(block_ids)[:, :, None]  # [B, Lq, 1]
+        k_blocks = np.full((q_blocks.shape[0], 1, num_keys), -1)
+        own = k_pos[0] >= query_start
+        k_blocks[:, 0, own] = np.asarray(block_ids)[:, k_pos[0, own] - query_start]
+        allowed = (allowed[None] | ((q_blocks == k_blocks) & (q_blocks >= 0)))[:, None]  # [B, 1, Lq, Lk]
+    return mx.array(allowed)

@@ -1,0 +1,153 @@
+"""A small random checkpoint in the released layout, for smoke runs and tests with no download.
+
+Its weights are RANDOM: the model it loads writes meaningless text. `config.json` carries
+`"mlx_unified_random_weights": true`, and the loader, the CLI and the app say so whenever it is used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .tokenizer import write_tokenizer
+
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    sliding_window=32,
+    final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    use_bidirectional_attention="vision",
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+)
+
+
+def tiny_config(special: dict[str, int], vocab_size: int) -> dict:
+    text = dict(TINY_TEXT, vocab_size=vocab_size, model_type="gemma4_unified_text")
+    layers = text["num_hidden_layers"]
+    text["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    text.update(
+        pad_token_id=special["pad_token_id"], eos_token_id=special["eos_token_id"], bos_token_id=special["bos_token_id"]
+    )
+    hidden = text["hidden_size"]
+    return {
+        "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+        "model_type": "gemma4_unified",
+        "mlx_unified_random_weights": True,
+        "text_config": text,
+        "vision_config": {
+            "model_type": "gemma4_unified_vision",
+            "mm_embed_dim": hidden,
+            "output_proj_dims": hidden,
+            "mm_posemb_size": 1120,
+            "patch_size": 16,
+            "pooling_kernel_size": 3,
+            "rms_norm_eps": 1e-6,
+        },
+        "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 640, "rms_norm_eps": 1e-6},
+        "boi_token_id": special["boi_token_id"],
+        "eoi_token_id": special["eoi_token_id"],
+        "image_token_id": special["image_token_id"],
+        "video_token_id": special["video_token_id"],
+        "boa_token_id": special["boa_token_id"],
+        "eoa_token_index": special["eoa_token_index"],
+        "audio_token_id": special["audio_token_id"],
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+    }
+
+
+def _tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the released layout for this config."""
+    text, vision = config["text_config"], config["vision_config"]
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.language_model.embed_tokens.weight": (text["vocab_size"], hidden)}
+    for i, kind in enumerate(text["layer_types"]):
+        p = f"model.language_model.layers.{i}."
+        sliding = kind == "sliding_attention"
+        head_dim = text["head_dim"] if sliding else text["global_head_dim"]
+        kv = text["num_key_value_heads"] if sliding else text["num_global_key_value_heads"]
+        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (kv * head_dim, hidden)
+        if sliding:
+            shapes[p + "self_attn.v_proj.weight"] = (kv * head_dim, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+        shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
+        for name in ("gate_proj", "up_proj"):
+            shapes[p + f"mlp.{name}.weight"] = (text["intermediate_size"], hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, text["intermediate_size"])
+        for name in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            shapes[p + f"{name}_layernorm.weight"] = (hidden,)
+        shapes[p + "layer_scalar"] = (1,)
+    shapes["model.language_model.norm.weight"] = (hidden,)
+    patch_dim = (vision["patch_size"] * vision["pooling_kernel_size"]) ** 2 * 3
+    dims = vision["mm_embed_dim"]
+    shapes.update(
+        {
+            "model.vision_embedder.patch_ln1.weight": (patch_dim,),
+            "model.vision_embedder.patch_ln1.bias": (patch_dim,),
+            "model.vision_embedder.patch_dense.weight": (dims, patch_dim),
+            "model.vision_embedder.patch_dense.bias": (dims,),
+            "model.vision_embedder.patch_ln2.weight": (dims,),
+            "model.vision_embedder.patch_ln2.bias": (dims,),
+            "model.vision_embedder.pos_embedding": (vision["mm_posemb_size"], 2, dims),
+            "model.vision_embedder.pos_norm.weight": (dims,),
+            "model.vision_embedder.pos_norm.bias": (dims,),
+            "model.embed_vision.embedding_projection.weight": (hidden, dims),
+            "model.embed_audio.embedding_projection.weight": (hidden, config["audio_config"]["audio_embed_dim"]),
+        }
+    )
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("layer_scalar"):
+        return np.ones(shape, np.float32)
+    if "norm" in name or "_ln" in name:
+        return (np.zeros if name.endswith("bias") else np.ones)(shape, np.float32)
+    if name.endswith("bias"):
+        return np.zeros(shape, np.float32)
+    std = 0.5 if ("embed_tokens" in name or "pos_embedding" in name) else shape[-1] ** -0.5
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+
+
+def tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Write a small random-weight Gemma 4 unified checkpoint (config, bf16 safetensors, tokenizer,
+    chat template) to `path` and return it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    special = write_tokenizer(path)
+    config = tiny_config(special, special["vocab_size"])
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": special["bos_token_id"],
+                "eos_token_id": [special["eos_token_id"], special["eot_token_id"]],
+                "pad_token_id": special["pad_token_id"],
+            }
+        )
+    )
+    rng = np.random.default_rng(seed)
+    weights = {
+        name: mx.array(_random_tensor(name, shape, rng)).astype(mx.bfloat16)
+        for name, shape in _tensor_shapes(config).items()
+    }
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    return path

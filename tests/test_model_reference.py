@@ -1,0 +1,155 @@
+"""Our port against the reference implementation (transformers' gemma4_unified), in float32."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from reference import (
+    TOKENS,
+    audio_inputs,
+    build_reference_checkpoint,
+    image_inputs,
+    reference_greedy,
+    reference_logits,
+)
+
+import mlx_unified
+from mlx_unified.generate import prefill
+
+SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+SHAPES = {
+    # window 8 shorter than every prompt; GQA 2; K=V global layers with proportional RoPE
+    "kv_shared": dict(),
+    # odd head count, GQA 3, window 5, the 5:1 pattern
+    "odd_heads": dict(
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=8,
+        global_head_dim=16,
+        sliding_window=5,
+        num_hidden_layers=6,
+        layer_types=SIX_LAYERS,
+    ),
+    # no K=V: global layers keep v_proj and a K-and-V cache; GQA 4
+    "separate_kv": dict(num_attention_heads=8, num_key_value_heads=2, attention_k_eq_v=False, head_dim=8),
+}
+RELATIVE_TOLERANCE = 1e-4
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = build_reference_checkpoint(path, seed=3, **SHAPES[request.param])
+    return ref, mlx_unified.load_model(path, dtype="float32")
+
+
+def text_prompt(rng, length):
+    return {"input_ids": np.concatenate([[[2]], rng.integers(3, 480, (1, length - 1))], axis=1)}
+
+
+def image_prompt(rng, num_patches=12, budget=16):
+    pixels, positions = image_inputs(rng, num_patches, budget, grid_width=4)
+    ids = [2, 7, 9, TOKENS["boi_token_id"]] + [TOKENS["image_token_id"]] * num_patches + [TOKENS["eoi_token_id"]]
+    ids += list(rng.integers(3, 480, 6))
+    ids = np.array([ids])
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_position_ids": positions,
+        "mm_token_type_ids": (ids == TOKENS["image_token_id"]).astype(np.int64),
+    }
+
+
+def audio_prompt(rng, num_frames=9, padded=12):
+    frames, mask = audio_inputs(rng, num_frames, padded)
+    ids = [2, 11, TOKENS["boa_token_id"]] + [TOKENS["audio_token_id"]] * num_frames + [TOKENS["eoa_token_index"]]
+    ids += list(rng.integers(3, 480, 5))
+    return {"input_ids": np.array([ids]), "input_features": frames, "input_features_mask": mask}
+
+
+def image_audio_prompt(rng):
+    image, audio = image_prompt(rng, num_patches=7, budget=9), audio_prompt(rng, num_frames=6, padded=6)
+    ids = np.concatenate([image["input_ids"], audio["input_ids"][:, 1:]], axis=1)
+    mm = (ids == TOKENS["image_token_id"]).astype(np.int64)
+    mm[ids == TOKENS["audio_token_id"]] = 3
+    return {**image, **audio, "input_ids": ids, "mm_token_type_ids": mm}
+
+
+def ours(model, inputs, **kwargs):
+    arrays = {k: mx.array(v) for k, v in inputs.items()}
+    return np.array(model(arrays.pop("input_ids"), **arrays, **kwargs))
+
+
+PROMPTS = {
+    "text": lambda rng: text_prompt(rng, 21),
+    "image": image_prompt,
+    "audio": audio_prompt,
+    "image+audio": image_audio_prompt,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROMPTS))
+def test_logits_match_reference(pair, kind):
+    ref, model = pair
+    inputs = PROMPTS[kind](np.random.default_rng(7))
+    expected = reference_logits(ref, inputs)
+    got = ours(model, inputs)
+    assert got.shape == expected.shape
+    assert relative_error(got, expected) < RELATIVE_TOLERANCE
+
+
+def test_image_block_is_bidirectional(pair):
+    """Without mm_token_type_ids the image is causal: the overlay must change the logits."""
+    ref, model = pair
+    inputs = image_prompt(np.random.default_rng(8))
+    causal = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    assert relative_error(ours(model, causal), reference_logits(ref, causal)) < RELATIVE_TOLERANCE
+    assert np.abs(ours(model, causal) - ours(model, inputs)).max() > 1e-2
+
+
+def test_logits_to_keep(pair):
+    _, model = pair
+    inputs = text_prompt(np.random.default_rng(9), 15)
+    full = ours(model, inputs)
+    assert np.array_equal(ours(model, inputs, logits_to_keep=3), full[:, -3:])
+
+
+def test_decoding_through_cache_equals_full_forward(pair):
+    """Token by token past the window: every position's logits equal the full forward's."""
+    _, model = pair
+    inputs = text_prompt(np.random.default_rng(10), 26)
+    full = ours(model, inputs)
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array(inputs["input_ids"][:, i : i + 1]), cache=cache)) for i in range(26)]
+    assert relative_error(np.concatenate(steps, axis=1), full) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 64])
+def test_chunked_prefill_with_image_equals_full_forward(pair, chunk):
+    _, model = pair
+    inputs = image_audio_prompt(np.random.default_rng(11))
+    full = ours(model, inputs)
+    cache = model.make_cache()
+    last = np.array(prefill(model, inputs, cache, chunk_size=chunk, logits_to_keep=1))
+    assert relative_error(last, full[:, -1:]) < RELATIVE_TOLERANCE
+    assert cache[0].offset == inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("kind", ["text", "image+audio"])
+def test_greedy_tokens_match_reference_generate(pair, kind):
+    ref, model = pair
+    inputs = PROMPTS[kind](np.random.default_rng(12))
+    expected = reference_greedy(ref, inputs, max_new_tokens=32)
+    cache = model.make_cache()
+    logits = prefill(model, inputs, cache, chunk_size=8)
+    tokens = []
+    for _ in range(32):
+        token = int(mx.argmax(logits[0, -1]).item())
+        tokens.append(token)
+        logits = model(mx.array([[token]]), cache=cache)
+    assert tokens == expected
