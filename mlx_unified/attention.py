@@ -1,4 +1,11 @@
-"""Hybrid self-attention: sliding-window layers and global layers (with K=V sharing)."""
+"""Hybrid self-attention: sliding-window layers and global layers (with K=V sharing).
+
+Decoding (a few new tokens) goes through the custom kernels of `mlx_unified.kernels`, which read
+the caches in place: the global K=V kernel derives keys from the single cached tensor, the sliding
+kernel reads the ring buffer without a mask. Prefill keeps `mx.fast.scaled_dot_product_attention`:
+with many queries per key it is matmul-bound, and MLX's fused attention already runs it at matmul
+speed, with the causal / window / image-block masks applied in the same pass.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +14,37 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
 from mlx_lm.models.cache import KVCache
 
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
-from .config import LayerShape, TextConfig
+from .config import LayerShape, RopeConfig, TextConfig
+from .kernels import RopeSpec, SpanBias, global_kv_attention, norm_rope, sliding_window_attention
+from .kernels.rope_tables import rope_reference
 from .masks import attention_mask
-from .rope import Rope
+
+# Up to this many new tokens (decoding, speculative verification) use the decode kernels.
+DECODE_MAX_TOKENS = 8
 
 
 @dataclass
 class AttentionContext:
-    """What every layer of one forward call shares: where the new tokens start and their blocks."""
+    """What every layer of one forward call shares."""
 
     offset: int  # absolute position of the first new token
     block_ids: np.ndarray | None  # [B, L] vision block ids (-1 outside blocks), or None
+    key_bias: SpanBias | None = None  # additive score bias on a key span, global layers only
+
+
+def rope_spec(rope: RopeConfig, head_dim: int) -> RopeSpec:
+    if rope.rope_type == "default":
+        return RopeSpec(rope.theta)
+    return RopeSpec(rope.theta, 2 * int(rope.partial_rotary_factor * head_dim // 2))
 
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    """The reference's RMSNorm: float32 statistics, weight used as is (not 1 + weight)."""
-    out = mx.fast.rms_norm(x.astype(mx.float32), None, eps)
-    if weight is not None:
-        out = out * weight.astype(mx.float32)
-    return out.astype(x.dtype)
+    """The reference's RMSNorm: weight used as is (not 1 + weight). MLX's fused kernel accumulates in
+    float32 like the reference; in bf16 it may round the product once more (one ulp)."""
+    return mx.fast.rms_norm(x, None if weight is None else weight.astype(x.dtype), eps)
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +73,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * shape.head_dim, dim, bias=bias)
         self.q_norm = RMSNorm(shape.head_dim, self.eps)
         self.k_norm = RMSNorm(shape.head_dim, self.eps)
-        self.rope = Rope(config.rope_parameters[shape.layer_type], shape.head_dim)
+        self.rope = rope_spec(config.rope_parameters[shape.layer_type], shape.head_dim)
 
     def _heads(self, x: mx.array, n: int) -> mx.array:
         B, L, _ = x.shape
@@ -66,33 +81,63 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
         B, L, _ = x.shape
-        n_kv = self.shape.num_kv_heads
-        queries = rms_norm(self._heads(self.q_proj(x), self.num_heads), self.q_norm.weight, self.eps)
-        queries = self.rope(queries.transpose(0, 2, 1, 3), ctx.offset)
+        n_kv, offset = self.shape.num_kv_heads, ctx.offset
+        queries = norm_rope(self._heads(self.q_proj(x), self.num_heads), self.q_norm.weight, offset, rope=self.rope)
         raw = self._heads(self.k_proj(x), n_kv)
+        decoding = cache is not None and L <= DECODE_MAX_TOKENS and ctx.block_ids is None
         if self.shape.k_eq_v:
-            # One tensor serves as values and, scaled by k_norm's weight and rotated, as keys.
-            shared = rms_norm(raw, None, self.eps).transpose(0, 2, 1, 3)
-            if cache is not None:
-                shared = cache.update_and_fetch(shared)
-            key_start = ctx.offset + L - shared.shape[2]
-            keys = self.rope(shared * self.k_norm.weight.astype(shared.dtype), key_start)
-            values = shared
+            out = self._shared_kv(queries, raw, ctx, cache, decoding)
         else:
-            keys = rms_norm(raw, self.k_norm.weight, self.eps).transpose(0, 2, 1, 3)
-            keys = self.rope(keys, ctx.offset)
-            values = rms_norm(self._heads(self.v_proj(x), n_kv), None, self.eps).transpose(0, 2, 1, 3)
-            key_start = ctx.offset
-            if isinstance(cache, SlidingWindowCache):
-                keys, values, key_start = cache.update_and_fetch(keys, values)
-            elif cache is not None:
-                keys, values = cache.update_and_fetch(keys, values)
-                key_start = ctx.offset + L - keys.shape[2]
-        mask = attention_mask(ctx.offset, L, key_start, keys.shape[2], self.sliding_window, ctx.block_ids)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+            keys = norm_rope(raw, self.k_norm.weight, offset, rope=self.rope)
+            values = norm_rope(self._heads(self.v_proj(x), n_kv), None, offset, rope=None)
+            out = self._separate_kv(queries, keys, values, ctx, cache, decoding and L == 1)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _shared_kv(self, queries, raw, ctx: AttentionContext, cache: SharedKVCache | None, decoding: bool):
+        """One tensor is the values and, scaled by k_norm's weight and rotated, the keys."""
+        L = queries.shape[2]
+        shared = norm_rope(raw, None, ctx.offset, rope=None)  # v_norm: RMSNorm without weight
+        if cache is not None:
+            shared = cache.update_and_fetch(shared)
+        if decoding:
+            return global_kv_attention(
+                queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
+            )
+        key_start = ctx.offset + L - shared.shape[2]
+        positions = mx.arange(key_start, key_start + shared.shape[2])
+        keys = rope_reference(shared * self.k_norm.weight.astype(shared.dtype), positions, self.rope)
+        mask = attention_mask(ctx.offset, L, key_start, shared.shape[2], None, ctx.block_ids)
+        mask = _with_key_bias(mask, ctx.key_bias, key_start, shared.shape[2], L, ctx.offset)
+        return mx.fast.scaled_dot_product_attention(queries, keys.astype(shared.dtype), shared, scale=1.0, mask=mask)
+
+    def _separate_kv(self, queries, keys, values, ctx: AttentionContext, cache: LayerCache | None, decoding: bool):
+        L = queries.shape[2]
+        key_start = ctx.offset
+        if isinstance(cache, SlidingWindowCache):
+            keys, values, key_start = cache.update_and_fetch(keys, values)
+            if decoding:
+                return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
+        elif cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+            key_start = ctx.offset + L - keys.shape[2]
+        mask = attention_mask(ctx.offset, L, key_start, keys.shape[2], self.sliding_window, ctx.block_ids)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
     def make_cache(self) -> LayerCache:
         if self.shape.is_sliding:
             return SlidingWindowCache(self.sliding_window)
         return SharedKVCache() if self.shape.k_eq_v else KVCache()
+
+
+def _with_key_bias(mask, key_bias: SpanBias | None, key_start: int, num_keys: int, num_queries: int, offset: int):
+    """Fold an additive bias on a key span into the attention mask (as an additive float mask)."""
+    if key_bias is None:
+        return mask
+    k_pos = np.arange(key_start, key_start + num_keys)
+    bias = np.where((k_pos >= key_bias.start) & (k_pos < key_bias.stop), key_bias.value, 0.0).astype(np.float32)
+    if mask is None:
+        return mx.array(bias)
+    if isinstance(mask, str):
+        q_pos = np.arange(offset, offset + num_queries)[:, None]
+        mask = mx.array(k_pos[None, :] <= q_pos)
+    return mx.where(mask, mx.array(bias), -mx.inf)

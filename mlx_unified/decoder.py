@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Attention, AttentionContext, RMSNorm
 from .cache import LayerCache
 from .config import TextConfig
+
+
+@partial(mx.compile, shapeless=True)
+def geglu_tanh(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def geglu_erf(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def soft_cap(logits: mx.array, cap: float) -> mx.array:
+    return mx.tanh(logits / cap) * cap
 
 
 class MLP(nn.Module):
@@ -17,10 +34,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         # "gelu_pytorch_tanh" is the tanh approximation; "gelu" the exact erf form.
-        self.activation = nn.gelu_approx if config.hidden_activation == "gelu_pytorch_tanh" else nn.gelu
+        self.geglu = geglu_tanh if config.hidden_activation == "gelu_pytorch_tanh" else geglu_erf
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -63,6 +80,4 @@ class TextModel(nn.Module):
     def logits(self, h: mx.array) -> mx.array:
         logits = self.embed_tokens.as_linear(self.norm(h))
         cap = self.config.final_logit_softcapping
-        if cap:
-            logits = mx.tanh(logits / cap) * cap
-        return logits
+        return soft_cap(logits, cap) if cap else logits

@@ -89,11 +89,15 @@ def prefill(
     model: Model,
     inputs: dict[str, Any],
     cache: list[LayerCache],
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
     progress: ProgressCallback | None = None,
     logits_to_keep: int = 1,
 ) -> mx.array:
-    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only."""
+    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only.
+
+    Chunks also bound the sliding layers' work: a chunk of C queries attends to at most W - 1 + C keys,
+    where a whole-prompt pass computes L x L scores for every layer.
+    """
     input_ids = np.asarray(inputs["input_ids"])
     media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
     h = model.embed(mx.array(input_ids), **media)
@@ -168,7 +172,7 @@ def stream_generate(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
     seed: int | None = None,
-    prefill_chunk_size: int = 2048,
+    prefill_chunk_size: int = 512,
     prefill_progress: ProgressCallback | None = None,
     sampler: Callable[[mx.array], mx.array] | None = None,
     logits_processors: list[Callable[[mx.array, mx.array], mx.array]] | None = None,

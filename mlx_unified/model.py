@@ -11,7 +11,7 @@ from .cache import LayerCache
 from .config import ModelConfig
 from .decoder import TextModel
 from .masks import vision_block_ids
-from .projectors import make_audio, make_vision
+from .projectors import audio_soft_tokens, make_audio, make_vision
 
 
 class MediaMismatchError(ValueError):
@@ -66,7 +66,8 @@ class Model(nn.Module):
         frames = mx.array(frames)
         if frames.ndim == 2:
             frames = frames[None]
-        tokens = self.embed_audio(frames.astype(self.dtype)).reshape(-1, self.config.text.hidden_size)
+        tokens = audio_soft_tokens(self.embed_audio, frames.astype(self.dtype))
+        tokens = tokens.reshape(-1, self.config.text.hidden_size)
         if frames_mask is None:
             return tokens
         keep = np.nonzero(np.asarray(frames_mask).reshape(-1))[0]

@@ -1,33 +1,32 @@
-"""Media to soft tokens: the encoder-free vision embedder and the multimodal projectors."""
+"""Media to soft tokens: the encoder-free vision embedder and the multimodal projections.
+
+Both paths end in an RMSNorm without weight and a linear map into the decoder's hidden size; the
+norms run as fused kernels (`vision_tail`, `audio_norm`), the matrix products stay MLX matmuls.
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import rms_norm
 from .config import AudioConfig, VisionConfig
+from .kernels import audio_norm, vision_tail
 
 
-class MultimodalProjector(nn.Module):
-    """RMSNorm without weight, then a linear map into the decoder's hidden size.
+class MultimodalProjection(nn.Module):
+    """The linear map of already RMS-normalized soft tokens into the decoder's hidden size."""
 
-    For audio this is the whole path: one 640-sample frame (40 ms at 16 kHz) becomes one soft token.
-    """
-
-    def __init__(self, in_dims: int, out_dims: int, eps: float):
+    def __init__(self, in_dims: int, out_dims: int):
         super().__init__()
-        self.eps = eps
         self.embedding_projection = nn.Linear(in_dims, out_dims, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        """x already in the model's compute dtype (the caller casts raw media)."""
-        return self.embedding_projection(rms_norm(x, None, self.eps))
+    def __call__(self, normalized: mx.array) -> mx.array:
+        return self.embedding_projection(normalized)
 
 
 class VisionEmbedder(nn.Module):
     """48x48x3 pixel patches -> LayerNorm -> Linear -> LayerNorm -> + factorized (x, y) position
-    embedding -> LayerNorm. Padding patches, at position (-1, -1), get no position embedding."""
+    embedding -> LayerNorm -> RMSNorm. Padding patches, at (-1, -1), get no position embedding."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -39,19 +38,27 @@ class VisionEmbedder(nn.Module):
         self.pos_norm = nn.LayerNorm(dims, eps=1e-5)
 
     def __call__(self, pixel_values: mx.array, positions: mx.array) -> mx.array:
-        """pixel_values [N, P, patch_dim] in [0, 1]; positions [N, P, 2] (x, y), -1 for padding."""
-        dtype = self.patch_ln2.weight.dtype
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(pixel_values.astype(dtype))))
-        clamped = mx.maximum(positions, 0)
-        valid = (positions != -1).astype(self.pos_embedding.dtype)
-        pos_x = self.pos_embedding[clamped[..., 0], 0] * valid[..., 0:1]
-        pos_y = self.pos_embedding[clamped[..., 1], 1] * valid[..., 1:2]
-        return self.pos_norm(h + (pos_x + pos_y).astype(h.dtype))
+        """pixel_values [N, P, patch_dim] in [0, 1] (compute dtype); positions [N, P, 2] (x, y)."""
+        h = self.patch_dense(self.patch_ln1(pixel_values))
+        return vision_tail(
+            h,
+            positions,
+            self.patch_ln2.weight,
+            self.patch_ln2.bias,
+            self.pos_embedding,
+            self.pos_norm.weight,
+            self.pos_norm.bias,
+        )
 
 
-def make_vision(config: VisionConfig, text_hidden: int) -> tuple[VisionEmbedder, MultimodalProjector]:
-    return VisionEmbedder(config), MultimodalProjector(config.output_proj_dims, text_hidden, config.rms_norm_eps)
+def make_vision(config: VisionConfig, text_hidden: int) -> tuple[VisionEmbedder, MultimodalProjection]:
+    return VisionEmbedder(config), MultimodalProjection(config.output_proj_dims, text_hidden)
 
 
-def make_audio(config: AudioConfig, text_hidden: int) -> MultimodalProjector:
-    return MultimodalProjector(config.audio_embed_dim, text_hidden, config.rms_norm_eps)
+def make_audio(config: AudioConfig, text_hidden: int) -> MultimodalProjection:
+    return MultimodalProjection(config.audio_embed_dim, text_hidden)
+
+
+def audio_soft_tokens(projection: MultimodalProjection, frames: mx.array) -> mx.array:
+    """One 640-sample frame (40 ms at 16 kHz) -> RMSNorm -> linear: one soft token, no encoder."""
+    return projection(audio_norm(frames))

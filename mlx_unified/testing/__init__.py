@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -37,10 +38,13 @@ TINY_TEXT = dict(
 )
 
 
-def tiny_config(special: dict[str, int], vocab_size: int) -> dict:
+def tiny_config(special: dict[str, int], vocab_size: int, **text_overrides: Any) -> dict:
     text = dict(TINY_TEXT, vocab_size=vocab_size, model_type="gemma4_unified_text")
+    text.update(text_overrides)
     layers = text["num_hidden_layers"]
-    text["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    # The released 5 sliding : 1 global pattern, last layer global.
+    types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    text["layer_types"] = [*types[:-1], "full_attention"]
     text.update(
         pad_token_id=special["pad_token_id"], eos_token_id=special["eos_token_id"], bos_token_id=special["bos_token_id"]
     )
@@ -123,17 +127,20 @@ def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
         return (np.zeros if name.endswith("bias") else np.ones)(shape, np.float32)
     if name.endswith("bias"):
         return np.zeros(shape, np.float32)
-    std = 0.5 if ("embed_tokens" in name or "pos_embedding" in name) else shape[-1] ** -0.5
+    # Tied embeddings at 1/sqrt(hidden) keep the random logits spread out, so sampling varies.
+    std = 0.5 if "pos_embedding" in name else shape[-1] ** -0.5
     return (std * rng.standard_normal(shape)).astype(np.float32)
 
 
-def tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+def tiny_checkpoint(path: str | Path, seed: int = 0, **text_overrides: Any) -> Path:
     """Write a small random-weight Gemma 4 unified checkpoint (config, bf16 safetensors, tokenizer,
-    chat template) to `path` and return it."""
+    chat template) to `path` and return it. `text_overrides` change text_config entries (benchmarks
+    use it for larger shapes; a vocab_size above the tokenizer's leaves the extra rows unused)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     special = write_tokenizer(path)
-    config = tiny_config(special, special["vocab_size"])
+    vocab_size = max(special["vocab_size"], text_overrides.pop("vocab_size", 0))
+    config = tiny_config(special, vocab_size, **text_overrides)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(
         json.dumps(

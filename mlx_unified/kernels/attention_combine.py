@@ -1,0 +1,87 @@
+"""Second pass of split-key decode attention: merges per-chunk soft-max partials into the output.
+
+The first pass (global or sliding attention) leaves, for each chunk of keys and each query row,
+the running maximum `m`, the soft-max denominator `l` and the unnormalized weighted sum of values
+`acc` (float32).  Rows are `r = g * L + l` for query head `kv_head * G + g` and query `l`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+
+from mlx_unified.kernels.dispatch import KernelFactory
+
+# One simdgroup per query row; lane t owns dims t, t + 32, ... so reads of `acc` are coalesced.
+SOURCE = """
+constexpr int DPL = D / 32;
+const int n_chunks = params[0];
+const int rows = params[1];
+const int L = params[2];
+const int G = params[3];
+const int n_kv = params[4];
+const uint lane = thread_position_in_grid.x;
+const int r = thread_position_in_grid.y;
+const int bh = thread_position_in_grid.z;
+const int b = bh / n_kv;
+const int h = bh % n_kv;
+
+const size_t row_base = (size_t)bh * n_chunks * rows + r;
+float m_max = -3.0e38f;
+for (int c = 0; c < n_chunks; ++c) {
+  m_max = metal::max(m_max, part_m[row_base + (size_t)c * rows]);
+}
+float denom = 0.0f;
+float out_acc[DPL];
+for (int i = 0; i < DPL; ++i) out_acc[i] = 0.0f;
+for (int c = 0; c < n_chunks; ++c) {
+  const size_t at = row_base + (size_t)c * rows;
+  // Chunks a row cannot see carry l = 0 and the empty maximum, so their weight is 0.
+  const float weight = metal::exp(part_m[at] - m_max);
+  denom += weight * part_l[at];
+  const device float* acc = part_acc + at * D;
+  for (int i = 0; i < DPL; ++i) out_acc[i] += weight * acc[lane + 32 * i];
+}
+const float inv = 1.0f / denom;
+const int g = r / L;
+const int l = r % L;
+device T* o = out + (((size_t)b * n_kv * G + h * G + g) * L + l) * D;
+for (int i = 0; i < DPL; ++i) o[lane + 32 * i] = static_cast<T>(out_acc[i] * inv);
+"""
+
+
+@cache
+def _kernel(factory: KernelFactory):
+    return factory(
+        name="mlxu_attention_combine",
+        input_names=["part_acc", "part_m", "part_l", "params"],
+        output_names=["out"],
+        source=SOURCE,
+    )
+
+
+def combine_partials(
+    factory: KernelFactory,
+    part_acc: mx.array,
+    part_m: mx.array,
+    part_l: mx.array,
+    *,
+    batch: int,
+    n_kv: int,
+    group: int,
+    length: int,
+    dtype: mx.Dtype,
+) -> mx.array:
+    """`[B, n_kv * group, length, D]` attention output from `[B, n_kv, chunks, rows(, D)]` partials."""
+    n_chunks, rows, head_dim = part_acc.shape[2], part_acc.shape[3], part_acc.shape[4]
+    params = mx.array([n_chunks, rows, length, group, n_kv], dtype=mx.int32)
+    (out,) = _kernel(factory)(
+        inputs=[part_acc, part_m, part_l, params],
+        template=[("T", dtype), ("D", head_dim)],
+        grid=(32, rows, batch * n_kv),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(batch, n_kv * group, length, head_dim)],
+        output_dtypes=[dtype],
+    )
+    return out

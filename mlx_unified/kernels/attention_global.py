@@ -1,0 +1,269 @@
+"""Decode attention for the global K=V layers, reading the single cached tensor once.
+
+The cache holds `v = v_norm(k_proj(x))` only; keys are derived in the kernel as
+`k = rope_proportional(v * k_norm_weight)`, so a decoded token reads `capacity x 512` values per
+global layer instead of keys and values: half of a K-and-V cache.  All 16 query heads share the
+one KV head (GQA), so each value row is fetched once per threadgroup and reused by every row.
+
+Split-key ("flash decoding") layout: threadgroup `c` handles keys `[c * chunk, (c + 1) * chunk)`
+for every query row of one (batch, KV head); a second kernel (`attention_combine`) merges the
+per-chunk soft-max partials.  Each simdgroup owns `ROWS` query rows held in registers; lane t owns
+dims t, t + 32, ..., so a RoPE pair (i, i + D/2) sits in one lane and keys never leave registers.
+
+Prefill (many queries) keeps `mx.fast.scaled_dot_product_attention` over explicitly derived keys:
+there the work is matrix-matrix and MLX's tiled kernel beats a per-row loop, while the extra key
+tensor is written once per prompt rather than once per token.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from mlx_unified.kernels import dispatch
+from mlx_unified.kernels.attention_combine import combine_partials
+from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.kernels.rope_tables import (
+    PROPORTIONAL_ROPE,
+    RopeSpec,
+    inv_freq,
+    rope_reference,
+    rotated_pairs,
+)
+
+# Keeps the partials small while giving the GPU enough threadgroups at short contexts.
+MIN_CHUNK = 64
+MAX_CHUNKS = 64
+MAX_ROWS_PER_SIMDGROUP = 8
+MAX_SIMDGROUPS = 16
+
+
+class SpanBias(NamedTuple):
+    """Additive bias on the scores of keys at positions `[start, stop)`."""
+
+    start: int
+    stop: int
+    value: float
+
+
+SOURCE = """
+constexpr int DPL = D / 32;   // dims per lane
+constexpr int HALF = DPL / 2; // the RoPE partner of slot i is slot i + HALF
+const int length = params[0];
+const int L = params[1];
+const int chunk = params[2];
+const int G = params[3];
+const int n_kv = params[4];
+const int bias_start = params[5];
+const int bias_stop = params[6];
+const int pairs = params[7];
+const float bias_value = bias[0];
+const int capacity = values_shape[2];
+const int rows = G * L;
+const int n_chunks = threadgroups_per_grid.x;
+
+const uint lane = thread_index_in_simdgroup;
+const uint sg = simdgroup_index_in_threadgroup;
+const int c = threadgroup_position_in_grid.x;
+const int h = threadgroup_position_in_grid.y;
+const int b = threadgroup_position_in_grid.z;
+
+float qr[ROWS][DPL];
+float acc[ROWS][DPL];
+float m[ROWS];
+float l[ROWS];
+int last_visible[ROWS];
+for (int i = 0; i < ROWS; ++i) {
+  const int r = sg * ROWS + i;
+  const bool active = r < rows;
+  const int g = active ? r / L : 0;
+  const int ql = active ? r % L : 0;
+  // Query ql sits at position length - L + ql and sees keys up to it (causal among the L).
+  last_visible[i] = active ? length - L + ql : -1;
+  const device T* qrow = queries + (((size_t)b * n_kv * G + h * G + g) * L + ql) * D;
+  for (int k = 0; k < DPL; ++k) {
+    qr[i][k] = active ? static_cast<float>(qrow[lane + 32 * k]) : 0.0f;
+    acc[i][k] = 0.0f;
+  }
+  m[i] = -3.0e38f;  // finite: Metal's fast math may not honour infinities
+  l[i] = 0.0f;
+}
+float wk[DPL];
+for (int k = 0; k < DPL; ++k) wk[k] = static_cast<float>(k_norm_weight[lane + 32 * k]);
+float freq[HALF];
+for (int k = 0; k < HALF; ++k) freq[k] = inv_freq[lane + 32 * k];
+
+const device T* vbase = values + ((size_t)b * n_kv + h) * capacity * D;
+const int j_end = metal::min(length, (c + 1) * chunk);
+for (int j = c * chunk; j < j_end; ++j) {
+  float v[DPL];
+  float key[DPL];
+  for (int k = 0; k < DPL; ++k) {
+    v[k] = static_cast<float>(vbase[(size_t)j * D + lane + 32 * k]);
+    key[k] = v[k] * wk[k];
+  }
+  for (int k = 0; k < HALF; ++k) {
+    if ((int)(lane + 32 * k) < pairs) {
+      // precise: angles reach ~2.6e5 rad at 256K context, beyond fast-math range reduction.
+      const float angle = (float)j * freq[k];
+      const float cs = metal::precise::cos(angle);
+      const float sn = metal::precise::sin(angle);
+      const float x1 = key[k];
+      const float x2 = key[k + HALF];
+      key[k] = x1 * cs - x2 * sn;
+      key[k + HALF] = x2 * cs + x1 * sn;
+    }
+  }
+  const float key_bias = (j >= bias_start && j < bias_stop) ? bias_value : 0.0f;
+  for (int i = 0; i < ROWS; ++i) {
+    float dot = 0.0f;
+    for (int k = 0; k < DPL; ++k) dot += qr[i][k] * key[k];
+    const float score = simd_sum(dot) + key_bias;
+    if (j <= last_visible[i]) {
+      const float m_new = metal::max(m[i], score);
+      const float correction = metal::exp(m[i] - m_new);
+      const float p = metal::exp(score - m_new);
+      l[i] = l[i] * correction + p;
+      for (int k = 0; k < DPL; ++k) acc[i][k] = acc[i][k] * correction + p * v[k];
+      m[i] = m_new;
+    }
+  }
+}
+for (int i = 0; i < ROWS; ++i) {
+  const int r = sg * ROWS + i;
+  if (r < rows) {
+    const size_t at = (((size_t)b * n_kv + h) * n_chunks + c) * rows + r;
+    for (int k = 0; k < DPL; ++k) part_acc[at * D + lane + 32 * k] = acc[i][k];
+    if (lane == 0) {
+      part_m[at] = m[i];
+      part_l[at] = l[i];
+    }
+  }
+}
+"""
+
+
+@cache
+def _kernel(factory: KernelFactory):
+    return factory(
+        name="mlxu_global_kv_attention",
+        input_names=["queries", "values", "k_norm_weight", "inv_freq", "params", "bias"],
+        output_names=["part_acc", "part_m", "part_l"],
+        source=SOURCE,
+    )
+
+
+def _kernel_supports(head_dim: int) -> bool:
+    return head_dim % 64 == 0
+
+
+def _check(queries: mx.array, values: mx.array, length: int, for_kernel: bool = False) -> None:
+    if queries.ndim != 4 or values.ndim != 4:
+        raise ValueError("queries and values must be [B, heads, L, D] and [B, n_kv, capacity, D]")
+    head_dim = queries.shape[-1]
+    if values.shape[-1] != head_dim:
+        raise ValueError(f"head_dim {head_dim} must be shared by values")
+    if for_kernel and not _kernel_supports(head_dim):
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 64")
+    if queries.shape[1] % values.shape[1]:
+        raise ValueError("query heads must be a multiple of KV heads")
+    if not queries.shape[2] <= length <= values.shape[2]:
+        raise ValueError(f"length {length} must cover the {queries.shape[2]} queries and fit the cache")
+
+
+def global_kv_attention_kernel(
+    factory: KernelFactory,
+    queries: mx.array,
+    values: mx.array,
+    k_norm_weight: mx.array,
+    length: int,
+    *,
+    rope: RopeSpec = PROPORTIONAL_ROPE,
+    span_bias: SpanBias | None = None,
+) -> mx.array:
+    """The kernel path of `global_kv_attention`, built with `factory` (Metal or the emulator)."""
+    _check(queries, values, length, for_kernel=True)
+    batch, n_heads, n_queries, head_dim = queries.shape
+    n_kv = values.shape[1]
+    group = n_heads // n_kv
+    rows = group * n_queries
+    rows_per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, max(1, -(-rows // MAX_SIMDGROUPS)))
+    simdgroups = -(-rows // rows_per_simdgroup)
+    chunk = max(MIN_CHUNK, -(-length // MAX_CHUNKS))
+    n_chunks = -(-length // chunk)
+    start, stop, value = span_bias if span_bias is not None else (0, 0, 0.0)
+    params = mx.array(
+        [length, n_queries, chunk, group, n_kv, start, stop, rotated_pairs(rope, head_dim)], dtype=mx.int32
+    )
+    part_acc, part_m, part_l = _kernel(factory)(
+        inputs=[queries, values, k_norm_weight, inv_freq(rope, head_dim), params,
+                mx.array([value], dtype=mx.float32)],
+        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", rows_per_simdgroup)],
+        grid=(32 * simdgroups * n_chunks, n_kv, batch),
+        threadgroup=(32 * simdgroups, 1, 1),
+        output_shapes=[(batch, n_kv, n_chunks, rows, head_dim), (batch, n_kv, n_chunks, rows),
+                       (batch, n_kv, n_chunks, rows)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+    )
+    return combine_partials(
+        factory, part_acc, part_m, part_l,
+        batch=batch, n_kv=n_kv, group=group, length=n_queries, dtype=queries.dtype,
+    )
+
+
+def global_kv_attention_reference(
+    queries: mx.array,
+    values: mx.array,
+    k_norm_weight: mx.array,
+    length: int,
+    *,
+    rope: RopeSpec = PROPORTIONAL_ROPE,
+    span_bias: SpanBias | None = None,
+) -> mx.array:
+    """Pure-MLX reference: explicit keys, float32 scores and soft-max, scale 1.0."""
+    _check(queries, values, length)
+    batch, n_heads, n_queries, head_dim = queries.shape
+    n_kv = values.shape[1]
+    group = n_heads // n_kv
+    v = values[:, :, :length].astype(mx.float32)
+    keys = rope_reference(v * k_norm_weight.astype(mx.float32), mx.arange(length), rope)
+    q = queries.astype(mx.float32).reshape(batch, n_kv, group * n_queries, head_dim)
+    scores = q @ keys.swapaxes(-1, -2)
+    key_pos = mx.arange(length)
+    query_pos = mx.tile(mx.arange(length - n_queries, length), group)
+    bias = mx.where(key_pos[None, :] <= query_pos[:, None], 0.0, -mx.inf)
+    if span_bias is not None:
+        in_span = (key_pos >= span_bias.start) & (key_pos < span_bias.stop)
+        bias = bias + mx.where(in_span, span_bias.value, 0.0)[None, :]
+    weights = mx.softmax(scores + bias, axis=-1)
+    out = (weights @ v).reshape(batch, n_heads, n_queries, head_dim)
+    return out.astype(queries.dtype)
+
+
+def global_kv_attention(
+    queries: mx.array,
+    values: mx.array,
+    k_norm_weight: mx.array,
+    length: int,
+    *,
+    rope: RopeSpec = PROPORTIONAL_ROPE,
+    span_bias: SpanBias | None = None,
+) -> mx.array:
+    """Attention of `queries [B, H, L, D]` (q_norm'd and RoPE'd, at positions length-L..length-1)
+    over the K=V cache `values [B, n_kv, capacity, D]` (valid length `length`), keys derived as
+    `rope(values * k_norm_weight)` at positions 0..length-1; causal among the L; scale 1.0.
+    Returns `[B, H, L, D]` in the queries' dtype.  Metal kernel when enabled, else the reference.
+    """
+    return dispatch.run(
+        "global_kv_attention",
+        (queries.dtype, queries.shape[-1], queries.shape[2], queries.shape[1] // values.shape[1]),
+        lambda: global_kv_attention_kernel(
+            dispatch.metal_factory(), queries, values, k_norm_weight, length, rope=rope, span_bias=span_bias
+        ),
+        lambda: global_kv_attention_reference(
+            queries, values, k_norm_weight, length, rope=rope, span_bias=span_bias
+        ),
+        supported=_kernel_supports(queries.shape[-1]),
+    )

@@ -1,0 +1,50 @@
+"""RoPE frequency tables shared by the kernels and their references."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+
+class RopeSpec(NamedTuple):
+    """Rotate-half RoPE: pairs (i, i + D/2), angle = position * theta^(-2i/D) for i < rotated_dims/2.
+
+    `rotated_dims=None` rotates the whole head (default RoPE); the proportional RoPE of the global
+    layers rotates 128 of 512 dims, the other frequencies being zero (identity).
+    """
+
+    theta: float
+    rotated_dims: int | None = None
+
+
+DEFAULT_ROPE = RopeSpec(theta=10_000.0)
+PROPORTIONAL_ROPE = RopeSpec(theta=1_000_000.0, rotated_dims=128)
+
+
+def rotated_pairs(spec: RopeSpec, head_dim: int) -> int:
+    rotated = head_dim if spec.rotated_dims is None else spec.rotated_dims
+    if rotated % 2 or not 0 <= rotated <= head_dim:
+        raise ValueError(f"rotated_dims {rotated} must be even and at most head_dim {head_dim}")
+    return rotated // 2
+
+
+@lru_cache(maxsize=32)
+def inv_freq(spec: RopeSpec, head_dim: int) -> mx.array:
+    """float32 `[head_dim // 2]`: theta^(-2i/D) for rotated pairs, 0 for the rest."""
+    pairs = rotated_pairs(spec, head_dim)
+    i = np.arange(head_dim // 2, dtype=np.float64)
+    freq = np.where(i < pairs, spec.theta ** (-2.0 * i / head_dim), 0.0).astype(np.float32)
+    return mx.array(freq)
+
+
+def rope_reference(x: mx.array, positions: mx.array, spec: RopeSpec) -> mx.array:
+    """float32 rotate-half RoPE of `x [..., P, D]` at `positions [P]` (int)."""
+    head_dim = x.shape[-1]
+    angle = positions.astype(mx.float32)[:, None] * inv_freq(spec, head_dim)[None, :]
+    cos, sin = mx.cos(angle), mx.sin(angle)
+    x = x.astype(mx.float32)
+    first, second = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    return mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

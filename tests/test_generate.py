@@ -1,0 +1,109 @@
+"""The generation loop: stopping, sampling options, statistics, chunking and cache sizes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+from transformers import AutoTokenizer
+
+import mlx_unified
+from mlx_unified.cache import SharedKVCache, SlidingWindowCache
+from mlx_unified.generate import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.testing import tiny_checkpoint
+
+
+class TokenizerOnly:
+    """Pre-tokenized prompts need only the tokenizer of a processor."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
+    return mlx_unified.load_model(path, dtype="float32"), TokenizerOnly(AutoTokenizer.from_pretrained(path))
+
+
+def prompt(tokenizer, text="Describe the picture"):
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    return {"input_ids": np.array([ids])}
+
+
+def test_greedy_generation_reports_statistics(tiny):
+    model, processor = tiny
+    result = generate(model, processor, prompt(processor.tokenizer), max_tokens=12)
+    assert result.generation_tokens == len(result.tokens) <= 12
+    assert result.prompt_tokens == prompt(processor.tokenizer)["input_ids"].shape[1]
+    assert result.prompt_tps > 0 and result.ttft_s > 0 and result.peak_memory_gb > 0
+    assert result.finish_reason in ("stop", "length")
+    # greedy equals the argmax of a plain forward for the first token
+    logits = model(mx.array(prompt(processor.tokenizer)["input_ids"]), logits_to_keep=1)
+    assert result.tokens[0] == int(mx.argmax(logits[0, -1]).item())
+
+
+def test_stops_at_end_of_turn_without_printing_it(tiny):
+    model, processor = tiny
+    first = generate(model, processor, prompt(processor.tokenizer), max_tokens=3).tokens[0]
+    stops = stop_token_ids(model, processor.tokenizer)
+    assert processor.tokenizer.convert_tokens_to_ids("<turn|>") in stops and 1 in stops
+    # Force the model's first greedy token to be the end-of-turn token through a logits processor.
+    turn_end = processor.tokenizer.convert_tokens_to_ids("<turn|>")
+
+    def force_turn_end(tokens, logits):
+        return mx.where(mx.arange(logits.shape[-1]) == turn_end, 1e9, logits)
+
+    result = generate(
+        model, processor, prompt(processor.tokenizer), max_tokens=10, logits_processors=[force_turn_end]
+    )
+    assert result.tokens == [turn_end] and result.finish_reason == "stop" and result.text == ""
+    assert first != turn_end or result.tokens == [turn_end]
+
+
+def test_max_tokens_and_streaming_pieces_add_up(tiny):
+    model, processor = tiny
+    pieces = list(stream_generate(model, processor, prompt(processor.tokenizer), max_tokens=7))
+    assert len(pieces) <= 7 and pieces[-1].finish_reason in ("stop", "length")
+    assert all(p.finish_reason is None for p in pieces[:-1])
+    full = generate(model, processor, prompt(processor.tokenizer), max_tokens=7)
+    assert "".join(p.text for p in pieces) == full.text
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, processor = tiny
+    kwargs = dict(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, min_p=0.01, repetition_penalty=1.2)
+    a = generate(model, processor, prompt(processor.tokenizer), seed=4, **kwargs).tokens
+    b = generate(model, processor, prompt(processor.tokenizer), seed=4, **kwargs).tokens
+    c = generate(model, processor, prompt(processor.tokenizer), seed=5, **kwargs).tokens
+    assert a == b and a != c
+
+
+def test_prefill_chunks_never_split_an_image_block():
+    types = np.array([[0] * 5 + [1] * 10 + [0] * 3 + [2] * 4 + [0] * 2])
+    spans = prefill_chunks(types, types.shape[1], chunk_size=4)
+    assert spans[0][0] == 0 and spans[-1][1] == types.shape[1]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    for start, _ in spans[1:]:
+        assert not (types[0, start - 1] in (1, 2) and types[0, start] == types[0, start - 1])
+    assert (5, 15) in spans  # a block longer than the chunk is one chunk
+    assert prefill_chunks(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_sliding_cache_never_holds_more_than_the_window():
+    cache = SlidingWindowCache(window=8)
+    for length in (5, 13, 1, 1, 30):
+        cache.update_and_fetch(mx.zeros((1, 2, length, 4)), mx.zeros((1, 2, length, 4)))
+        assert cache.keys.shape[2] <= 8
+    assert cache.offset == 50 and cache.size() == 8
+
+
+def test_global_cache_holds_half_of_a_key_value_cache():
+    shared, plain = SharedKVCache(), KVCache()
+    x = mx.ones((1, 1, 1000, 512), dtype=mx.bfloat16)
+    shared.update_and_fetch(x)
+    plain.update_and_fetch(x, x)
+    assert shared.nbytes * 2 == plain.nbytes
