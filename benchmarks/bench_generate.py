@@ -31,16 +31,17 @@ from mlx_unified.testing import tiny_checkpoint
 RESULTS = Path(__file__).parent / "results" / "generate.json"
 # A scaled model with the released proportions: 5:1 sliding/global, K=V global layers with one KV
 # head of twice the head dim, 16 query heads, GeGLU 4x, the full 262144-token vocabulary.
+# The window is scaled with the prompt: 128 of a 2048-token prompt, as 1024 is of a 16K prompt.
 SCALED_SHAPES = dict(
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=6,
     num_attention_heads=16,
     num_key_value_heads=8,
     head_dim=32,
     global_head_dim=64,
     num_global_key_value_heads=1,
-    sliding_window=256,
+    sliding_window=128,
     vocab_size=262144,
 )
 KV_CONTEXTS = (8192, 32768, 131072, 262144)

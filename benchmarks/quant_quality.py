@@ -1,0 +1,167 @@
+"""Logit error and top-1 agreement of each quantization recipe against the float model.
+
+    python benchmarks/quant_quality.py
+
+Reference checkpoints (random weights built with transformers' gemma4_unified, tests/reference.py) are
+converted with every recipe and compared with the same checkpoint loaded in float32, on a text prompt
+and an image+audio prompt. Random weights have no structure for quantization to preserve or destroy,
+so these figures bound the error the quantizer introduces; they do not predict quality on the
+released weights. Results: benchmarks/results/quant_quality.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from reference import TOKENS, audio_inputs, build_reference_checkpoint, image_inputs  # noqa: E402
+
+from mlx_unified.config import ModelConfig  # noqa: E402
+from mlx_unified.convert import convert  # noqa: E402
+from mlx_unified.loading import load_model  # noqa: E402
+from mlx_unified.memory import parameter_count  # noqa: E402
+from mlx_unified.quant_recipes import supported_modes  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "quant_quality.json"
+# The reference's tiny shapes, with an MLP width that groups of 64 divide, so every Linear is quantized.
+CHECKPOINTS = {
+    "tiny-4-layers": dict(intermediate_size=128),
+    "small-6-layers": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        head_dim=32,
+        global_head_dim=64,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    ),
+}
+# label -> convert() keyword arguments
+CONVERSIONS: dict[str, dict[str, Any]] = {
+    "8-bit": dict(quantize=True, q_bits=8),
+    "6-bit": dict(quantize=True, q_bits=6),
+    "5-bit": dict(quantize=True, q_bits=5),
+    "4-bit": dict(quantize=True, q_bits=4),
+    "4-bit float_projectors": dict(quantize=True, q_bits=4, recipe="float_projectors"),
+    "4-bit group 32": dict(quantize=True, q_bits=4, q_group_size=32),
+    "3-bit": dict(quantize=True, q_bits=3),
+    "mixed_4_8": dict(recipe="mixed_4_8"),
+    "mixed_4_6": dict(recipe="mixed_4_6"),
+    "mixed_3_6": dict(recipe="mixed_3_6"),
+    "mixed_3_4": dict(recipe="mixed_3_4"),
+    "mxfp8": dict(quantize=True, q_mode="mxfp8"),
+    "nvfp4": dict(quantize=True, q_mode="nvfp4"),
+    "mxfp4": dict(quantize=True, q_mode="mxfp4"),
+}
+CAVEAT = (
+    "Random weights only bound, not predict, quality: they have none of the structure (outliers, "
+    "redundancy) that decides how real weights quantize. Read these figures as the error the quantizer "
+    "introduces on weights of the released scale of values, not as the quality of a converted 12B."
+)
+
+
+def text_prompt(rng: np.random.Generator, length: int = 48) -> dict[str, np.ndarray]:
+    return {"input_ids": np.concatenate([[[2]], rng.integers(3, 480, (1, length - 1))], axis=1)}
+
+
+def image_audio_prompt(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """An image (7 patches) then an audio clip (6 frames) then text, as the processor lays them out."""
+    pixels, positions = image_inputs(rng, 7, 9, grid_width=3)
+    frames, mask = audio_inputs(rng, 6, 6)
+    ids = [2, TOKENS["boi_token_id"], *[TOKENS["image_token_id"]] * 7, TOKENS["eoi_token_id"]]
+    ids += [TOKENS["boa_token_id"], *[TOKENS["audio_token_id"]] * 6, TOKENS["eoa_token_index"]]
+    ids = np.array([ids + list(rng.integers(3, 480, 8))])
+    mm = (ids == TOKENS["image_token_id"]).astype(np.int64)
+    mm[ids == TOKENS["audio_token_id"]] = 3
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_position_ids": positions,
+        "input_features": frames,
+        "input_features_mask": mask,
+        "mm_token_type_ids": mm,
+    }
+
+
+def logits(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    arrays = {k: mx.array(v) for k, v in inputs.items()}
+    return np.array(model(arrays.pop("input_ids"), **arrays).astype(mx.float32))
+
+
+def compare(quantized: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Logit error (absolute, and relative to the reference logits' size) and top-1 agreement."""
+    error = np.abs(quantized - reference)
+    return {
+        "max_abs_error": float(error.max()),
+        "mean_abs_error": float(error.mean()),
+        "relative_error": float(error.max() / np.abs(reference).max()),
+        "mean_relative_error": float(error.mean() / np.abs(reference).mean()),
+        "top1_agreement": float((quantized.argmax(-1) == reference.argmax(-1)).mean()),
+    }
+
+
+def measure(workdir: Path) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    prompts = [text_prompt(rng), image_audio_prompt(rng)]
+    results: dict[str, Any] = {}
+    for name, shapes in CHECKPOINTS.items():
+        source = workdir / name
+        build_reference_checkpoint(source, seed=11, **shapes)
+        float_model = load_model(source, dtype="float32")
+        reference = [logits(float_model, p) for p in prompts]
+        for label, kwargs in CONVERSIONS.items():
+            mode = kwargs.get("q_mode", "affine")
+            if mode not in supported_modes():
+                results.setdefault(label, {})[name] = {"skipped": f"this MLX has no {mode} quantizer"}
+                continue
+            out = convert(source, workdir / f"{name}-{label.replace(' ', '-')}", **kwargs)
+            model = load_model(out, dtype="float32")
+            quantized = np.concatenate([logits(model, p).reshape(-1, 512) for p in prompts])
+            expected = np.concatenate([r.reshape(-1, 512) for r in reference])
+            entry = compare(quantized, expected)
+            entry["bits_per_weight"] = round(_bits_per_weight(out), 3)
+            results.setdefault(label, {})[name] = entry
+            print(f"{name:>15} {label:<24} {entry}", flush=True)
+    return results
+
+
+def _bits_per_weight(folder: Path) -> float:
+    """Stored bits per model parameter (packed weights, scales and biases included)."""
+    config = json.loads((folder / "config.json").read_text())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return 8 * index["metadata"]["total_size"] / parameter_count(ModelConfig.from_dict(config))
+
+
+def main() -> None:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = measure(Path(tmp))
+    report = {
+        "caveat": CAVEAT,
+        "command": "python benchmarks/quant_quality.py",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, MLX {mx.__version__} on CPU",
+        "reference": "float32 model from the same checkpoint; logits of a 48-token text prompt and an "
+        "image (7 patches) + audio (6 frames) + text prompt, all positions; affine group 64 unless named",
+        "checkpoints": {name: {"random_seed": 11, **shapes} for name, shapes in CHECKPOINTS.items()},
+        "results": results,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

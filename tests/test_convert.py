@@ -1,0 +1,320 @@
+"""The converter: round trips through load_model, recipes, the config section, dequantization, refusals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from reference import build_reference_checkpoint, reference_logits
+from transformers import Gemma4UnifiedForConditionalGeneration
+
+from mlx_unified import convert as convert_module
+from mlx_unified.config import ModelConfig
+from mlx_unified.convert import ConvertError, convert, main
+from mlx_unified.loading import load_model
+from mlx_unified.model import Model
+from mlx_unified.quant_recipes import RECIPES, QuantizationError, supported_modes
+from mlx_unified.safetensors_stream import ShardWriter
+from mlx_unified.testing.tokenizer import write_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quant_quality import compare, image_audio_prompt, logits, text_prompt  # noqa: E402
+
+# An MLP width that groups of 64 divide, so the default settings quantize every Linear.
+SHAPES = dict(intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reference")
+    build_reference_checkpoint(path, seed=5, **SHAPES)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def float_logits(source) -> list[np.ndarray]:
+    model = load_model(source, dtype="float32")
+    return [logits(model, prompt) for prompt in _prompts()]
+
+
+def _prompts() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [text_prompt(rng), image_audio_prompt(rng)]
+
+
+def _quality(folder: Path, float_logits: list[np.ndarray]) -> dict[str, float]:
+    model = load_model(folder, dtype="float32")
+    ours = np.concatenate([logits(model, p).reshape(-1, 512) for p in _prompts()])
+    return compare(ours, np.concatenate([r.reshape(-1, 512) for r in float_logits]))
+
+
+@pytest.fixture(scope="module")
+def eight_bit(source, tmp_path_factory) -> Path:
+    return convert(source, tmp_path_factory.mktemp("q") / "8bit", quantize=True, q_bits=8)
+
+
+# Random reference models amplify weight noise through their layers (an 8-bit weight error of ~0.2%
+# ends as a few percent of the logits), so closeness to float is bounded loosely; the exact check is
+# against the same weights dequantized, which is what the quantized model must compute.
+
+
+def test_8bit_round_trip_is_close_to_float(eight_bit, float_logits):
+    quality = _quality(eight_bit, float_logits)
+    assert quality["mean_relative_error"] < 0.08
+    assert quality["top1_agreement"] >= 0.8
+
+
+def test_4bit_round_trip_is_close_to_float(source, eight_bit, float_logits, tmp_path):
+    out = convert(source, tmp_path / "4bit", quantize=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
+    quality = _quality(out, float_logits)
+    assert quality["mean_relative_error"] < 0.8
+    assert quality["top1_agreement"] >= 0.4
+    assert quality["mean_abs_error"] > _quality(eight_bit, float_logits)["mean_abs_error"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_computes_its_dequantized_weights(source, tmp_path, bits):
+    quantized = convert(source, tmp_path / "q", quantize=True, q_bits=bits)
+    restored = convert(quantized, tmp_path / "f32", dequantize=True, dtype="float32")
+    expected = [logits(load_model(restored, dtype="float32"), p) for p in _prompts()]
+    assert _quality(quantized, expected)["relative_error"] < 1e-4
+
+
+def test_unquantized_conversion_is_exact(source, float_logits, tmp_path):
+    out = convert(source, tmp_path / "f32", dtype="float32")
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert _quality(out, float_logits)["max_abs_error"] < 1e-4
+
+
+def test_output_layout_and_copied_files(eight_bit, source):
+    index = json.loads((eight_bit / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    assert "language_model.embed_tokens.scales" in names and "lm_head.weight" not in names
+    assert not any(n.startswith("model.") for n in names)
+    assert "language_model.layers.2.self_attn.v_proj.weight" not in names  # K=V global layer
+    data = sum(f.stat().st_size for f in eight_bit.glob("*.safetensors"))
+    assert 0 < data - index["metadata"]["total_size"] < 1 << 16  # the file is the data plus a header
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "generation_config.json",
+    ):
+        assert (eight_bit / name).read_bytes() == (source / name).read_bytes()
+    assert not list(eight_bit.parent.glob(".*partial"))
+
+
+def _conversions() -> list[tuple[str, dict]]:
+    cases = [(f"recipe-{name}", {"recipe": name, "quantize": True}) for name in RECIPES]
+    cases += [
+        (f"mode-{mode}", {"quantize": True, "q_mode": mode}) for mode in supported_modes() if mode != "affine"
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("label,kwargs", _conversions(), ids=[c[0] for c in _conversions()])
+def test_every_recipe_and_mode_loads(source, float_logits, tmp_path, label, kwargs):
+    out = convert(source, tmp_path / label, **kwargs)
+    section = json.loads((out / "config.json").read_text())["quantization"]
+    quality = _quality(out, float_logits)
+    assert np.isfinite(quality["max_abs_error"])
+    assert quality["top1_agreement"] >= 0.6
+    if kwargs.get("recipe", "uniform").startswith("mixed"):
+        assert section["language_model.embed_tokens"]["bits"] > section["bits"]
+        assert section["embed_audio.embedding_projection"] is False  # projectors stay float
+
+
+def test_section_is_what_mlx_lm_expects(source, tmp_path):
+    out = convert(source, tmp_path / "mixed", recipe="mixed_4_6")
+    config = json.loads((out / "config.json").read_text())
+    section = config["quantization"]
+    assert config["quantization_config"] == section
+    assert {section["bits"], section["group_size"], section["mode"]} == {4, 64, "affine"}
+    modules = {path for path, _ in Model(ModelConfig.from_dict(config)).named_modules()}
+    for key, value in section.items():
+        if key not in ("bits", "group_size", "mode"):
+            assert key in modules and (value is False or set(value) == {"bits", "group_size", "mode"})
+    # mlx-lm's own loader (its class predicate reads the section) builds and strictly loads our model.
+    model, _ = mlx_lm_load_model(out, get_model_classes=lambda config: (Model, ModelConfig))
+    assert model.language_model.layers[0].self_attn.o_proj.bits == 6
+    assert model.language_model.layers[1].mlp.gate_proj.bits == 4
+
+
+def test_dequantize_restores_the_released_layout_for_transformers(source, eight_bit, tmp_path):
+    out = convert(eight_bit, tmp_path / "bf16", dequantize=True)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and config["dtype"] == "bfloat16"
+    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert names == set(mx.load(str(source / "model.safetensors"))) - {"lm_head.weight"}
+    reference = Gemma4UnifiedForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = text_prompt(np.random.default_rng(2))
+    ours = logits(load_model(out, dtype="float32"), prompt)
+    assert compare(ours, reference_logits(reference, prompt))["relative_error"] < 1e-3
+
+
+# --- refusals: a one-line message, exit code 2 (130 when interrupted), and nothing at DST ---------------
+
+
+def _refused(capsys, argv: list[str], code: int = 2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _copy(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "src"))
+
+
+def test_refuses_missing_source(capsys, tmp_path):
+    assert "no such folder" in _refused(
+        capsys, ["--hf-path", str(tmp_path / "nope" / "x" / "y"), "--mlx-path", str(tmp_path / "o")]
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_unreachable_hub_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _refused(capsys, ["--hf-path", "no-such-org/no-such-model", "--mlx-path", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_folder_without_config(capsys, source, tmp_path):
+    src = _copy(source, tmp_path)
+    (src / "config.json").unlink()
+    assert "no config.json" in _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o")])
+
+
+def test_refuses_partial_checkpoint(capsys, source, tmp_path):
+    src = _copy(source, tmp_path)
+    weights = mx.load(str(src / "model.safetensors"))
+    del weights["model.language_model.layers.3.mlp.down_proj.weight"]
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    err = _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o")])
+    assert "missing" in err and "down_proj" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_missing_shard(capsys, source, tmp_path):
+    src = _copy(source, tmp_path)
+    index = {"weight_map": {"model.language_model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "missing" in _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o")])
+
+
+def test_refuses_truncated_shard(capsys, source, tmp_path):
+    src = _copy(source, tmp_path)
+    shard = src / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    assert "truncated" in _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"model_type": "gemma3"}, "model_type"),
+        ({"architectures": ["Gemma4UnifiedForCausalLM"]}, "architecture"),
+    ],
+)
+def test_refuses_unsupported_model(capsys, source, tmp_path, edit, message):
+    src = _copy(source, tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **edit}))
+    assert message in _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o")])
+
+
+def test_refuses_existing_destination_without_overwrite(capsys, source, tmp_path):
+    dst = tmp_path / "o"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert "--overwrite" in _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(dst)])
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["--hf-path", str(source), "--mlx-path", str(dst), "--overwrite"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+
+
+def test_refuses_when_disk_is_too_small(capsys, source, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        convert_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6, 1000)
+    )
+    assert "free" in _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_disk_full_mid_write_leaves_nothing(capsys, source, tmp_path, monkeypatch):
+    original = ShardWriter.write
+    calls = []
+
+    def write(self, name, offset, data):
+        calls.append(name)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, name, offset, data)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    assert "disk full" in _refused(
+        capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), "-q"]
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_run_leaves_nothing(capsys, source, tmp_path, monkeypatch):
+    original = convert_module._convert_job
+    calls = []
+
+    def interrupt_on_third(job, writer, dtype):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        original(job, writer, dtype)
+
+    monkeypatch.setattr(convert_module, "_convert_job", interrupt_on_third)
+    assert "interrupted" in _refused(
+        capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o")], code=130
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_quantizing_twice_and_dequantizing_float(capsys, source, eight_bit, tmp_path):
+    assert "already quantized" in _refused(
+        capsys, ["--hf-path", str(eight_bit), "--mlx-path", str(tmp_path / "a"), "-q"]
+    )
+    assert "not a quantized" in _refused(
+        capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "b"), "--dequantize"]
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["-q", "--q-mode", "mxfp4", "--q-bits", "8"], "bits"),
+        (["-q", "--q-group-size", "16"], "group size"),
+        (["--recipe", "mixed_4_6", "--q-bits", "4"], "own bits"),
+        (["--recipe", "mixed_4_6", "--q-mode", "mxfp4"], "affine"),
+    ],
+)
+def test_refuses_bad_quantization_settings(capsys, source, tmp_path, flags, message):
+    if "--q-mode" in flags and flags[flags.index("--q-mode") + 1] not in supported_modes():
+        pytest.skip("this MLX has no such mode")
+    assert message in _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), *flags])
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_errors_are_typed(source, tmp_path):
+    with pytest.raises(ConvertError):
+        convert(tmp_path / "missing", tmp_path / "o")
+    with pytest.raises(QuantizationError):
+        convert(source, tmp_path / "o", quantize=True, q_bits=7)

@@ -1,0 +1,133 @@
+"""memory.estimate against the formula, against an actual conversion, and the --plan table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference import build_reference_checkpoint
+
+from mlx_unified.config import load_config
+from mlx_unified.convert import convert, main
+from mlx_unified.memory import (
+    GIB,
+    estimate,
+    gpu_budget_bytes,
+    kv_bytes,
+    longest_context,
+    parse_size,
+    plan,
+    recommend,
+    released_config,
+)
+
+HIDDEN, MLP, VOCAB, LAYERS = 3840, 15360, 262144, 48
+SLIDING, GLOBAL = 40, 8
+
+
+def test_parameter_count_is_the_released_12b():
+    assert estimate(released_config())["parameters"] == pytest.approx(11.95e9, rel=0.005)
+
+
+def test_4bit_estimate_matches_the_formula():
+    """Quantized Linear/embedding params cost bits/8 + 2 bf16 (scale, bias) per group; the rest bf16."""
+    attention_sliding = HIDDEN * (16 * 256 + 2 * 8 * 256) + 16 * 256 * HIDDEN
+    attention_global = HIDDEN * (16 * 512 + 512) + 16 * 512 * HIDDEN  # K=V: no v_proj
+    quantized = (
+        VOCAB * HIDDEN
+        + SLIDING * attention_sliding
+        + GLOBAL * attention_global
+        + LAYERS * 3 * HIDDEN * MLP
+        + HIDDEN * 6912  # patch_dense
+        + HIDDEN * HIDDEN  # embed_vision
+        + HIDDEN * 640  # embed_audio
+    )
+    unquantized = (
+        LAYERS * (4 * HIDDEN + 1)
+        + SLIDING * 2 * 256
+        + GLOBAL * 2 * 512
+        + HIDDEN
+        + 1120 * 2 * HIDDEN
+        + 2 * 6912
+        + HIDDEN
+        + 4 * HIDDEN
+    )
+    formula = quantized * (4 / 8 + 2 * 2 / 64) + unquantized * 2
+    result = estimate(released_config(), bits=4, group_size=64)
+    assert result["weights_bytes"] == pytest.approx(formula, rel=0.05)
+    assert result["weights_bytes"] == pytest.approx(6.7e9, rel=0.05)  # the release notes' figure
+
+
+def test_estimate_equals_what_a_conversion_writes(tmp_path):
+    """A scaled checkpoint (5:1 pattern, K=V globals, bf16) converted at 4 bits, group 64."""
+    source = tmp_path / "src"
+    build_reference_checkpoint(
+        source,
+        dtype=torch.bfloat16,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        head_dim=64,
+        global_head_dim=128,
+        vocab_size=4096,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
+    out = convert(source, tmp_path / "out", quantize=True, q_bits=4, q_group_size=64)
+    predicted = estimate(load_config(source), bits=4, group_size=64)["weights_bytes"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == predicted
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert on_disk == pytest.approx(predicted, rel=0.05)
+
+
+def test_kv_cache_caps_sliding_layers_and_keeps_one_tensor_on_global_layers():
+    config = released_config()
+    window = config.text.sliding_window
+    sliding_full = SLIDING * 2 * 8 * window * 256 * 2  # K and V, 8 heads x 256, bf16
+    global_per_token = GLOBAL * 1 * 512 * 2  # values only, 1 head x 512
+    assert kv_bytes(config, window) == sliding_full + window * global_per_token
+    assert kv_bytes(config, 10 * window) - kv_bytes(config, window) == 9 * window * global_per_token
+    assert kv_bytes(config, 8192, kv_bits=8) < 0.6 * kv_bytes(config, 8192)
+
+
+def test_estimate_totals_and_grows_with_context():
+    short, long = (estimate(released_config(), context_tokens=n) for n in (4096, 65536))
+    for result in (short, long):
+        assert (
+            result["total_bytes"] == result["weights_bytes"] + result["kv_bytes"] + result["activation_bytes"]
+        )
+    assert long["kv_bytes"] > short["kv_bytes"] and long["weights_bytes"] == short["weights_bytes"]
+    assert estimate(released_config(), bits=None)["weights_bytes"] == pytest.approx(2 * 11.96e9, rel=0.01)
+
+
+def test_gpu_budget_and_sizes():
+    assert parse_size("16GB") == 16 * GIB == parse_size("16")
+    assert gpu_budget_bytes(16 * GIB) == pytest.approx(11_453_251_584, rel=1e-6)
+    assert gpu_budget_bytes(64 * GIB) == 48 * GIB
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_plan_trades_bits_for_context():
+    config = released_config()
+    budget = gpu_budget_bytes(16 * GIB)
+    rows = plan(config, budget)
+    by_label = {row.label: row for row in rows}
+    assert by_label["bf16"].context_bf16_kv == 0  # 24 GB of weights do not fit
+    assert by_label["4-bit"].context_bf16_kv > by_label["6-bit"].context_bf16_kv > 0
+    assert by_label["4-bit"].context_8bit_kv > by_label["4-bit"].context_bf16_kv
+    best = recommend(rows, 16384)
+    assert best is not None and best.context_bf16_kv >= 16384
+    assert (
+        longest_context(config, budget, by_label["4-bit"].weights_bytes) == by_label["4-bit"].context_bf16_kv
+    )
+
+
+def test_plan_cli(capsys):
+    assert main(["--plan", "--memory", "12GB"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended:" in out and "4-bit" in out and "8.59 GB" in out
+    assert main(["--plan", "--memory", "lots"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
