@@ -1,7 +1,28 @@
-"""mlx-unified: Gemma 4 12B unified (text, image, audio, video) on Apple Silicon with MLX."""
+"""mlx-unified: Gemma 4 12B unified (text, image, audio, video) on Apple Silicon with MLX.
 
-from .config import ConfigError, ModelConfig, load_config
-from .loading import ModelLoadError, load, load_model
-from .model import Model
+The public names are imported on first use, so `generate.py --help` or a refused flag does not pay
+for loading MLX, mlx-lm and transformers.
+"""
 
-__all__ = ["ConfigError", "Model", "ModelConfig", "ModelLoadError", "load", "load_config", "load_model"]
+from importlib import import_module
+from typing import Any
+
+_PUBLIC = {
+    "ConfigError": "config",
+    "ModelConfig": "config",
+    "load_config": "config",
+    "ModelLoadError": "loading",
+    "load": "loading",
+    "load_model": "loading",
+    "Model": "model",
+    "generate": "generate",
+    "stream_generate": "generate",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mlx_unified' has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -452,7 +452,7 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
         where = f"a {ram / GIB:g} GB Mac{'' if memory else ' (pass --memory for another size)'}: macOS default GPU limit"
     print(f"GPU memory budget: {budget / GB:.2f} GB, {where}")
     header = (
-        f"{'conversion':<12} {'weights GB':>10} {'bits/w':>7} {'max context':>12} {'(8-bit KV)':>11}  flags"
+        f"{'conversion':<12} {'weights GB':>10} {'bits/w':>7} {'max context':>12}  flags"
     )
     print(header)
     print("-" * len(header))
@@ -461,7 +461,7 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
     for row in rows:
         print(
             f"{row.label:<12} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
-            f"{_tokens(row.context_bf16_kv):>12} {_tokens(row.context_8bit_kv):>11}  {row.convert_flags}"
+            f"{_tokens(row.context_bf16_kv):>12}  {row.convert_flags}"
         )
     best = recommend(rows, min_context)
     if best is None:
@@ -472,8 +472,8 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
             f"  python convert.py --hf-path google/gemma-4-12B-it --mlx-path gemma-4-12b-mlx {best.convert_flags}"
         )
     print(
-        "Context counts the KV cache (sliding layers capped at the window, one tensor on K=V layers) and "
-        "one prefill chunk's activations."
+        "Context counts the bf16 KV cache (sliding layers capped at the window, one tensor on K=V layers) "
+        "and one prefill chunk's activations."
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from tqdm import tqdm
 
 from .config import ConfigError, ModelConfig, load_config
 from .model import Model
@@ -89,8 +90,16 @@ def _quantize(model: Model, quantization: dict[str, Any], weights: dict[str, mx.
     nn.quantize(model, class_predicate=predicate)
 
 
-def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False) -> Model:
-    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32."""
+def _read_in(model: Model, progress: bool) -> None:
+    """Read the (lazily loaded) weights into memory, layer by layer, with a progress bar if asked."""
+    groups = [model.language_model.embed_tokens, *model.language_model.layers, model]
+    for group in tqdm(groups, desc="Loading weights", unit="layer", disable=not progress, leave=False):
+        mx.eval(group.parameters())
+
+
+def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, progress: bool = False) -> Model:
+    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32;
+    lazy: leave the weights unread until first use; progress: a progress bar while reading them."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a checkpoint folder")
@@ -118,7 +127,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False) -
     if config.raw.get("mlx_unified_random_weights"):
         log.warning("%s holds RANDOM weights (a test checkpoint): its output is meaningless text", path)
     if not lazy:
-        mx.eval(model.parameters())
+        _read_in(model, progress)
     model.eval()
     return model
 
@@ -148,12 +157,12 @@ def resolve(path_or_hub_id: str | Path) -> Path:
         raise ModelLoadError(f"{repo_id}: download failed ({e})") from e
 
 
-def load(path_or_hub_id: str | Path, dtype: str | None = None) -> tuple[Model, Any]:
+def load(path_or_hub_id: str | Path, dtype: str | None = None, progress: bool = False) -> tuple[Model, Any]:
     """(model, processor) from a local folder or a hub id."""
     from .processing import Processor
 
     path = resolve(path_or_hub_id)
-    return load_model(path, dtype=dtype), Processor.from_pretrained(path)
+    return load_model(path, dtype=dtype, progress=progress), Processor.from_pretrained(path)
 
 
 __all__ = ["ConfigError", "ModelConfig", "ModelLoadError", "hf_to_mlx_name", "load", "load_model", "resolve"]

@@ -205,7 +205,6 @@ class PlanRow:
     mode: str
     weights_bytes: int
     context_bf16_kv: int
-    context_8bit_kv: int
 
     @property
     def convert_flags(self) -> str:
@@ -252,7 +251,6 @@ def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
                 mode,
                 weights,
                 longest_context(config, budget_bytes, weights),
-                longest_context(config, budget_bytes, weights, kv_bits=8),
             )
         )
     return rows

@@ -117,7 +117,6 @@ def test_plan_trades_bits_for_context():
     by_label = {row.label: row for row in rows}
     assert by_label["bf16"].context_bf16_kv == 0  # 24 GB of weights do not fit
     assert by_label["4-bit"].context_bf16_kv > by_label["6-bit"].context_bf16_kv > 0
-    assert by_label["4-bit"].context_8bit_kv > by_label["4-bit"].context_bf16_kv
     best = recommend(rows, 16384)
     assert best is not None and best.context_bf16_kv >= 16384
     assert (

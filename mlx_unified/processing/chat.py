@@ -140,7 +140,7 @@ class Processor:
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
         if [self.placeholders[kind] for kind, _ in items] != placeholders:
-            raise ValueError(
+            raise MediaError(
                 f"prompt has placeholders {placeholders} but the messages hold media {[k for k, _ in items]}; "
                 "media tokens typed into message text are not supported"
             )

@@ -1,0 +1,410 @@
+"""`mlx-unified-app` (and `python app.py`): a local Gradio chat with Gemma 4 unified.
+
+Text plus image, audio and video files (or a microphone recording) per message, streamed replies, one
+generation at a time behind a visible queue. Model work is `mlx_unified`'s: this module only wires it
+to the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig, load_config
+from .conversation import (
+    RANDOM_WEIGHTS_WARNING,
+    Media,
+    ReplyStats,
+    SegmentStart,
+    assistant_message,
+    format_memory,
+    has_random_weights,
+    load_attachments,
+    stream_reply,
+    user_message,
+)
+from .loading import ModelLoadError, load, resolve
+from .processing import SUPPORTED_BUDGETS, MediaError
+
+EMPTY_REPLY = "(no visible text in this reply)"
+ERROR_TITLE = "⚠️ Could not answer"
+CONTEXT_FOR_ESTIMATE = 8192
+
+
+# ---------------------------------------------------------------- settings that survive restarts
+
+
+def default_settings_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "mlx-unified" / "app.json"
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The saved settings; an unreadable file counts as none (the app must still start)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_setting(path: Path, key: str, value: Any) -> None:
+    settings = read_settings(path)
+    settings[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
+    temporary.replace(path)  # atomic: a crash mid-write never leaves half a file
+
+
+# ---------------------------------------------------------------- the loaded model
+
+
+class ModelSlot:
+    """The one loaded model; the lock keeps a model switch from landing in the middle of a reply."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.name: str | None = None
+        self.model: Any = None
+        self.processor: Any = None
+
+    def load(self, name: str) -> None:
+        path = resolve(name)
+        model, processor = load(path)
+        with self.lock:
+            self.name, self.model, self.processor = name, model, processor
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model is not None and has_random_weights(self.model.config.raw)
+
+
+def banner_markdown(slot: ModelSlot) -> str:
+    if slot.model is None:
+        return "**No model loaded.** Pick a checkpoint folder or hub id below and press *Load*."
+    if slot.random_weights:
+        return f"⚠️ **{slot.name}**: {RANDOM_WEIGHTS_WARNING}."
+    return f"Model: **{slot.name}**"
+
+
+def known_models(extra: Sequence[str] = ()) -> list[str]:
+    """Picker choices: the given names, then Gemma 4 unified checkpoints already in the hub cache."""
+    names = [name for name in extra if name]
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache yet, or an unreadable one: nothing to suggest
+        repos = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        for revision in repo.revisions:
+            config = revision.snapshot_path / "config.json"
+            if config.is_file() and _is_unified_config(config) and repo.repo_id not in names:
+                names.append(repo.repo_id)
+                break
+    return names
+
+
+def _is_unified_config(path: Path) -> bool:
+    try:
+        return str(json.loads(path.read_text()).get("model_type", "")).startswith("gemma4_unified")
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def memory_budget_bytes() -> tuple[int, str]:
+    """What the model may use here, and how that figure was found."""
+    from .memory import device_gpu_limit
+
+    limit = device_gpu_limit()
+    if limit:
+        return limit, "this Mac's GPU working-set limit"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def model_config(name: str) -> ModelConfig:
+    """The config of a local folder, or of a hub id (config.json alone is fetched)."""
+    local = Path(name).expanduser()
+    if local.exists():
+        return load_config(local)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return load_config(hf_hub_download(name, "config.json"))
+    except Exception as e:  # offline, unknown repo, gated: the estimate waits for the download
+        raise ConfigError(f"{name}: config not available yet ({type(e).__name__})") from e
+
+
+def memory_markdown(name: str | None) -> str:
+    if not name:
+        return ""
+    from .memory import GB, estimate
+
+    try:
+        config = model_config(name)
+    except ConfigError as e:
+        return f"Memory estimate: {e}"
+    quantization = config.quantization or {}
+    bits = quantization.get("bits")
+    group_size = quantization.get("group_size", 64)
+    needed = estimate(config, bits=bits, group_size=group_size, context_tokens=CONTEXT_FOR_ESTIMATE)
+    budget, source = memory_budget_bytes()
+    verdict = "fits" if needed["total_bytes"] <= budget else "**does not fit**"
+    weights = f"{bits}-bit" if bits else "16-bit"
+    return (
+        f"Memory estimate ({weights} weights, {CONTEXT_FOR_ESTIMATE // 1024}K-token context): "
+        f"about **{needed['total_bytes'] / GB:.2f} GB** (weights {needed['weights_bytes'] / GB:.2f} GB, "
+        f"KV cache {needed['kv_bytes'] / GB:.2f} GB); {source}: {budget / GB:.1f} GB, {verdict}."
+    )
+
+
+# ---------------------------------------------------------------- chat history <-> model messages
+
+
+def _parts(content: Any) -> tuple[list[str], list[str]]:
+    """(texts, file paths) of one Gradio message's content, in any of the shapes Gradio uses."""
+    if isinstance(content, str):
+        return [content], []
+    if isinstance(content, (tuple, list)) and content and all(isinstance(x, str) for x in content):
+        return [], [content[0]]  # the (path, alt_text) tuple form
+    if isinstance(content, dict):
+        content = [content]
+    texts, files = [], []
+    for part in content or []:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            if part.get("type") == "text":
+                texts.append(part.get("text", ""))
+            elif isinstance(part.get("file"), dict):
+                files.append(part["file"]["path"])
+            elif "path" in part:
+                files.append(part["path"])
+    return texts, files
+
+
+def history_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model's view of the chat so far: answered turns only, notes (statistics, segments) left out.
+
+    A turn whose only answer is an error note is dropped, so a bad file does not poison later turns.
+    """
+    turns: list[tuple[list[str], list[str], list[str]]] = []  # (user texts, user files, reply texts)
+    previous_role = None
+    for message in history:
+        texts, files = _parts(message.get("content"))
+        role = message.get("role")
+        if role == "user":
+            # Gradio stores each file and the text of one turn as separate user messages.
+            if previous_role != "user":
+                turns.append(([], [], []))
+            turns[-1][0].extend(texts)
+            turns[-1][1].extend(files)
+        elif turns and not (message.get("metadata") or {}).get("title"):
+            turns[-1][2].extend("" if text == EMPTY_REPLY else text for text in texts)
+        previous_role = role
+    messages = []
+    for texts, files, replies in turns:
+        if replies:
+            messages += [
+                user_message("\n".join(texts), load_attachments(files)),
+                assistant_message("".join(replies)),
+            ]
+    return messages
+
+
+def _note(title: str, content: str = "", status: str | None = None) -> dict[str, Any]:
+    metadata = {"title": title} if status is None else {"title": title, "status": status}
+    return {"role": "assistant", "content": content, "metadata": metadata}
+
+
+def _stats_note(stats: ReplyStats) -> dict[str, Any]:
+    title = (
+        f"{stats.ttft_s:.2f} s to first token · {stats.generation_tps:.1f} tokens/s · "
+        f"{format_memory(stats.peak_memory_gb)} peak memory"
+    )
+    return _note(title, stats.summary(), status="done")
+
+
+def respond(
+    slot: ModelSlot,
+    message: dict[str, Any] | str,
+    history: list[dict[str, Any]],
+    system: str,
+    temperature: float,
+    top_p: float,
+    max_tokens: float,
+    image_tokens: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """The chat function: yields the growing list of assistant messages for this turn."""
+    text, files = (
+        (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
+    )
+    files = [f if isinstance(f, str) else f.get("path") for f in files]
+    notes: list[dict[str, Any]] = []
+    reply = ""
+
+    def shown() -> list[dict[str, Any]]:
+        return [*notes, {"role": "assistant", "content": reply}] if reply else list(notes)
+
+    try:
+        if slot.model is None:
+            raise ModelLoadError("no model loaded: pick one above and press Load")
+        with slot.lock:
+            media: Media = load_attachments(files)
+            earlier = history_messages(history)
+            stats = ReplyStats()
+            events = stream_reply(
+                slot.model,
+                slot.processor,
+                earlier,
+                text,
+                media,
+                stats,
+                system=system or None,
+                max_tokens=int(max_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                image_tokens=int(image_tokens),
+            )
+            for event in events:
+                if isinstance(event, SegmentStart):
+                    for note in notes:
+                        note["metadata"]["status"] = "done"
+                    notes.append(_note(f"Processing {event.label()}", status="pending"))
+                    reply += "\n" if event.index > 1 else ""
+                else:
+                    reply += event
+                yield shown()
+        for note in notes:
+            note["metadata"]["status"] = "done"
+        yield [*notes, {"role": "assistant", "content": reply or EMPTY_REPLY}, _stats_note(stats)]
+    except (MediaError, ModelLoadError, ConfigError, ValueError) as e:
+        # Bad input of one turn: say so in the chat; the next turn starts clean. Uploads live under
+        # Gradio's cache folder: the message names them as the user does, by file name.
+        error = str(e)
+        for path in files:
+            error = error.replace(str(path), Path(path).name)
+        yield [*notes, _note(ERROR_TITLE, error)]
+    except Exception as e:  # a bug must not take the page down: report it, keep serving
+        traceback.print_exc()
+        yield [*notes, _note(ERROR_TITLE, f"internal error ({type(e).__name__}: {e})")]
+
+
+# ---------------------------------------------------------------- the page
+
+
+def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_tokens: int = 512) -> Any:
+    import gradio as gr
+
+    settings = read_settings(settings_file)
+
+    def pick(name: str) -> str:
+        return memory_markdown(name)
+
+    # Gradio spots a progress parameter by its default; tqdm tracking shows the hub download bars.
+    download_progress = gr.Progress(track_tqdm=True)
+
+    def load_picked(name: str, progress: Any = download_progress) -> tuple[str, str]:
+        if not name:
+            return banner_markdown(slot), "Pick a model first."
+        progress(0, desc=f"Loading {name}")
+        try:
+            slot.load(name)
+        except (ModelLoadError, ConfigError) as e:
+            return banner_markdown(slot), f"⚠️ {e}"
+        return banner_markdown(slot), memory_markdown(name)
+
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens):
+        yield from respond(slot, message, history, system, temperature, top_p, tokens, image_tokens)
+
+    with gr.Blocks(title="mlx-unified") as page:
+        gr.Markdown("## Gemma 4 unified on MLX")
+        banner = gr.Markdown(banner_markdown(slot), elem_id="model-banner")
+        with gr.Row():
+            picker = gr.Dropdown(
+                choices=choices,
+                value=slot.name,
+                allow_custom_value=True,
+                label="Model: checkpoint folder or hub id",
+                scale=4,
+            )
+            load_button = gr.Button("Load", scale=1)
+        memory = gr.Markdown(memory_markdown(slot.name), elem_id="memory-estimate")
+        with gr.Accordion("System prompt (saved across restarts)", open=False):
+            system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
+        with gr.Accordion("Settings", open=False):
+            temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0: greedy)")
+            top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
+            tokens = gr.Slider(1, 8192, value=max_tokens, step=1, label="Max tokens")
+            image_tokens = gr.Dropdown(
+                choices=list(SUPPORTED_BUDGETS), value=280, label="Image budget (soft tokens per image)"
+            )
+        gr.ChatInterface(
+            chat,
+            multimodal=True,
+            textbox=gr.MultimodalTextbox(
+                placeholder="Message, plus image, audio or video files (or record)",
+                file_types=["image", "audio", "video"],
+                file_count="multiple",
+                sources=["upload", "microphone"],
+            ),
+            chatbot=gr.Chatbot(height=480, elem_id="chat"),
+            additional_inputs=[system, temperature, top_p, tokens, image_tokens],
+            concurrency_limit=1,
+            show_progress="full",
+        )
+        picker.change(pick, picker, memory)
+        load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
+        system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
+    return page
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
+    )
+    parser.add_argument("--model", help="checkpoint folder or hub id to load at start")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens setting")
+    parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    slot = ModelSlot()
+    if args.model:
+        print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
+        try:
+            slot.load(args.model)
+        except (ModelLoadError, ConfigError) as e:
+            print(f"mlx-unified-app: error: {e}", file=sys.stderr)
+            return 2
+        if slot.random_weights:
+            print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    page = build_app(
+        slot, args.settings_file or default_settings_file(), known_models([args.model]), args.max_tokens
+    )
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=args.share
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

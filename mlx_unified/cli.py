@@ -1,0 +1,251 @@
+"""`mlx-unified-generate` (and `python generate.py`): one reply, or an interactive chat, from the terminal.
+
+The reply streams to stdout; progress, statistics and warnings go to stderr, so stdout can be piped.
+Exit codes: 0 done, 2 bad arguments or media (one line on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import ConfigError
+from .conversation import (
+    RANDOM_WEIGHTS_WARNING,
+    Media,
+    ReplyStats,
+    SegmentStart,
+    assistant_message,
+    has_random_weights,
+    load_media,
+    stream_reply,
+    user_message,
+)
+from .loading import ModelLoadError, load, resolve
+from .processing import SUPPORTED_BUDGETS, MediaError
+
+PROG = "mlx-unified-generate"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+CHAT_HELP = (
+    "Chat: type a message and press Enter. /image F, /audio F, /video F attach a file to your next "
+    "message; /clear forgets the conversation; /quit (or Ctrl-D) leaves."
+)
+
+
+class BadInput(ValueError):
+    """A refused argument or file: reported as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; one line is what a script's caller can read.
+        raise BadInput(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Generate with Gemma 4 unified (text, image, audio, video) on MLX.",
+        epilog="Exit codes: 0 done, 2 bad arguments or media, 1 anything else.",
+    )
+    parser.add_argument("--model", required=True, help="local checkpoint folder or hub id (owner/name)")
+    parser.add_argument("--prompt", help="the user message (optional with --chat: the first message)")
+    system = parser.add_mutually_exclusive_group()
+    system.add_argument("--system", help="system prompt text")
+    system.add_argument("--system-file", type=Path, help="UTF-8 text file holding the system prompt")
+    parser.add_argument("--image", nargs="+", action="extend", default=[], metavar="F", help="image file(s)")
+    parser.add_argument("--audio", nargs="+", action="extend", default=[], metavar="F", help="audio file(s)")
+    parser.add_argument("--video", nargs="+", action="extend", default=[], metavar="F", help="video file(s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=256, help="most tokens to generate (256)")
+    parser.add_argument("--temp", type=non_negative_float, default=0.0, help="temperature; 0 is greedy (0)")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    parser.add_argument("--min-p", type=probability, default=0.0, help="min-p sampling threshold (0: off)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        choices=SUPPORTED_BUDGETS,
+        help="soft tokens per image (default: the checkpoint's, 280)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object with the text and statistics"
+    )
+    parser.add_argument("--chat", action="store_true", help="interactive multi-turn session (history kept)")
+    return parser
+
+
+def read_system_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise BadInput(f"--system-file {path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise BadInput(f"--system-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise BadInput(f"--system-file {path}: cannot read ({e.strerror or e})") from e
+
+
+def load_model(name: str) -> tuple[Any, Any]:
+    """(model, processor), telling on stderr what happens: download (the hub's own progress bars), load."""
+    if not Path(name).expanduser().exists():
+        print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
+    path = resolve(name)
+    print(f"Loading {path} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model, processor = load(path, progress=True)
+    print(f"Loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    if has_random_weights(model.config.raw):
+        print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    return model, processor
+
+
+def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "image_tokens": args.image_tokens,
+    }
+
+
+def answer(
+    model: Any,
+    processor: Any,
+    history: list[dict],
+    text: str,
+    media: Media,
+    args: argparse.Namespace,
+    system: str | None,
+) -> str:
+    """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
+    stats = ReplyStats()
+    pieces: list[str] = []
+    for event in stream_reply(
+        model, processor, history, text, media, stats, system=system, **generation_settings(args)
+    ):
+        if isinstance(event, SegmentStart):
+            print(f"[{event.label()}]", file=sys.stderr, flush=True)
+            event_text = "\n" if event.index > 1 else ""
+        else:
+            event_text = event
+        pieces.append(event_text)
+        if not args.json:
+            sys.stdout.write(event_text)
+            sys.stdout.flush()
+    reply = "".join(pieces)
+    if args.json:
+        print(json.dumps({"text": reply, **stats.as_dict()}, ensure_ascii=False), flush=True)
+    else:
+        print(flush=True)
+    print(stats.summary(), file=sys.stderr, flush=True)
+    return reply
+
+
+def chat(
+    model: Any, processor: Any, args: argparse.Namespace, system: str | None, first_media: Media
+) -> None:
+    """Read turns from stdin until /quit or end of input; a refused turn is reported and skipped."""
+    print(CHAT_HELP, file=sys.stderr, flush=True)
+    history: list[dict] = []
+    attached: dict[str, list[str]] = {"image": [], "audio": [], "video": []}
+    pending_media = first_media
+    pending_text = args.prompt
+    while True:
+        if pending_text is None:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            line = line.strip()
+            command, _, argument = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/clear":
+                history.clear()
+                print("(conversation cleared)", file=sys.stderr, flush=True)
+                continue
+            if command in ("/image", "/audio", "/video"):
+                if not argument.strip():
+                    print(f"error: {command} needs a file path", file=sys.stderr, flush=True)
+                else:
+                    attached[command[1:]].append(argument.strip())
+                continue
+            if not line:
+                continue
+            pending_text = line
+        text, pending_text = pending_text, None
+        try:
+            media = load_media(attached["image"], attached["audio"], attached["video"])
+            media = pending_media + media
+            reply = answer(model, processor, history, text, media, args, system)
+        except MediaError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            print("\n(reply stopped)", file=sys.stderr, flush=True)
+            continue
+        finally:
+            attached = {"image": [], "audio": [], "video": []}
+            pending_media = Media()
+        history += [user_message(text, media), assistant_message(reply)]
+
+
+def run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.chat and args.prompt is None:
+        raise BadInput(f"--prompt is required (or use --chat) (see {PROG} --help)")
+    system = read_system_prompt(args.system_file) if args.system_file else args.system
+    # Media are checked before the model loads: a bad file costs no wait.
+    media = load_media(args.image, args.audio, args.video)
+    model, processor = load_model(args.model)
+    if args.chat:
+        chat(model, processor, args, system, media)
+    else:
+        answer(model, processor, [], args.prompt, media, args, system)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (also raised as SystemExit by the script wrappers)."""
+    try:
+        return run(argv)
+    except (BadInput, MediaError, ModelLoadError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""What the command line and the app share: conversation history, media checks, clean streamed replies.
+
+No model logic here: replies come from `mlx_unified.generate.stream_generate`, media from
+`mlx_unified.processing`.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .processing import SAMPLING_RATE, MediaError, load_audio, load_image, plan_video, segment_audio
+from .processing.audio import MAX_CLIP_SECONDS
+
+RANDOM_WEIGHTS_WARNING = (
+    "this checkpoint holds RANDOM weights (a test checkpoint made by mlx_unified.testing): "
+    "its replies are meaningless text"
+)
+# Markers of the model's hidden channel (its thinking); used when a tokenizer does not name them.
+CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+
+
+def has_random_weights(config_raw: dict[str, Any]) -> bool:
+    """True for checkpoints written by `mlx_unified.testing.tiny_checkpoint` (and anything flagged so)."""
+    return bool(config_raw.get("mlx_unified_random_weights"))
+
+
+@dataclass
+class Media:
+    """One turn's media, checked and decoded: image and audio arrays, video paths (decoded later)."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    audios: list[np.ndarray] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+    def __add__(self, other: Media) -> Media:
+        return Media(self.images + other.images, self.audios + other.audios, self.videos + other.videos)
+
+
+def load_media(
+    images: Sequence[str | Path] = (), audios: Sequence[str | Path] = (), videos: Sequence[str | Path] = ()
+) -> Media:
+    """Decode images and audio and read video headers now, so bad files are refused before any model work.
+
+    Raises MediaError naming the file.
+    """
+    media = Media(
+        images=[load_image(str(path)) for path in images],
+        audios=[load_audio(str(path)) for path in audios],
+    )
+    for path in videos:
+        plan_video(str(path))
+        media.videos.append(str(path))
+    return media
+
+
+def media_kind(path: str | Path) -> str:
+    """'image', 'audio' or 'video' for an attached file, from its type (containers: from their tracks)."""
+    mime, _ = mimetypes.guess_type(str(path))
+    kind = (mime or "").split("/")[0]
+    if kind in ("image", "audio"):
+        return kind
+    if kind == "video":
+        # Recorders write audio-only WebM/MP4 too: a container without a picture track is audio.
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                return "video" if container.streams.video else "audio"
+        except av.error.FFmpegError as error:
+            raise MediaError(f"{path}: not a readable video ({error})") from error
+    raise MediaError(f"{Path(path).name}: unsupported file type (expected an image, audio or video file)")
+
+
+def load_attachments(paths: Sequence[str | Path]) -> Media:
+    """Media of a turn from attached files of any of the three kinds."""
+    kinds: dict[str, list[str | Path]] = {"image": [], "audio": [], "video": []}
+    for path in paths:
+        kinds[media_kind(path)].append(path)
+    return load_media(kinds["image"], kinds["audio"], kinds["video"])
+
+
+def user_message(text: str, media: Media) -> dict[str, Any]:
+    """One user turn; media before the text (the order the model was trained on)."""
+    content: list[dict[str, Any]] = [{"type": "image", "image": x} for x in media.images]
+    content += [{"type": "video", "video": x} for x in media.videos]
+    content += [{"type": "audio", "audio": x} for x in media.audios]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def assistant_message(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def with_system(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not system:
+        return messages
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+
+
+class ReplyCleaner:
+    """Turns the streamed text into what a reader should see.
+
+    Drops the hidden channel (`<|channel>thought ... <channel|>`) and every other control token
+    (`<turn|>`, tool-call markers, ...). Pieces arrive cut anywhere, so a tail that could be the start of
+    a marker is held back until the next piece decides it.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.open = getattr(tokenizer, "soc_token", None) or CHANNEL_OPEN
+        self.close = getattr(tokenizer, "eoc_token", None) or CHANNEL_CLOSE
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        specials = {token.content for token in decoder.values() if getattr(token, "special", False)}
+        specials.update(getattr(tokenizer, "all_special_tokens", []) or [])
+        self.markers = sorted(specials | {self.open, self.close}, key=len, reverse=True)
+        self.pending = ""
+        self.hidden = False
+        self.started = False
+
+    def feed(self, piece: str) -> str:
+        """The visible text this piece adds."""
+        self.pending += piece
+        visible = []
+        while self.pending:
+            index, marker = self._first_marker()
+            if marker is None:
+                keep = self._partial_marker_length()
+                text, self.pending = (
+                    self.pending[: len(self.pending) - keep],
+                    self.pending[len(self.pending) - keep :],
+                )
+                visible.append(self._show(text))
+                break
+            visible.append(self._show(self.pending[:index]))
+            self.pending = self.pending[index + len(marker) :]
+            if marker == self.open:
+                self.hidden = True
+            elif marker == self.close:
+                self.hidden = False
+        return "".join(visible)
+
+    def finish(self) -> str:
+        """The held-back tail, once the reply is complete."""
+        text, self.pending = self.pending, ""
+        return self._show(text)
+
+    def _show(self, text: str) -> str:
+        if self.hidden or not text:
+            return ""
+        if not self.started:
+            # The answer after a thought channel starts with a line break.
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
+
+    def _first_marker(self) -> tuple[int, str | None]:
+        found: tuple[int, str | None] = (len(self.pending), None)
+        for marker in self.markers:  # longest first: at equal index the longer marker wins
+            index = self.pending.find(marker)
+            if index != -1 and index < found[0]:
+                found = (index, marker)
+        return found
+
+    def _partial_marker_length(self) -> int:
+        longest = 0
+        for marker in self.markers:
+            for size in range(min(len(marker) - 1, len(self.pending)), longest, -1):
+                if marker.startswith(self.pending[-size:]):
+                    longest = size
+                    break
+        return longest
+
+
+def format_memory(gigabytes: float) -> str:
+    """Peak memory as people read it: MB below a tenth of a GB (test checkpoints), GB above."""
+    return f"{gigabytes:.2f} GB" if gigabytes >= 0.1 else f"{gigabytes * 1000:.1f} MB"
+
+
+@dataclass
+class ReplyStats:
+    """Statistics of one reply, over all its generation passes (one per long-audio segment)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    ttft_s: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None
+    decode_seconds: float = field(default=0.0, repr=False)
+    decode_steps: int = field(default=0, repr=False)
+
+    def add_pass(self, response: Any) -> None:
+        """Fold in the final response of one `stream_generate` pass."""
+        if self.prompt_tokens == 0:
+            self.ttft_s, self.prompt_tps = response.ttft_s, response.prompt_tps
+        self.prompt_tokens += response.prompt_tokens
+        self.generation_tokens += response.generation_tokens
+        if response.generation_tps > 0:
+            # stream_generate times the steps after the first token (that one is in the ttft).
+            steps = response.generation_tokens - 1
+            self.decode_steps += steps
+            self.decode_seconds += steps / response.generation_tps
+        self.generation_tps = self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        self.peak_memory_gb = max(self.peak_memory_gb, response.peak_memory_gb)
+        self.finish_reason = response.finish_reason
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s; "
+            f"time to first token {self.ttft_s:.2f} s; "
+            f"generation {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s; "
+            f"peak memory {format_memory(self.peak_memory_gb)}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tps": self.prompt_tps,
+            "generation_tokens": self.generation_tokens,
+            "generation_tps": self.generation_tps,
+            "ttft_s": self.ttft_s,
+            "peak_memory_gb": self.peak_memory_gb,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class SegmentStart:
+    """A long recording is answered segment by segment; this announces the next one."""
+
+    index: int  # 1-based
+    count: int
+    start_s: float
+    end_s: float
+
+    def label(self) -> str:
+        return f"audio segment {self.index}/{self.count} ({self.start_s:.1f}-{self.end_s:.1f} s)"
+
+
+def stream_reply(
+    model: Any,
+    processor: Any,
+    history: list[dict[str, Any]],
+    text: str,
+    media: Media,
+    stats: ReplyStats,
+    *,
+    system: str | None = None,
+    **generation: Any,
+) -> Iterator[str | SegmentStart]:
+    """Visible reply text for a new user turn, piece by piece; `stats` is filled in as it goes.
+
+    A recording longer than one clip (30 s) is cut on pauses (`segment_audio`) and the turn is answered
+    once per segment, in order; a `SegmentStart` precedes each of those answers.
+    """
+    from .generate import stream_generate
+
+    long_audio = [wave for wave in media.audios if len(wave) > MAX_CLIP_SECONDS * SAMPLING_RATE]
+    if not long_audio:
+        passes = [(media, None)]
+    elif len(media.audios) > 1 or media.images or media.videos:
+        raise MediaError(
+            f"<audio>: a recording longer than {MAX_CLIP_SECONDS} s is answered segment by segment "
+            "and must be the only media of its turn"
+        )
+    else:
+        segments = segment_audio(long_audio[0])
+        if not segments:
+            raise MediaError("<audio>: no speech found in the recording")
+        passes = [
+            (Media(audios=[s.samples]), SegmentStart(i + 1, len(segments), s.start, s.end))
+            for i, s in enumerate(segments)
+        ]
+    for part, segment in passes:
+        if segment is not None:
+            yield segment
+        messages = with_system(system, [*history, user_message(text, part)])
+        cleaner = ReplyCleaner(processor.tokenizer)
+        response = None
+        for response in stream_generate(model, processor, messages, **generation):
+            visible = cleaner.feed(response.text)
+            if visible:
+                yield visible
+        tail = cleaner.finish()
+        if tail:
+            yield tail
+        stats.add_pass(response)

@@ -1,0 +1,128 @@
+"""The app in a real browser: `app.py` on a tiny checkpoint, driven by Playwright in Debian's headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from media_files import write_corrupt, write_wav
+
+from mlx_unified.testing import tiny_checkpoint
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DONE = re.compile(r"s to first token")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    model = tiny_checkpoint(folder / "tiny")
+    port = free_port()
+    log = (folder / "app.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port),
+         "--settings-file", str(folder / "settings.json"), "--max-tokens", "96"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"app did not start:\n{(folder / 'app.log').read_text()}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def send(page, text: str, attachment: Path | None = None) -> None:
+    if attachment is not None:
+        page.locator('input[type=file][accept*="audio"]').set_input_files(str(attachment))
+        # The file shows in the box once uploaded to the server.
+        page.locator(
+            '[data-testid="textbox"] >> xpath=ancestor::div[contains(@class, "input-wrapper")]'
+        ).locator('[aria-label="File thumbnail"]').wait_for(timeout=30_000)
+    box = page.locator('[data-testid="textbox"]')
+    box.fill(text)
+    box.press("Enter")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator('#chat [data-testid="bot"]').all_inner_texts()
+
+
+def test_chat_streams_reports_errors_and_recovers(app_url, tmp_path):
+    wav = write_wav(tmp_path / "hello.wav")
+    corrupt = write_corrupt(tmp_path / "corrupt.wav")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1300})
+        page.goto(app_url)
+        page.locator("#chat").wait_for(timeout=60_000)
+        assert "RANDOM weights" in page.locator("#model-banner").inner_text()
+        assert "fits" in page.locator("#memory-estimate").inner_text()
+
+        # 1. Text plus a WAV: the reply grows while it streams, then its statistics appear.
+        send(page, "What do you hear?", wav)
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        while page.get_by_text(DONE).count() < 1:
+            assert time.monotonic() < deadline, "no reply"
+            texts = bot_texts(page)
+            if texts and texts[0] and (not seen or texts[0] != seen[-1]):
+                seen.append(texts[0])
+            time.sleep(0.03)
+        final = bot_texts(page)[0]
+        assert final.strip()
+        assert len(seen) >= 2, f"reply did not stream: {seen}"  # at least one partial state before the end
+
+        # 2. A corrupt file: an error message in the chat, the app keeps going.
+        send(page, "And this one?", corrupt)
+        page.get_by_text("Could not answer").first.wait_for(timeout=60_000)
+        page.get_by_text("cannot decode audio").first.wait_for(timeout=10_000)
+
+        # 3. A normal reply after the error (history holds turn 1 only: the failed turn is dropped).
+        send(page, "Say something else.")
+        deadline = time.monotonic() + 120
+        while page.get_by_text(DONE).count() < 2:
+            assert time.monotonic() < deadline, "no reply after the error"
+            time.sleep(0.1)
+        assert page.get_by_text("Could not answer").count() == 1
+        page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
+        browser.close()

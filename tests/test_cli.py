@@ -1,0 +1,184 @@
+"""`generate.py` driven as a subprocess on a tiny random checkpoint, plus the shared reply helpers in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media_files import voiced_bursts, write_corrupt, write_image, write_video, write_wav
+
+from mlx_unified.conversation import Media, ReplyCleaner, ReplyStats, SegmentStart, stream_reply
+from mlx_unified.generate import GenerationResponse
+from mlx_unified.loading import load
+from mlx_unified.testing import tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "generate.py"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("media")
+    return {
+        "image": write_image(folder / "picture.png"),
+        "audio": write_wav(folder / "speech.wav"),
+        "video": write_video(folder / "clip.mp4"),
+        "corrupt": write_corrupt(folder / "broken.wav"),
+    }
+
+
+def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+
+
+def assert_reply(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "RANDOM weights" in result.stderr  # the random checkpoint is called out
+    assert "tokens/s" in result.stderr and "peak memory" in result.stderr
+
+
+def test_text_json_with_system_file(tiny, tmp_path):
+    system = tmp_path / "system.txt"
+    system.write_text("Réponds en français, s'il te plaît. 日本語も可。", encoding="utf-8")
+    result = generate(
+        "--model", str(tiny), "--prompt", "Hello", "--system-file", str(system), "--max-tokens", "8", "--json"
+    )
+    assert_reply(result)
+    reply = json.loads(result.stdout)
+    assert reply["generation_tokens"] == 8 and reply["finish_reason"] == "length"
+    assert reply["prompt_tokens"] > 20  # the system prompt went in
+    assert reply["ttft_s"] > 0 and reply["generation_tps"] > 0 and reply["peak_memory_gb"] > 0
+    assert isinstance(reply["text"], str)
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+def test_media_streams_reply(tiny, media, kind):
+    result = generate(
+        "--model", str(tiny), "--prompt", f"Describe the {kind}.", f"--{kind}", str(media[kind]),
+        "--max-tokens", "6", "--temp", "0.7", "--top-p", "0.9", "--top-k", "50", "--min-p", "0.05", "--seed", "3",
+        "--image-tokens", "70",
+    )  # fmt: skip
+    assert_reply(result)
+    assert "generation 6 tokens" in result.stderr
+    assert result.stdout.endswith("\n")
+
+
+def test_chat_keeps_history_and_media_per_turn(tiny, media):
+    turns = f"/audio {media['audio']}\nWhat is this?\n/image /no/such.png\nAnd this?\n/image {media['image']}\nNow?\n/quit\n"
+    result = generate("--model", str(tiny), "--chat", "--json", "--max-tokens", "4", stdin=turns)
+    assert result.returncode == 0, result.stderr
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(replies) == 2  # the turn with the missing image was refused and skipped
+    assert "/no/such.png: no such file" in result.stderr and "Traceback" not in result.stderr
+    # The second turn's prompt holds the first turn (with its audio) and its reply: history is kept.
+    assert replies[1]["prompt_tokens"] > replies[0]["prompt_tokens"] + 4
+
+
+def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9".encode("latin-1"))
+    cases = {
+        "missing file": (["--image", str(tmp_path / "nope.png")], "nope.png: no such file"),
+        "corrupt audio": (["--audio", str(media["corrupt"])], "broken.wav: cannot decode audio"),
+        "bad flag": (["--temperature", "2"], "unrecognized arguments: --temperature"),
+        "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
+        "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),
+    }
+    # Started together: each one pays the interpreter and MLX start-up, none loads the model.
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--model", str(tiny), "--prompt", "hi", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )  # fmt: skip
+        for name, (args, _) in cases.items()
+    }
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=240)
+        assert process.returncode == 2, (name, stderr)
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr, (name, stderr)
+        assert stderr.startswith("mlx-unified-generate: error: ") and cases[name][1] in stderr, (name, stderr)
+        assert "Loading" not in stderr and stdout == ""  # refused before the model loads
+
+
+# ---------------------------------------------------------------- shared helpers, in-process
+
+
+class FakeTokenizer:
+    soc_token, eoc_token = "<|channel>", "<channel|>"
+    all_special_tokens = [
+        "<bos>",
+        "<turn|>",
+        "<|turn>",
+        "<|channel>",
+        "<channel|>",
+        "<|tool_call>",
+        "<tool_call|>",
+    ]
+
+
+def clean(pieces: list[str]) -> str:
+    cleaner = ReplyCleaner(FakeTokenizer())
+    return "".join(cleaner.feed(p) for p in pieces) + cleaner.finish()
+
+
+def test_cleaner_hides_thinking_and_control_tokens_cut_anywhere():
+    raw = "<|channel>thought\nThe user greets me.<channel|>\nHello! <|tool_call>x<tool_call|>Bye<turn|>"
+    expected = "Hello! xBye"
+    assert clean([raw]) == expected
+    assert clean(list(raw)) == expected  # one character at a time: markers split across pieces
+    assert clean([raw[:5], raw[5:31], raw[31:60], raw[60:]]) == expected
+
+
+def test_cleaner_keeps_plain_text_and_lone_angle_brackets():
+    assert clean(["a < b and c <", "| d <chan", "nel"]) == "a < b and c <| d <channel"
+
+
+def response(tokens: int, tps: float, ttft: float, peak: float) -> GenerationResponse:
+    return GenerationResponse("", 0, 10, 100.0, tokens, tps, ttft, peak, "stop")
+
+
+def test_stats_fold_passes():
+    stats = ReplyStats()
+    stats.add_pass(response(11, 10.0, 0.5, 1.0))  # 10 timed steps in 1 s
+    stats.add_pass(response(21, 20.0, 0.9, 2.0))  # 20 timed steps in 1 s
+    assert stats.ttft_s == 0.5 and stats.prompt_tokens == 20 and stats.generation_tokens == 32
+    assert stats.generation_tps == pytest.approx(15.0) and stats.peak_memory_gb == 2.0
+
+
+def test_long_audio_is_answered_segment_by_segment(tiny):
+    model, processor = load(tiny)
+    stats = ReplyStats()
+    events = list(
+        stream_reply(
+            model, processor, [], "Transcribe.", Media(audios=[voiced_bursts(42.0)]), stats, max_tokens=3
+        )
+    )
+    segments = [e for e in events if isinstance(e, SegmentStart)]
+    assert [(s.index, s.count) for s in segments] == [(1, 2), (2, 2)]
+    assert (
+        segments[0].start_s == 0
+        and 15 <= segments[0].end_s <= 30
+        and segments[1].end_s == pytest.approx(42.0)
+    )
+    assert stats.generation_tokens == 6 and stats.prompt_tokens > 1000  # two passes of ~20 s of audio each
+    assert np.isfinite(stats.generation_tps)
