@@ -25,7 +25,7 @@ import numpy as np
 
 import mlx_unified
 from mlx_unified.config import ModelConfig
-from mlx_unified.generate import stream_generate
+from mlx_unified.generation import stream_generate
 from mlx_unified.testing import tiny_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "generate.json"

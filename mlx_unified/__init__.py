@@ -15,8 +15,8 @@ _PUBLIC = {
     "load": "loading",
     "load_model": "loading",
     "Model": "model",
-    "generate": "generate",
-    "stream_generate": "generate",
+    "generate": "generation",
+    "stream_generate": "generation",
 }
 
 __all__ = sorted(_PUBLIC)

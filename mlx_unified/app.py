@@ -32,6 +32,7 @@ from .conversation import (
 )
 from .loading import ModelLoadError, load, resolve
 from .processing import SUPPORTED_BUDGETS, MediaError
+from .prompt_cache import PromptCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
 ERROR_TITLE = "⚠️ Could not answer"
@@ -75,12 +76,16 @@ class ModelSlot:
         self.name: str | None = None
         self.model: Any = None
         self.processor: Any = None
+        self.prompt_cache: PromptCache | None = None
 
     def load(self, name: str) -> None:
         path = resolve(name)
         model, processor = load(path)
+        # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
+        prompt_cache = PromptCache.for_checkpoint(path)
         with self.lock:
             self.name, self.model, self.processor = name, model, processor
+            self.prompt_cache = prompt_cache
 
     @property
     def random_weights(self) -> bool:
@@ -245,6 +250,8 @@ def respond(
     top_p: float,
     max_tokens: float,
     image_tokens: int,
+    audio_emphasis: float = 1.0,
+    use_prompt_cache: bool = True,
 ) -> Iterator[list[dict[str, Any]]]:
     """The chat function: yields the growing list of assistant messages for this turn."""
     text, files = (
@@ -276,6 +283,9 @@ def respond(
                 temperature=float(temperature),
                 top_p=float(top_p),
                 image_tokens=int(image_tokens),
+                audio_emphasis=float(audio_emphasis),
+                prompt_cache=slot.prompt_cache,
+                use_prompt_cache=bool(use_prompt_cache),
             )
             for event in events:
                 if isinstance(event, SegmentStart):
@@ -325,8 +335,10 @@ def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_toke
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens):
-        yield from respond(slot, message, history, system, temperature, top_p, tokens, image_tokens)
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix):
+        yield from respond(
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix
+        )
 
     with gr.Blocks(title="mlx-unified") as page:
         gr.Markdown("## Gemma 4 unified on MLX")
@@ -350,6 +362,14 @@ def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_toke
             image_tokens = gr.Dropdown(
                 choices=list(SUPPORTED_BUDGETS), value=280, label="Image budget (soft tokens per image)"
             )
+            emphasis = gr.Slider(
+                0.05,
+                1.0,
+                value=1.0,
+                step=0.05,
+                label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
+            )
+            reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -360,7 +380,7 @@ def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_toke
                 sources=["upload", "microphone"],
             ),
             chatbot=gr.Chatbot(height=480, elem_id="chat"),
-            additional_inputs=[system, temperature, top_p, tokens, image_tokens],
+            additional_inputs=[system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix],
             concurrency_limit=1,
             show_progress="full",
         )

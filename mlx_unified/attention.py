@@ -9,6 +9,7 @@ speed, with the causal / window / image-block masks applied in the same pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -22,6 +23,9 @@ from .kernels import RopeSpec, SpanBias, global_kv_attention, norm_rope, sliding
 from .kernels.rope_tables import rope_reference
 from .masks import attention_mask
 
+# observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
+AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
+
 # Up to this many new tokens (decoding, speculative verification) use the decode kernels.
 DECODE_MAX_TOKENS = 8
 
@@ -33,6 +37,10 @@ class AttentionContext:
     offset: int  # absolute position of the first new token
     block_ids: np.ndarray | None  # [B, L] vision block ids (-1 outside blocks), or None
     key_bias: SpanBias | None = None  # additive score bias on a key span, global layers only
+    # Called on the prefill path of every layer as observer(is_sliding, queries, keys, key_start, mask),
+    # with exactly what the fused attention takes (diagnostics recompute the probabilities from it).
+    # It only reads: the layer's output is the same with or without it.
+    observer: AttentionObserver | None = None
 
 
 def rope_spec(rope: RopeConfig, head_dim: int) -> RopeSpec:
@@ -107,8 +115,11 @@ class Attention(nn.Module):
         positions = mx.arange(key_start, key_start + shared.shape[2])
         keys = rope_reference(shared * self.k_norm.weight.astype(shared.dtype), positions, self.rope)
         mask = attention_mask(ctx.offset, L, key_start, shared.shape[2], None, ctx.block_ids)
-        mask = _with_key_bias(mask, ctx.key_bias, key_start, shared.shape[2], L, ctx.offset)
-        return mx.fast.scaled_dot_product_attention(queries, keys.astype(shared.dtype), shared, scale=1.0, mask=mask)
+        mask = _with_key_bias(mask, ctx.key_bias, key_start, shared.shape[2], L, ctx.offset, shared.dtype)
+        keys = keys.astype(shared.dtype)
+        if ctx.observer is not None:
+            ctx.observer(False, queries, keys, key_start, mask)
+        return mx.fast.scaled_dot_product_attention(queries, keys, shared, scale=1.0, mask=mask)
 
     def _separate_kv(self, queries, keys, values, ctx: AttentionContext, cache: LayerCache | None, decoding: bool):
         L = queries.shape[2]
@@ -121,6 +132,10 @@ class Attention(nn.Module):
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - keys.shape[2]
         mask = attention_mask(ctx.offset, L, key_start, keys.shape[2], self.sliding_window, ctx.block_ids)
+        if self.sliding_window is None:
+            mask = _with_key_bias(mask, ctx.key_bias, key_start, keys.shape[2], L, ctx.offset, keys.dtype)
+        if ctx.observer is not None:
+            ctx.observer(self.sliding_window is not None, queries, keys, key_start, mask)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
     def make_cache(self) -> LayerCache:
@@ -129,15 +144,18 @@ class Attention(nn.Module):
         return SharedKVCache() if self.shape.k_eq_v else KVCache()
 
 
-def _with_key_bias(mask, key_bias: SpanBias | None, key_start: int, num_keys: int, num_queries: int, offset: int):
-    """Fold an additive bias on a key span into the attention mask (as an additive float mask)."""
+def _with_key_bias(
+    mask, key_bias: SpanBias | None, key_start: int, num_keys: int, num_queries: int, offset: int, dtype: mx.Dtype
+):
+    """Fold an additive bias on a key span into the attention mask: an additive mask in the compute
+    dtype (the fused attention requires it to promote to its output type)."""
     if key_bias is None:
         return mask
     k_pos = np.arange(key_start, key_start + num_keys)
-    bias = np.where((k_pos >= key_bias.start) & (k_pos < key_bias.stop), key_bias.value, 0.0).astype(np.float32)
+    bias = mx.array(np.where((k_pos >= key_bias.start) & (k_pos < key_bias.stop), key_bias.value, 0.0), dtype=dtype)
     if mask is None:
-        return mx.array(bias)
+        return bias
     if isinstance(mask, str):
         q_pos = np.arange(offset, offset + num_queries)[:, None]
         mask = mx.array(k_pos[None, :] <= q_pos)
-    return mx.where(mask, mx.array(bias), -mx.inf)
+    return mx.where(mask, bias, mx.array(-mx.inf, dtype=dtype))

@@ -26,8 +26,10 @@ from .conversation import (
     stream_reply,
     user_message,
 )
+from .generation import prefill_progress_bar
 from .loading import ModelLoadError, load, resolve
 from .processing import SUPPORTED_BUDGETS, MediaError
+from .prompt_cache import PromptCache, PromptCacheError
 
 PROG = "mlx-unified-generate"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -98,7 +100,30 @@ def build_parser() -> ArgumentParser:
         "--json", action="store_true", help="print one JSON object with the text and statistics"
     )
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn session (history kept)")
+    parser.add_argument(
+        "--audio-emphasis",
+        type=emphasis,
+        default=1.0,
+        metavar="E",
+        help="0 < E <= 1: global layers scale the attention paid outside the audio by E (1: off)",
+    )
+    parser.add_argument(
+        "--no-prompt-cache",
+        action="store_true",
+        help="do not reuse or store prompt prefixes (in memory or in ~/.cache/mlx-unified)",
+    )
+    parser.add_argument("--task-reminder", metavar="TEXT", help="restate the task after the media and the text")
+    parser.add_argument(
+        "--text-first", action="store_true", help="put the text before the media in the user turn"
+    )
     return parser
+
+
+def emphasis(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def read_system_prompt(path: Path) -> str:
@@ -112,8 +137,8 @@ def read_system_prompt(path: Path) -> str:
         raise BadInput(f"--system-file {path}: cannot read ({e.strerror or e})") from e
 
 
-def load_model(name: str) -> tuple[Any, Any]:
-    """(model, processor), telling on stderr what happens: download (the hub's own progress bars), load."""
+def load_model(name: str) -> tuple[Any, Any, Path]:
+    """(model, processor, folder), telling on stderr what happens: download (the hub's progress bars), load."""
     if not Path(name).expanduser().exists():
         print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
     path = resolve(name)
@@ -123,10 +148,11 @@ def load_model(name: str) -> tuple[Any, Any]:
     print(f"Loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if has_random_weights(model.config.raw):
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
-    return model, processor
+    return model, processor, path
 
 
-def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+def generation_settings(args: argparse.Namespace, prompt_cache: PromptCache | None) -> dict[str, Any]:
+    """stream_generate's arguments; `prompt_cache` persists system-prompt prefixes across runs."""
     return {
         "max_tokens": args.max_tokens,
         "temperature": args.temp,
@@ -135,6 +161,12 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
         "min_p": args.min_p,
         "seed": args.seed,
         "image_tokens": args.image_tokens,
+        "audio_emphasis": args.audio_emphasis,
+        "media_first": not args.text_first,
+        "task_reminder": args.task_reminder,
+        "use_prompt_cache": not args.no_prompt_cache,
+        "prompt_cache": prompt_cache,
+        "prefill_progress": prefill_progress_bar(),
     }
 
 
@@ -146,12 +178,20 @@ def answer(
     media: Media,
     args: argparse.Namespace,
     system: str | None,
+    prompt_cache: PromptCache | None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
     stats = ReplyStats()
     pieces: list[str] = []
     for event in stream_reply(
-        model, processor, history, text, media, stats, system=system, **generation_settings(args)
+        model,
+        processor,
+        history,
+        text,
+        media,
+        stats,
+        system=system,
+        **generation_settings(args, prompt_cache),
     ):
         if isinstance(event, SegmentStart):
             print(f"[{event.label()}]", file=sys.stderr, flush=True)
@@ -172,7 +212,12 @@ def answer(
 
 
 def chat(
-    model: Any, processor: Any, args: argparse.Namespace, system: str | None, first_media: Media
+    model: Any,
+    processor: Any,
+    args: argparse.Namespace,
+    system: str | None,
+    first_media: Media,
+    prompt_cache: PromptCache | None,
 ) -> None:
     """Read turns from stdin until /quit or end of input; a refused turn is reported and skipped."""
     print(CHAT_HELP, file=sys.stderr, flush=True)
@@ -207,7 +252,7 @@ def chat(
         try:
             media = load_media(attached["image"], attached["audio"], attached["video"])
             media = pending_media + media
-            reply = answer(model, processor, history, text, media, args, system)
+            reply = answer(model, processor, history, text, media, args, system, prompt_cache)
         except MediaError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
@@ -227,11 +272,12 @@ def run(argv: Sequence[str] | None) -> int:
     system = read_system_prompt(args.system_file) if args.system_file else args.system
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
-    model, processor = load_model(args.model)
+    model, processor, folder = load_model(args.model)
+    prompt_cache = None if args.no_prompt_cache else PromptCache.for_checkpoint(folder)
     if args.chat:
-        chat(model, processor, args, system, media)
+        chat(model, processor, args, system, media, prompt_cache)
     else:
-        answer(model, processor, [], args.prompt, media, args, system)
+        answer(model, processor, [], args.prompt, media, args, system, prompt_cache)
     return EXIT_OK
 
 
@@ -239,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (also raised as SystemExit by the script wrappers)."""
     try:
         return run(argv)
-    except (BadInput, MediaError, ModelLoadError, ConfigError) as e:
+    except (BadInput, MediaError, ModelLoadError, ConfigError, PromptCacheError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """What the command line and the app share: conversation history, media checks, clean streamed replies.
 
-No model logic here: replies come from `mlx_unified.generate.stream_generate`, media from
+No model logic here: replies come from `mlx_unified.generation.stream_generate`, media from
 `mlx_unified.processing`.
 """
 
@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from .processing import SAMPLING_RATE, MediaError, load_audio, load_image, plan_video, segment_audio
+from .processing import (
+    SAMPLING_RATE,
+    MediaError,
+    load_audio,
+    load_image,
+    plan_video,
+    segment_audio,
+    system_turn,
+    user_turn,
+)
 from .processing.audio import MAX_CLIP_SECONDS
 
 RANDOM_WEIGHTS_WARNING = (
@@ -85,13 +94,9 @@ def load_attachments(paths: Sequence[str | Path]) -> Media:
     return load_media(kinds["image"], kinds["audio"], kinds["video"])
 
 
-def user_message(text: str, media: Media) -> dict[str, Any]:
+def user_message(text: str, media: Media, task_reminder: str | None = None) -> dict[str, Any]:
     """One user turn; media before the text (the order the model was trained on)."""
-    content: list[dict[str, Any]] = [{"type": "image", "image": x} for x in media.images]
-    content += [{"type": "video", "video": x} for x in media.videos]
-    content += [{"type": "audio", "audio": x} for x in media.audios]
-    content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
+    return user_turn(text, media.images, media.audios, media.videos, task_reminder)
 
 
 def assistant_message(text: str) -> dict[str, Any]:
@@ -101,7 +106,7 @@ def assistant_message(text: str) -> dict[str, Any]:
 def with_system(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not system:
         return messages
-    return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+    return [system_turn(system), *messages]
 
 
 class ReplyCleaner:
@@ -187,6 +192,7 @@ class ReplyStats:
     """Statistics of one reply, over all its generation passes (one per long-audio segment)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     generation_tps: float = 0.0
@@ -201,6 +207,7 @@ class ReplyStats:
         if self.prompt_tokens == 0:
             self.ttft_s, self.prompt_tps = response.ttft_s, response.prompt_tps
         self.prompt_tokens += response.prompt_tokens
+        self.cached_tokens += response.cached_tokens
         self.generation_tokens += response.generation_tokens
         if response.generation_tps > 0:
             # stream_generate times the steps after the first token (that one is in the ttft).
@@ -213,7 +220,8 @@ class ReplyStats:
 
     def summary(self) -> str:
         return (
-            f"prompt {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s; "
+            f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} from the prefix cache), "
+            f"{self.prompt_tps:.1f} tokens/s; "
             f"time to first token {self.ttft_s:.2f} s; "
             f"generation {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s; "
             f"peak memory {format_memory(self.peak_memory_gb)}"
@@ -222,6 +230,7 @@ class ReplyStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "prompt_tps": self.prompt_tps,
             "generation_tokens": self.generation_tokens,
             "generation_tps": self.generation_tps,
@@ -253,6 +262,7 @@ def stream_reply(
     stats: ReplyStats,
     *,
     system: str | None = None,
+    task_reminder: str | None = None,
     **generation: Any,
 ) -> Iterator[str | SegmentStart]:
     """Visible reply text for a new user turn, piece by piece; `stats` is filled in as it goes.
@@ -260,7 +270,7 @@ def stream_reply(
     A recording longer than one clip (30 s) is cut on pauses (`segment_audio`) and the turn is answered
     once per segment, in order; a `SegmentStart` precedes each of those answers.
     """
-    from .generate import stream_generate
+    from .generation import stream_generate
 
     long_audio = [wave for wave in media.audios if len(wave) > MAX_CLIP_SECONDS * SAMPLING_RATE]
     if not long_audio:
@@ -281,7 +291,7 @@ def stream_reply(
     for part, segment in passes:
         if segment is not None:
             yield segment
-        messages = with_system(system, [*history, user_message(text, part)])
+        messages = with_system(system, [*history, user_message(text, part, task_reminder)])
         cleaner = ReplyCleaner(processor.tokenizer)
         response = None
         for response in stream_generate(model, processor, messages, **generation):

@@ -6,10 +6,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention import AttentionContext
+from .attention import AttentionContext, AttentionObserver
 from .cache import LayerCache
 from .config import ModelConfig
 from .decoder import TextModel
+from .kernels import SpanBias
 from .masks import vision_block_ids
 from .projectors import audio_soft_tokens, make_audio, make_vision
 
@@ -114,16 +115,20 @@ class Model(nn.Module):
         mm_token_type_ids: mx.array | np.ndarray | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        key_bias: SpanBias | None = None,
+        observer: AttentionObserver | None = None,
     ) -> mx.array | tuple[mx.array, mx.array]:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
+        key_bias: additive score bias on a key span of global layers (audio emphasis); observer: see
+        `AttentionContext.observer`.
         """
         offset = 0 if cache is None else cache[0].offset
         blocks = None
         if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
-        h = self.language_model(h, AttentionContext(offset, blocks), cache)
+        h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = self.language_model.logits(kept)
         return (logits, kept) if return_hidden else logits

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 from media_files import write_corrupt, write_wav
+from playwright.sync_api import sync_playwright
 
 from mlx_unified.testing import tiny_checkpoint
-
-playwright = pytest.importorskip("playwright.sync_api")
-pytest.importorskip("gradio")
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -32,9 +30,6 @@ CHROMIUM_ARGS = [
 ]
 DONE = re.compile(r"s to first token")
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
-)
 
 
 def free_port() -> int:
@@ -90,7 +85,8 @@ def test_chat_streams_reports_errors_and_recovers(app_url, tmp_path):
     wav = write_wav(tmp_path / "hello.wav")
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
     ARTIFACTS.mkdir(exist_ok=True)
-    with playwright.sync_playwright() as p:
+    assert CHROMIUM.exists(), "the browser test needs Debian's chromium (apt-get install chromium)"
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1300})
         page.goto(app_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from media_files import voiced_bursts, write_corrupt, write_image, write_video, write_wav
 
 from mlx_unified.conversation import Media, ReplyCleaner, ReplyStats, SegmentStart, stream_reply
-from mlx_unified.generate import GenerationResponse
+from mlx_unified.generation import GenerationResponse
 from mlx_unified.loading import load
 from mlx_unified.testing import tiny_checkpoint
 
@@ -34,6 +35,14 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "video": write_video(folder / "clip.mp4"),
         "corrupt": write_corrupt(folder / "broken.wav"),
     }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def prefix_cache_folder(tmp_path_factory) -> Path:
+    """Persisted prompt prefixes go to a test folder, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("prefix-cache")
+    os.environ["MLX_UNIFIED_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -182,3 +191,28 @@ def test_long_audio_is_answered_segment_by_segment(tiny):
     )
     assert stats.generation_tokens == 6 and stats.prompt_tokens > 1000  # two passes of ~20 s of audio each
     assert np.isfinite(stats.generation_tps)
+
+
+def test_system_prompt_prefix_is_reused_by_the_next_run(tiny, tmp_path, prefix_cache_folder):
+    system = tmp_path / "persona.txt"
+    system.write_text("You are a patient voice assistant. Answer briefly. " * 40, encoding="utf-8")
+    common = ["--model", str(tiny), "--system-file", str(system), "--max-tokens", "6", "--json"]
+    cold = generate(*common, "--prompt", "What time is it?")
+    warm = generate(*common, "--prompt", "What time is it?")
+    off = generate(*common, "--prompt", "What time is it?", "--no-prompt-cache")
+    for result in (cold, warm, off):
+        assert_reply(result)
+    cold, warm, off = (json.loads(r.stdout) for r in (cold, warm, off))
+    assert cold["cached_tokens"] == 0 and off["cached_tokens"] == 0
+    assert 400 < warm["cached_tokens"] < warm["prompt_tokens"]  # the system turn came from disk
+    assert cold["text"] == warm["text"] == off["text"]  # greedy: identical with and without the cache
+    assert list(prefix_cache_folder.rglob("*.safetensors"))
+
+
+def test_audio_emphasis_flag(tiny, media):
+    ok = generate("--model", str(tiny), "--audio", str(media["audio"]), "--prompt", "Transcribe.",
+                  "--audio-emphasis", "0.4", "--max-tokens", "4")  # fmt: skip
+    assert_reply(ok)
+    refused = generate("--model", str(tiny), "--prompt", "x", "--audio-emphasis", "0")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

@@ -15,7 +15,7 @@ from reference import (
 )
 
 import mlx_unified
-from mlx_unified.generate import prefill
+from mlx_unified.generation import prefill
 
 SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
 SHAPES = {

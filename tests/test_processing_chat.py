@@ -194,3 +194,19 @@ def test_bad_messages_raise_media_error(processor, tmp_path):
         processor.count_tokens(user({"type": "audio", "audio": np.zeros(16000 * 31, np.float32)}))
     with pytest.raises(MediaError, match="'audio' field"):
         processor(user({"type": "audio"}))
+
+
+def test_system_prompt_given_as_text_parts_renders_as_text(processor):
+    """Gemma 4's template renders system content as a string only: text parts are joined first."""
+    as_parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "No lists."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+    ]
+    as_string = [{"role": "system", "content": "Be brief.\nNo lists."}, as_parts[1]]
+    rendered = processor.apply_chat_template(as_parts)
+    assert rendered == processor.tokenizer.apply_chat_template(as_string, tokenize=False, add_generation_prompt=True)
+    assert "<|turn>system\nBe brief.\nNo lists.<turn|>" in rendered
+    with pytest.raises(MediaError, match="system"):
+        processor.apply_chat_template(
+            [{"role": "system", "content": [{"type": "image", "image": "x.png"}]}, as_parts[1]]
+        )

@@ -1,7 +1,7 @@
 """Media processing: files and chat messages -> the arrays Gemma 4 unified takes."""
 
 from .audio import SAMPLING_RATE, audio_num_tokens, frame_audio, load_audio
-from .chat import Processor
+from .chat import Processor, system_turn, user_turn
 from .errors import MediaError
 from .image import SUPPORTED_BUDGETS, image_num_tokens, load_image, preprocess_image
 from .longform import AudioSegment, LongAudioResult, run_long_audio, segment_audio
@@ -26,4 +26,6 @@ __all__ = [
     "preprocess_video",
     "run_long_audio",
     "segment_audio",
+    "system_turn",
+    "user_turn",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,41 @@ def _content_items(message: dict, media_first: bool) -> list[dict] | str:
     return media + rest
 
 
+def user_turn(
+    text: str,
+    images: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+    task_reminder: str | None = None,
+) -> dict[str, Any]:
+    """One user turn; media before the text (the order the model was trained on).
+
+    `task_reminder`: a short restatement of the task after the text, at the very end of the turn,
+    closest to the answer (helps when a long text separates the media from the question).
+    """
+    content: list[dict[str, Any]] = [{"type": "image", "image": x} for x in images]
+    content += [{"type": "video", "video": x} for x in videos]
+    content += [{"type": "audio", "audio": x} for x in audios]
+    content.append({"type": "text", "text": text})
+    if task_reminder:
+        content.append({"type": "text", "text": task_reminder})
+    return {"role": "user", "content": content}
+
+
+def system_turn(system: str) -> dict[str, Any]:
+    return {"role": "system", "content": system}
+
+
 def _template_messages(messages: list[dict], media_first: bool) -> list[dict]:
-    """Messages for the template: media payloads dropped (the template only needs each item's type)."""
+    """Messages for the template: media payloads dropped (the template only needs each item's type);
+    system/developer content as one string, the only form Gemma 4's template renders there."""
     rendered = []
     for message in messages:
         content = _content_items(message, media_first)
+        if message.get("role") in ("system", "developer") and isinstance(content, list):
+            if any(item.get("type") != "text" for item in content):
+                raise MediaError(f"<{message['role']} message>: only text is supported in a system prompt")
+            content = "\n".join(item.get("text", "") for item in content)
         if isinstance(content, list):
             content = [
                 {"type": item["type"]} if item.get("type") in MEDIA_TYPES else item for item in content

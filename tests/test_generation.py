@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import mlx_unified
 from mlx_unified.cache import SharedKVCache, SlidingWindowCache
-from mlx_unified.generate import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
 from mlx_unified.testing import tiny_checkpoint
 
 

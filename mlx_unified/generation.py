@@ -1,0 +1,481 @@
+"""Generation: chunked prefill, then token-by-token decoding with mlx-lm's sampler and detokenizer."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .cache import LayerCache
+from .kernels import SpanBias
+from .masks import vision_block_ids
+from .model import Model
+from .processing import system_turn, user_turn
+from .prompt_cache import (
+    PrefixKeys,
+    PrefixState,
+    PromptCache,
+    last_user_turn_start,
+    matches_model,
+    media_rows,
+    restore_cache,
+    snapshot_cache,
+)
+
+MEDIA_KEYS = (
+    "pixel_values",
+    "image_position_ids",
+    "pixel_values_videos",
+    "video_position_ids",
+    "input_features",
+    "input_features_mask",
+)
+TURN_END = "<turn|>"
+TURN_START = "<|turn>"
+AUDIO_TYPE = 3  # mm_token_type_ids value of audio soft tokens
+ProgressCallback = Callable[[int, int], None]
+SnapshotCallback = Callable[[int, list[LayerCache]], None]
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text and the running statistics."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft_s: float
+    peak_memory_gb: float
+    finish_reason: str | None = None  # "stop", "length" or None while running
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft_s: float
+    peak_memory_gb: float
+    finish_reason: str
+    stats: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0
+
+
+def peak_memory_gb() -> float:
+    """MLX's peak allocation; on backends that do not track it, the process's peak resident size."""
+    peak = mx.get_peak_memory()
+    if peak == 0:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peak / 1e9
+
+
+def prefill_chunks(
+    mm_token_type_ids: np.ndarray | None,
+    length: int,
+    chunk_size: int,
+    start: int = 0,
+    boundaries: Sequence[int] = (),
+) -> list[tuple[int, int]]:
+    """Split [start, length) into chunks of about chunk_size tokens, never cutting an image/video block
+    (its tokens attend to each other both ways, so a block must be seen whole). A chunk also ends at
+    each of `boundaries` that is not inside a block (where prefix snapshots are taken)."""
+    blocks = None if mm_token_type_ids is None else vision_block_ids(np.asarray(mm_token_type_ids)[:1])[0]
+
+    def inside_block(position: int) -> bool:
+        return (
+            blocks is not None
+            and 0 < position < length
+            and blocks[position] >= 0
+            and blocks[position] == blocks[position - 1]
+        )
+
+    stops = sorted({b for b in boundaries if start < b < length and not inside_block(b)} | {length})
+    spans = []
+    for stop in stops:
+        while start < stop:
+            end = min(start + chunk_size, stop)
+            if inside_block(end):
+                block = blocks[end]
+                first = int(np.argmax(blocks == block))
+                last = int(len(blocks) - np.argmax(blocks[::-1] == block))
+                end = first if first > start else last
+            spans.append((start, end))
+            start = end
+    return spans
+
+
+def prefill(
+    model: Model,
+    inputs: dict[str, Any],
+    cache: list[LayerCache],
+    chunk_size: int = 512,
+    progress: ProgressCallback | None = None,
+    logits_to_keep: int = 1,
+    *,
+    embeddings: mx.array | None = None,
+    key_bias: SpanBias | None = None,
+    snapshot_at: Sequence[int] = (),
+    on_snapshot: SnapshotCallback | None = None,
+) -> mx.array:
+    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only.
+
+    Starts at the cache's offset (a restored prefix is not run again). `embeddings`: the prompt's
+    embeddings when already computed. A chunk ends at each of `snapshot_at`, where
+    `on_snapshot(position, cache)` is called.
+
+    Chunks also bound the sliding layers' work: a chunk of C queries attends to at most W - 1 + C keys,
+    where a whole-prompt pass computes L x L scores for every layer.
+    """
+    input_ids = np.asarray(inputs["input_ids"])
+    if embeddings is None:
+        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+        embeddings = model.embed(mx.array(input_ids), **media)
+    mm = inputs.get("mm_token_type_ids")
+    mm = None if mm is None else np.asarray(mm)
+    length = input_ids.shape[1]
+    start = cache[0].offset
+    if not 0 <= start < length:
+        raise ValueError(
+            f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
+        )
+    logits = None
+    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
+        last = end == length
+        logits = model.forward_embeddings(
+            embeddings[:, begin:end],
+            cache=cache,
+            mm_token_type_ids=None if mm is None else mm[:, begin:end],
+            logits_to_keep=logits_to_keep if last else 1,
+            key_bias=key_bias,
+        )
+        mx.eval(logits, [c.state for c in cache])
+        mx.clear_cache()
+        if on_snapshot is not None and end in snapshot_at:
+            on_snapshot(end, cache)
+        if progress is not None:
+            progress(end, length)
+    return logits
+
+
+def prefill_progress_bar(min_tokens: int = 2048, file: Any = None) -> ProgressCallback:
+    """A `prefill_progress` callback drawing a tqdm bar (on stderr) for prompts of at least
+    `min_tokens` tokens; a new bar starts with each prefill (it opens at the restored prefix)."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                initial=done,
+                unit="tok",
+                desc="prefill",
+                file=file or sys.stderr,
+                leave=False,
+                disable=total < min_tokens,
+            )
+        else:
+            bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bar = None
+
+    return update
+
+
+def audio_emphasis_bias(
+    input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None, audio_token_id: int, emphasis: float
+) -> SpanBias | None:
+    """The global-layer key bias for `audio_emphasis = emphasis`, or None when off.
+
+    Scaling the attention probabilities outside the audio span by `emphasis` and renormalizing equals
+    adding -log(emphasis) to the scores of the span's keys (post-hoc attention steering). With several
+    clips the span runs from the first audio token to the last (text between clips is emphasized
+    too). 1.0 (the default) builds no bias at all, so the model runs exactly as without the option.
+    """
+    try:
+        value = float(emphasis)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= 1:  # also refuses NaN
+        raise ValueError(
+            f"audio_emphasis must be a number in (0, 1] (1 = off, smaller = more attention to the audio), "
+            f"got {emphasis!r}"
+        )
+    if value == 1.0:
+        return None
+    ids = np.asarray(input_ids).reshape(-1)
+    is_audio = (
+        ids == audio_token_id
+        if mm_token_type_ids is None
+        else np.asarray(mm_token_type_ids).reshape(-1) == AUDIO_TYPE
+    )
+    positions = np.nonzero(is_audio)[0]
+    if len(positions) == 0:
+        return None  # no audio: nothing to emphasize
+    return SpanBias(int(positions[0]), int(positions[-1]) + 1, -math.log(value))
+
+
+def stop_token_ids(model: Model, tokenizer: Any) -> set[int]:
+    """eos ids from the config, plus the end-of-turn token of the chat template."""
+    stops = set(model.config.text.eos_token_ids)
+    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
+    if isinstance(turn_end, int) and turn_end != getattr(tokenizer, "unk_token_id", None):
+        stops.add(turn_end)
+    return stops
+
+
+def build_messages(
+    prompt: str,
+    system: str | None = None,
+    images: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+    task_reminder: str | None = None,
+) -> list[dict[str, Any]]:
+    """A one-turn conversation (see `processing.user_turn` for the placement of media and reminder)."""
+    messages = [system_turn(system)] if system else []
+    return [*messages, user_turn(prompt, images, audios, videos, task_reminder)]
+
+
+def prepare_inputs(
+    processor: Any,
+    prompt: Any,
+    image_tokens: int | None = None,
+    media_first: bool = True,
+    **media: Any,
+) -> dict[str, Any]:
+    """Arrays for the model from a text prompt, a list of chat messages, or ready-made arrays.
+
+    `media_first` (default): media items move before the text of their turn; False keeps each turn's
+    content in the order given (text, then media, then e.g. a task reminder)."""
+    if isinstance(prompt, dict):
+        return prompt
+    messages = build_messages(prompt, **media) if isinstance(prompt, str) else prompt
+    return processor(messages, image_tokens=image_tokens, media_first=media_first)
+
+
+def default_prompt_cache(model: Model) -> PromptCache:
+    """The in-memory prefix cache that belongs to `model` (made on first use)."""
+    store = getattr(model, "_prompt_cache", None)
+    if store is None:
+        store = PromptCache()
+        object.__setattr__(model, "_prompt_cache", store)  # a plain attribute, not a module parameter
+    return store
+
+
+@dataclass
+class _PrefixPlan:
+    """How one prompt uses the prefix cache: what was reused and where to take snapshots."""
+
+    cache: list[LayerCache]
+    snapshot_at: tuple[int, ...]
+    on_snapshot: SnapshotCallback | None
+    reused: int
+
+
+def _plan_prefix(
+    model: Model,
+    tokenizer: Any,
+    store: PromptCache | None,
+    input_ids: np.ndarray,
+    embeddings: mx.array,
+    key_bias: SpanBias | None,
+) -> _PrefixPlan:
+    fresh = model.make_cache()
+    if store is None or input_ids.shape[0] != 1:
+        return _PrefixPlan(fresh, (), None, 0)
+    ids = input_ids[0]
+    media = np.nonzero(np.isin(ids, model.config.media_token_ids))[0]
+    keys = PrefixKeys(
+        ids,
+        model=store.identity or f"model-object-{id(model)}",
+        media_positions=media,
+        media_rows=media_rows(embeddings, media),
+        key_bias=key_bias,
+    )
+    turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
+    user = tokenizer.encode("user", add_special_tokens=False)
+    system_end = last_user_turn_start(ids, turn_start, user) if isinstance(turn_start, int) else None
+    hit = store.lookup(keys, disk_lengths=() if system_end is None else (system_end,))
+    cache, reused = fresh, 0
+    if hit is not None and matches_model(hit.layers, fresh):
+        cache, reused = restore_cache(hit.layers), hit.length
+    boundaries = tuple(b for b in (system_end, len(ids)) if b is not None and b > reused)
+
+    def on_snapshot(end: int, live: list[LayerCache]) -> None:
+        state = PrefixState(keys.name(end), ids[:end].copy(), snapshot_cache(live))
+        store.store(state, persist=end == system_end)
+
+    return _PrefixPlan(cache, boundaries, on_snapshot, reused)
+
+
+def stream_generate(
+    model: Model,
+    processor: Any,
+    prompt: str | list[dict[str, Any]] | dict[str, Any],
+    *,
+    system: str | None = None,
+    images: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+    image_tokens: int | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    prefill_chunk_size: int = 512,
+    prefill_progress: ProgressCallback | None = None,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    logits_processors: list[Callable[[mx.array, mx.array], mx.array]] | None = None,
+    audio_emphasis: float = 1.0,
+    media_first: bool = True,
+    task_reminder: str | None = None,
+    prompt_cache: PromptCache | None = None,
+    use_prompt_cache: bool = True,
+) -> Iterator[GenerationResponse]:
+    """Yield the reply piece by piece. `prompt`: user text (with `system`/`images`/`audios`/`videos`),
+    chat messages, or the processor's output dict.
+
+    audio_emphasis: in (0, 1]; below 1, global layers scale the attention paid outside the audio
+    span by this factor (renormalized), see `audio_emphasis_bias`. 1 = off (exactly the plain model).
+    media_first / task_reminder: prompt placement, see `prepare_inputs` and `build_messages`.
+    prompt_cache: the prefix cache to reuse and fill (default: the model's own in-memory one, see
+    `default_prompt_cache`); use_prompt_cache=False runs the whole prompt and stores nothing.
+    Output is identical with and without the prefix cache."""
+    if seed is not None:
+        mx.random.seed(seed)
+    tokenizer = processor.tokenizer
+    detokenizer = TokenizerWrapper(tokenizer).detokenizer
+    stops = stop_token_ids(model, tokenizer)
+    sampler = sampler or make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    if logits_processors is None:
+        logits_processors = make_logits_processors(
+            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        )
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    media_items = dict(system=system, images=images, audios=audios, videos=videos)
+    if task_reminder is not None and isinstance(prompt, str):
+        media_items["task_reminder"] = task_reminder
+    inputs = prepare_inputs(processor, prompt, image_tokens, media_first, **media_items)
+    input_ids = np.asarray(inputs["input_ids"])
+    prompt_ids = mx.array(input_ids.astype(np.int32))
+    num_prompt = prompt_ids.shape[1]
+    mm = inputs.get("mm_token_type_ids")
+    key_bias = audio_emphasis_bias(input_ids, mm, model.config.audio_token_id, audio_emphasis)
+    embeddings = model.embed(
+        mx.array(input_ids), **{k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+    )
+    store = None
+    if use_prompt_cache:
+        store = default_prompt_cache(model) if prompt_cache is None else prompt_cache
+    plan = _plan_prefix(model, tokenizer, store, input_ids, embeddings, key_bias)
+    cache = plan.cache
+    logits = prefill(
+        model,
+        inputs,
+        cache,
+        prefill_chunk_size,
+        prefill_progress,
+        embeddings=embeddings,
+        key_bias=key_bias,
+        snapshot_at=plan.snapshot_at,
+        on_snapshot=plan.on_snapshot,
+    )
+    history = prompt_ids[0]
+    media_ids = mx.array(model.config.media_token_ids)
+    pad = model.config.text.pad_token_id
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal history
+        logits = logits[:, -1, :]
+        for processor_fn in logits_processors:
+            logits = processor_fn(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        history = mx.concatenate([history, token])
+        return token
+
+    def step(token: mx.array) -> mx.array:
+        # As the reference: a placeholder id is embedded as padding.
+        token = mx.where((token[:, None] == media_ids).any(axis=-1), pad, token)
+        h = model.language_model.embed(token[None])
+        return sample(model.forward_embeddings(h, cache=cache, key_bias=key_bias))
+
+    token = sample(logits)
+    mx.eval(token)
+    prompt_time = time.perf_counter() - started
+    prompt_tps = num_prompt / prompt_time
+    decode_started = time.perf_counter()
+    generated = 0
+    while True:
+        next_token = step(token) if generated + 1 < max_tokens else None
+        if next_token is not None:
+            mx.async_eval(next_token)
+        value = int(token.item())
+        generated += 1
+        finish = "stop" if value in stops else ("length" if generated >= max_tokens else None)
+        if finish != "stop":
+            detokenizer.add_token(value)
+        if finish:
+            detokenizer.finalize()
+        elapsed = time.perf_counter() - decode_started
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=value,
+            prompt_tokens=num_prompt,
+            prompt_tps=prompt_tps,
+            generation_tokens=generated,
+            generation_tps=(generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0,
+            ttft_s=prompt_time,
+            peak_memory_gb=peak_memory_gb(),
+            finish_reason=finish,
+            cached_tokens=plan.reused,
+        )
+        if finish:
+            return
+        token = next_token
+
+
+def generate(model: Model, processor: Any, prompt: Any, **kwargs: Any) -> GenerationResult:
+    """The whole reply at once, with its statistics. Takes the arguments of `stream_generate`."""
+    text, tokens, last = [], [], None
+    for last in stream_generate(model, processor, prompt, **kwargs):
+        text.append(last.text)
+        tokens.append(last.token)
+    return GenerationResult(
+        text="".join(text),
+        tokens=tokens,
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        ttft_s=last.ttft_s,
+        peak_memory_gb=last.peak_memory_gb,
+        finish_reason=last.finish_reason,
+        cached_tokens=last.cached_tokens,
+    )
