@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import mlx.core as mx
@@ -47,34 +47,31 @@ SnapshotCallback = Callable[[int, list[LayerCache]], None]
 
 
 @dataclass
-class GenerationResponse:
-    """One streamed step: the new text and the running statistics."""
-
-    text: str
-    token: int | None
+class GenerationStats:
     prompt_tokens: int
-    prompt_tps: float
+    prompt_tps: float  # prompt tokens / time to first token
     generation_tokens: int
-    generation_tps: float
-    ttft_s: float
+    generation_tps: float  # tokens after the first / their decoding time
+    ttft_s: float  # time to first token, prompt processing included
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop", "length" or None while running
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
 
 @dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    ttft_s: float
-    peak_memory_gb: float
-    finish_reason: str
-    stats: dict[str, float] = field(default_factory=dict)
-    cached_tokens: int = 0
+class GenerationResponse(GenerationStats):
+    """One streamed step: the new text and the running statistics."""
+
+    text: str = ""
+    token: int | None = None
+
+
+@dataclass
+class GenerationResult(GenerationStats):
+    """A whole reply and its statistics."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
 
 
 def peak_memory_gb() -> float:
@@ -467,15 +464,5 @@ def generate(model: Model, processor: Any, prompt: Any, **kwargs: Any) -> Genera
     for last in stream_generate(model, processor, prompt, **kwargs):
         text.append(last.text)
         tokens.append(last.token)
-    return GenerationResult(
-        text="".join(text),
-        tokens=tokens,
-        prompt_tokens=last.prompt_tokens,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        ttft_s=last.ttft_s,
-        peak_memory_gb=last.peak_memory_gb,
-        finish_reason=last.finish_reason,
-        cached_tokens=last.cached_tokens,
-    )
+    stats = {f.name: getattr(last, f.name) for f in fields(GenerationStats)}
+    return GenerationResult(**stats, text="".join(text), tokens=tokens)

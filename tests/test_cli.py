@@ -163,7 +163,17 @@ def test_cleaner_keeps_plain_text_and_lone_angle_brackets():
 
 
 def response(tokens: int, tps: float, ttft: float, peak: float) -> GenerationResponse:
-    return GenerationResponse("", 0, 10, 100.0, tokens, tps, ttft, peak, "stop")
+    return GenerationResponse(
+        prompt_tokens=10,
+        prompt_tps=100.0,
+        generation_tokens=tokens,
+        generation_tps=tps,
+        ttft_s=ttft,
+        peak_memory_gb=peak,
+        finish_reason="stop",
+        text="",
+        token=0,
+    )
 
 
 def test_stats_fold_passes():

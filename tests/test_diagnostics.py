@@ -5,12 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from media_files import voiced_bursts
 
 import mlx_unified
 from mlx_unified.diagnostics import SEGMENTS, attention_share, segment_labels
 from mlx_unified.processing import Processor
 from mlx_unified.testing import tiny_checkpoint
-from tests.media_files import voiced_bursts
 
 WINDOW = 16
 

@@ -7,6 +7,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from logits_log import LogitsLog, run_logged
+from media_files import voiced_bursts
 
 import mlx_unified
 from mlx_unified.diagnostics import SEGMENTS, attention_share
@@ -14,7 +16,6 @@ from mlx_unified.generation import audio_emphasis_bias, build_messages, generate
 from mlx_unified.processing import Processor
 from mlx_unified.prompt_cache import PromptCache
 from mlx_unified.testing import tiny_checkpoint
-from tests.media_files import voiced_bursts
 
 SYSTEM = "You are a helpful voice assistant. Follow every rule. " * 2
 
@@ -30,21 +31,8 @@ def voice_messages(question="What was said?", clip=None):
     return build_messages(question, system=SYSTEM, audios=[clip])
 
 
-class LogitsLog:
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, tokens, logits):
-        self.steps.append(np.array(logits))
-        return logits
-
-
 def run(model, processor, prompt, **kwargs):
-    log = LogitsLog()
-    result = generate(
-        model, processor, prompt, max_tokens=6, logits_processors=[log], use_prompt_cache=False, **kwargs
-    )
-    return result, log.steps
+    return run_logged(model, processor, prompt, 6, use_prompt_cache=False, **kwargs)
 
 
 def test_emphasis_one_changes_nothing_bit_for_bit(tiny):

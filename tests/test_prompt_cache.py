@@ -7,6 +7,7 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
+from logits_log import run_logged
 
 import mlx_unified
 from mlx_unified.generation import generate, prefill_chunks
@@ -41,21 +42,8 @@ def messages(system: str, question: str) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-class LogitsLog:
-    """A logits processor that keeps every step's logits (and changes nothing)."""
-
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, tokens, logits):
-        self.steps.append(np.array(logits))
-        return logits
-
-
 def run(model, processor, prompt, **kwargs):
-    log = LogitsLog()
-    result = generate(model, processor, prompt, max_tokens=8, logits_processors=[log], **kwargs)
-    return result, log.steps
+    return run_logged(model, processor, prompt, 8, **kwargs)
 
 
 def system_end(processor, prompt) -> int:

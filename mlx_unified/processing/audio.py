@@ -14,7 +14,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from .errors import MediaError
+from .errors import MediaError, readable_source
 
 SAMPLING_RATE = 16_000
 SAMPLES_PER_TOKEN = 640
@@ -74,17 +74,7 @@ def frame_audio(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode(source: str | Path | bytes | bytearray, name: str) -> tuple[np.ndarray, int]:
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"{name}: no such file")
-        if path.stat().st_size == 0:
-            raise MediaError(f"{name}: file is empty")
-        data: str | io.BytesIO = str(path)
-    else:
-        if len(source) == 0:
-            raise MediaError(f"{name}: no audio data")
-        data = io.BytesIO(bytes(source))
+    data = readable_source(source, name, "audio")
     try:
         samples, rate = soundfile.read(data, dtype="float32", always_2d=True)
         return samples, rate

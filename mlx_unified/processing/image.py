@@ -7,7 +7,6 @@ patches in row-major order with (x, y) positions, padding patches of zeros at (-
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .audio import describe_source
-from .errors import MediaError
+from .errors import MediaError, readable_source
 
 SUPPORTED_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
@@ -111,23 +110,11 @@ def patchify(rgb: np.ndarray, max_soft_tokens: int) -> dict:
 
 def _open(source: str | Path | bytes) -> Image.Image:
     name = describe_source(source)
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"{name}: no such file")
-        if path.stat().st_size == 0:
-            raise MediaError(f"{name}: file is empty")
-        data = path.read_bytes()
-    elif isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise MediaError(f"{name}: no image data")
-        data = bytes(source)
-    else:
-        raise MediaError(f"{name}: unsupported image input type")
+    data = readable_source(source, name, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            pil_image = Image.open(io.BytesIO(data))
+            pil_image = Image.open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise MediaError(f"{name}: image too large ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

@@ -7,14 +7,13 @@ them (`n = max(1, int(duration * fps))` evenly spaced indices, timestamps `index
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .audio import SAMPLING_RATE, describe_source, load_audio
-from .errors import MediaError
+from .errors import MediaError, readable_source
 from .image import MODEL_PATCH, check_budget, patchify, target_size
 
 DEFAULT_FPS = 1.0
@@ -111,19 +110,7 @@ def _open(source: VideoSource, name: str):
         import av
     except ImportError as error:
         raise MediaError(f"{name}: video needs PyAV: pip install 'mlx-unified[video]'") from error
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"{name}: no such file")
-        if path.stat().st_size == 0:
-            raise MediaError(f"{name}: file is empty")
-        data: str | io.BytesIO = str(path)
-    elif isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise MediaError(f"{name}: no video data")
-        data = io.BytesIO(bytes(source))
-    else:
-        raise MediaError(f"{name}: unsupported video input type")
+    data = readable_source(source, name, "video")
     try:
         return av.open(data)
     except av.error.FFmpegError as error:
