@@ -114,8 +114,9 @@ class Attention(nn.Module):
         key_start = ctx.offset + L - shared.shape[2]
         positions = mx.arange(key_start, key_start + shared.shape[2])
         keys = rope_reference(shared * self.k_norm.weight.astype(shared.dtype), positions, self.rope)
-        mask = attention_mask(ctx.offset, L, key_start, shared.shape[2], None, ctx.block_ids)
-        mask = _with_key_bias(mask, ctx.key_bias, key_start, shared.shape[2], L, ctx.offset, shared.dtype)
+        mask = attention_mask(
+            ctx.offset, L, key_start, shared.shape[2], None, ctx.block_ids, ctx.key_bias, shared.dtype
+        )
         keys = keys.astype(shared.dtype)
         if ctx.observer is not None:
             ctx.observer(False, queries, keys, key_start, mask)
@@ -131,9 +132,10 @@ class Attention(nn.Module):
         elif cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - keys.shape[2]
-        mask = attention_mask(ctx.offset, L, key_start, keys.shape[2], self.sliding_window, ctx.block_ids)
-        if self.sliding_window is None:
-            mask = _with_key_bias(mask, ctx.key_bias, key_start, keys.shape[2], L, ctx.offset, keys.dtype)
+        key_bias = None if self.shape.is_sliding else ctx.key_bias  # emphasis acts on global layers only
+        mask = attention_mask(
+            ctx.offset, L, key_start, keys.shape[2], self.sliding_window, ctx.block_ids, key_bias, keys.dtype
+        )
         if ctx.observer is not None:
             ctx.observer(self.sliding_window is not None, queries, keys, key_start, mask)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
@@ -142,20 +144,3 @@ class Attention(nn.Module):
         if self.shape.is_sliding:
             return SlidingWindowCache(self.sliding_window)
         return SharedKVCache() if self.shape.k_eq_v else KVCache()
-
-
-def _with_key_bias(
-    mask, key_bias: SpanBias | None, key_start: int, num_keys: int, num_queries: int, offset: int, dtype: mx.Dtype
-):
-    """Fold an additive bias on a key span into the attention mask: an additive mask in the compute
-    dtype (the fused attention requires it to promote to its output type)."""
-    if key_bias is None:
-        return mask
-    k_pos = np.arange(key_start, key_start + num_keys)
-    bias = mx.array(np.where((k_pos >= key_bias.start) & (k_pos < key_bias.stop), key_bias.value, 0.0), dtype=dtype)
-    if mask is None:
-        return bias
-    if isinstance(mask, str):
-        q_pos = np.arange(offset, offset + num_queries)[:, None]
-        mask = mx.array(k_pos[None, :] <= q_pos)
-    return mx.where(mask, bias, mx.array(-mx.inf, dtype=dtype))

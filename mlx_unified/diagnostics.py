@@ -18,9 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from .attention import DECODE_MAX_TOKENS
-from .generation import MEDIA_KEYS, TURN_START, prefill
+from .generation import TURN_START, prefill
 from .kernels import SpanBias
-from .masks import vision_block_ids
+from .masks import additive_mask, vision_block_ids
 from .model import Model
 
 SEGMENTS = ("system", "user_text", "audio", "image", "video", "answer", "other")
@@ -123,20 +123,12 @@ class _Recorder:
 
     def _additive(self, mask: Any, num_queries: int, key_start: int, num_keys: int) -> mx.array:
         """The layer's mask for the measured rows, as an additive float [.., R, Lk] (or [Lk])."""
-        if mask is None:
-            return mx.zeros((num_keys,))
-        if isinstance(mask, str):  # "causal": keys end where the queries end
-            q_pos = np.arange(self.query_start, self.query_start + num_queries)[self.rows, None]
-            k_pos = np.arange(key_start, key_start + num_keys)[None, :]
-            return mx.array(np.where(k_pos <= q_pos, 0.0, -np.inf).astype(np.float32))
-        mask = mx.array(mask)
-        if mask.dtype == mx.bool_:
-            mask = mx.where(mask, 0.0, -mx.inf)
+        mask = additive_mask(mask, self.query_start, num_queries, key_start, num_keys)
         if mask.ndim == 1:
-            return mask.astype(mx.float32)
+            return mask
         while mask.ndim > 2:  # [B, 1, Lq, Lk]: one batch row, shared by the heads
             mask = mask[0]
-        return mask[self.rows].astype(mx.float32)
+        return mask[self.rows]
 
 
 def attention_share(
@@ -168,8 +160,7 @@ def attention_share(
     mm = inputs.get("mm_token_type_ids")
     mm = np.zeros_like(prompt_ids) if mm is None else np.asarray(mm).reshape(1, -1)
     mm = np.concatenate([mm, np.zeros_like(answer[:, :-1])], axis=1)
-    media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
-    h = model.embed(mx.array(ids), **media)
+    h = model.embed_inputs(mx.array(ids), inputs)
 
     query_start = prompt_len - 1
     # The measured chunk holds more than DECODE_MAX_TOKENS positions so that every layer takes the

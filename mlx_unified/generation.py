@@ -31,14 +31,6 @@ from .prompt_cache import (
     snapshot_cache,
 )
 
-MEDIA_KEYS = (
-    "pixel_values",
-    "image_position_ids",
-    "pixel_values_videos",
-    "video_position_ids",
-    "input_features",
-    "input_features_mask",
-)
 TURN_END = "<turn|>"
 TURN_START = "<|turn>"
 AUDIO_TYPE = 3  # mm_token_type_ids value of audio soft tokens
@@ -142,8 +134,7 @@ def prefill(
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
-        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
-        embeddings = model.embed(mx.array(input_ids), **media)
+        embeddings = model.embed_inputs(mx.array(input_ids), inputs)
     mm = inputs.get("mm_token_type_ids")
     mm = None if mm is None else np.asarray(mm)
     length = input_ids.shape[1]
@@ -384,9 +375,7 @@ def stream_generate(
     num_prompt = prompt_ids.shape[1]
     mm = inputs.get("mm_token_type_ids")
     key_bias = audio_emphasis_bias(input_ids, mm, model.config.audio_token_id, audio_emphasis)
-    embeddings = model.embed(
-        mx.array(input_ids), **{k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
-    )
+    embeddings = model.embed_inputs(mx.array(input_ids), inputs)
     store = None
     if use_prompt_cache:
         store = default_prompt_cache(model) if prompt_cache is None else prompt_cache
@@ -404,8 +393,6 @@ def stream_generate(
         on_snapshot=plan.on_snapshot,
     )
     history = prompt_ids[0]
-    media_ids = mx.array(model.config.media_token_ids)
-    pad = model.config.text.pad_token_id
 
     def sample(logits: mx.array) -> mx.array:
         nonlocal history
@@ -418,10 +405,7 @@ def stream_generate(
         return token
 
     def step(token: mx.array) -> mx.array:
-        # As the reference: a placeholder id is embedded as padding.
-        token = mx.where((token[:, None] == media_ids).any(axis=-1), pad, token)
-        h = model.language_model.embed(token[None])
-        return sample(model.forward_embeddings(h, cache=cache, key_bias=key_bias))
+        return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
     token = sample(logits)
     mx.eval(token)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .kernels import SpanBias
+
 IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
 
@@ -23,6 +25,31 @@ def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
     return np.where(is_vision, ids, -1)
 
 
+def _allowed(
+    query_start: int,
+    num_queries: int,
+    key_start: int,
+    num_keys: int,
+    sliding_window: int | None,
+    block_ids: np.ndarray | None,
+) -> np.ndarray:
+    """Boolean [Lq, Lk] (or [B, 1, Lq, Lk] with vision blocks): True where a query may attend a key."""
+    q_pos = np.arange(query_start, query_start + num_queries)[:, None]
+    k_pos = np.arange(key_start, key_start + num_keys)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    if block_ids is not None and (np.asarray(block_ids) >= 0).any():
+        # As the reference: the block overlay is OR-ed last, so a block longer than the window
+        # still sees all of itself on sliding layers.
+        q_blocks = np.asarray(block_ids)[:, :, None]  # [B, Lq, 1]
+        k_blocks = np.full((q_blocks.shape[0], 1, num_keys), -1)
+        own = k_pos[0] >= query_start
+        k_blocks[:, 0, own] = np.asarray(block_ids)[:, k_pos[0, own] - query_start]
+        allowed = (allowed[None] | ((q_blocks == k_blocks) & (q_blocks >= 0)))[:, None]
+    return allowed
+
+
 def attention_mask(
     query_start: int,
     num_queries: int,
@@ -30,32 +57,42 @@ def attention_mask(
     num_keys: int,
     sliding_window: int | None,
     block_ids: np.ndarray | None,
+    key_bias: SpanBias | None = None,
+    dtype: mx.Dtype = mx.float32,
 ) -> mx.array | str | None:
-    """Boolean mask [.., num_queries, num_keys] (True = attend) for queries at absolute positions
-    query_start.. and keys at key_start.., or "causal"/None when MLX's built-in handling is exact.
+    """The mask for queries at absolute positions query_start.. over keys at key_start..: boolean
+    [.., num_queries, num_keys] (True = attend), or "causal"/None when MLX's built-in handling is exact.
 
     block_ids: [B, num_queries] vision block ids of the queries (-1 outside blocks); keys before
     query_start never share a block with a query, because prefill never splits a block.
+    key_bias: an additive score bias on a key span (audio emphasis); the mask is then additive, in
+    `dtype` (the fused attention requires a mask that promotes to its output type).
     """
-    window_binds = sliding_window is not None and (
-        query_start + num_queries - 1 - sliding_window >= key_start
-    )
-    has_blocks = block_ids is not None and bool((np.asarray(block_ids) >= 0).any())
-    if num_queries == 1 and not window_binds:
-        return None
-    if not window_binds and not has_blocks and key_start + num_keys == query_start + num_queries:
-        return "causal"
-    q_pos = np.arange(query_start, query_start + num_queries)[:, None]
-    k_pos = np.arange(key_start, key_start + num_keys)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    if has_blocks:
-        # As the reference: the block overlay is OR-ed last, so a block longer than the window
-        # still sees all of itself on sliding layers.
-        q_blocks = np.asarray(block_ids)[:, :, None]  # [B, Lq, 1]
-        k_blocks = np.full((q_blocks.shape[0], 1, num_keys), -1)
-        own = k_pos[0] >= query_start
-        k_blocks[:, 0, own] = np.asarray(block_ids)[:, k_pos[0, own] - query_start]
-        allowed = (allowed[None] | ((q_blocks == k_blocks) & (q_blocks >= 0)))[:, None]  # [B, 1, Lq, Lk]
-    return mx.array(allowed)
+    if key_bias is None:
+        window_binds = sliding_window is not None and (
+            query_start + num_queries - 1 - sliding_window >= key_start
+        )
+        has_blocks = block_ids is not None and bool((np.asarray(block_ids) >= 0).any())
+        if num_queries == 1 and not window_binds:
+            return None
+        if not window_binds and not has_blocks and key_start + num_keys == query_start + num_queries:
+            return "causal"
+    allowed = _allowed(query_start, num_queries, key_start, num_keys, sliding_window, block_ids)
+    if key_bias is None:
+        return mx.array(allowed)
+    k_pos = np.arange(key_start, key_start + num_keys)
+    bias = np.where((k_pos >= key_bias.start) & (k_pos < key_bias.stop), key_bias.value, 0.0)
+    return mx.array(np.where(allowed, bias, -np.inf), dtype=dtype)
+
+
+def additive_mask(
+    mask: mx.array | str | None, query_start: int, num_queries: int, key_start: int, num_keys: int
+) -> mx.array:
+    """Any mask `attention_mask` returns, as the float32 scores to add ([Lk] when there is none)."""
+    if mask is None:
+        return mx.zeros((num_keys,))
+    if isinstance(mask, str):
+        mask = mx.array(_allowed(query_start, num_queries, key_start, num_keys, None, None))
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, 0.0, -mx.inf)
+    return mask.astype(mx.float32)

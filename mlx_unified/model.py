@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -13,6 +15,15 @@ from .decoder import TextModel
 from .kernels import SpanBias
 from .masks import vision_block_ids
 from .projectors import audio_soft_tokens, make_audio, make_vision
+
+MEDIA_KEYS = (
+    "pixel_values",
+    "image_position_ids",
+    "pixel_values_videos",
+    "video_position_ids",
+    "input_features",
+    "input_features_mask",
+)
 
 
 class MediaMismatchError(ValueError):
@@ -74,6 +85,13 @@ class Model(nn.Module):
         keep = np.nonzero(np.asarray(frames_mask).reshape(-1))[0]
         return tokens[mx.array(keep)]
 
+    def embed_text(self, input_ids: mx.array) -> mx.array:
+        """Scaled token embeddings; a media placeholder id is embedded as padding, as the reference does
+        (its soft token replaces it afterwards, see `embed`)."""
+        media_ids = mx.array(self.config.media_token_ids)
+        is_placeholder = (input_ids[..., None] == media_ids).any(axis=-1)
+        return self.language_model.embed(mx.where(is_placeholder, self.config.text.pad_token_id, input_ids))
+
     def embed(
         self,
         input_ids: mx.array,
@@ -88,9 +106,7 @@ class Model(nn.Module):
         """Token embeddings with every image/video/audio placeholder replaced, in order, by its soft token."""
         input_ids = mx.array(input_ids)
         ids = np.asarray(input_ids)
-        placeholder = np.isin(ids, self.config.media_token_ids)
-        text_ids = mx.array(np.where(placeholder, self.config.text.pad_token_id, ids).astype(np.int32))
-        h = self.language_model.embed(text_ids)
+        h = self.embed_text(input_ids)
         media = [
             (self.config.image_token_id, "image", pixel_values, image_position_ids),
             (self.config.video_token_id, "video", pixel_values_videos, video_position_ids),
@@ -114,10 +130,9 @@ class Model(nn.Module):
         cache: list[LayerCache] | None = None,
         mm_token_type_ids: mx.array | np.ndarray | None = None,
         logits_to_keep: int = 0,
-        return_hidden: bool = False,
         key_bias: SpanBias | None = None,
         observer: AttentionObserver | None = None,
-    ) -> mx.array | tuple[mx.array, mx.array]:
+    ) -> mx.array:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
@@ -130,8 +145,12 @@ class Model(nn.Module):
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
         h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
-        logits = self.language_model.logits(kept)
-        return (logits, kept) if return_hidden else logits
+        return self.language_model.logits(kept)
+
+    def embed_inputs(self, input_ids: mx.array, inputs: dict[str, Any]) -> mx.array:
+        """`embed` with the media arrays of a processor output dict (keys with the reference's names)."""
+        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+        return self.embed(input_ids, **media)
 
     def __call__(
         self,
