@@ -13,6 +13,32 @@ import mlx.core as mx
 
 from mlx_unified.kernels.dispatch import KernelFactory
 
+# The first pass's per-row steps, shared by the global and sliding kernels. `acc` holds this lane's
+# DPL dims of one query row; `write_partial` leaves what `combine_partials` below merges.
+PARTIALS_HEADER = """
+template <int DPL>
+inline void softmax_step(
+    float score, thread const float* v, thread float& m, thread float& l, thread float* acc) {
+  const float m_new = metal::max(m, score);
+  const float correction = metal::exp(m - m_new);
+  const float p = metal::exp(score - m_new);
+  l = l * correction + p;
+  for (int k = 0; k < DPL; ++k) acc[k] = acc[k] * correction + p * v[k];
+  m = m_new;
+}
+
+template <int DPL, int D>
+inline void write_partial(
+    device float* part_acc, device float* part_m, device float* part_l, size_t at, uint lane,
+    thread const float* acc, float m, float l) {
+  for (int k = 0; k < DPL; ++k) part_acc[at * D + lane + 32 * k] = acc[k];
+  if (lane == 0) {
+    part_m[at] = m;
+    part_l[at] = l;
+  }
+}
+"""
+
 # One simdgroup per query row; lane t owns dims t, t + 32, ... so reads of `acc` are coalesced.
 SOURCE = """
 constexpr int DPL = D / 32;

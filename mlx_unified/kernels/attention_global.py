@@ -23,7 +23,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
-from mlx_unified.kernels.attention_combine import combine_partials
+from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, combine_partials
 from mlx_unified.kernels.dispatch import KernelFactory
 from mlx_unified.kernels.rope_tables import (
     PROPORTIONAL_ROPE,
@@ -121,25 +121,14 @@ for (int j = c * chunk; j < j_end; ++j) {
     float dot = 0.0f;
     for (int k = 0; k < DPL; ++k) dot += qr[i][k] * key[k];
     const float score = simd_sum(dot) + key_bias;
-    if (j <= last_visible[i]) {
-      const float m_new = metal::max(m[i], score);
-      const float correction = metal::exp(m[i] - m_new);
-      const float p = metal::exp(score - m_new);
-      l[i] = l[i] * correction + p;
-      for (int k = 0; k < DPL; ++k) acc[i][k] = acc[i][k] * correction + p * v[k];
-      m[i] = m_new;
-    }
+    if (j <= last_visible[i]) softmax_step<DPL>(score, v, m[i], l[i], acc[i]);
   }
 }
 for (int i = 0; i < ROWS; ++i) {
   const int r = sg * ROWS + i;
   if (r < rows) {
     const size_t at = (((size_t)b * n_kv + h) * n_chunks + c) * rows + r;
-    for (int k = 0; k < DPL; ++k) part_acc[at * D + lane + 32 * k] = acc[i][k];
-    if (lane == 0) {
-      part_m[at] = m[i];
-      part_l[at] = l[i];
-    }
+    write_partial<DPL, D>(part_acc, part_m, part_l, at, lane, acc[i], m[i], l[i]);
   }
 }
 """
@@ -152,6 +141,7 @@ def _kernel(factory: KernelFactory):
         input_names=["queries", "values", "k_norm_weight", "inv_freq", "params", "bias"],
         output_names=["part_acc", "part_m", "part_l"],
         source=SOURCE,
+        header=PARTIALS_HEADER,
     )
 
 
