@@ -314,7 +314,13 @@ def respond(
 # ---------------------------------------------------------------- the page
 
 
-def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_tokens: int = 512) -> Any:
+def build_app(
+    slot: ModelSlot,
+    settings_file: Path,
+    choices: list[str],
+    max_tokens: int = 512,
+    temperature: float = 1.0,
+) -> Any:
     import gradio as gr
 
     settings = read_settings(settings_file)
@@ -356,7 +362,9 @@ def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_toke
         with gr.Accordion("System prompt (saved across restarts)", open=False):
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
-            temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0: greedy)")
+            temperature_slider = gr.Slider(
+                0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
+            )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
             tokens = gr.Slider(1, 8192, value=max_tokens, step=1, label="Max tokens")
             image_tokens = gr.Dropdown(
@@ -380,7 +388,15 @@ def build_app(slot: ModelSlot, settings_file: Path, choices: list[str], max_toke
                 sources=["upload", "microphone"],
             ),
             chatbot=gr.Chatbot(height=480, elem_id="chat"),
-            additional_inputs=[system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix],
+            additional_inputs=[
+                system,
+                temperature_slider,
+                top_p,
+                tokens,
+                image_tokens,
+                emphasis,
+                reuse_prefix,
+            ],
             concurrency_limit=1,
             show_progress="full",
         )
@@ -401,12 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     parser.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens setting")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
+    )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.temperature <= 2.0:
+        parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
     slot = ModelSlot()
     if args.model:
         print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
@@ -418,7 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if slot.random_weights:
             print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     page = build_app(
-        slot, args.settings_file or default_settings_file(), known_models([args.model]), args.max_tokens
+        slot,
+        args.settings_file or default_settings_file(),
+        known_models([args.model]),
+        args.max_tokens,
+        args.temperature,
     )
     page.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from media_files import write_wav
 
 from mlx_unified.app import (
@@ -9,6 +10,7 @@ from mlx_unified.app import (
     ERROR_TITLE,
     build_parser,
     history_messages,
+    main,
     read_settings,
     save_setting,
 )
@@ -26,6 +28,14 @@ def test_system_prompt_survives_restart(tmp_path):
 def test_serves_locally_by_default():
     args = build_parser().parse_args([])
     assert args.host == "127.0.0.1" and not args.share
+
+
+def test_rejects_temperature_outside_the_slider(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--temperature", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--temperature: 3.0 is outside 0 to 2" in err and "Traceback" not in err
 
 
 def test_history_drops_failed_turns_and_notes(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from media_files import write_corrupt, write_wav
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 from mlx_unified.testing import tiny_checkpoint
 
@@ -31,7 +31,6 @@ CHROMIUM_ARGS = [
 DONE = re.compile(r"s to first token")
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,7 +45,7 @@ def app_url(tmp_path_factory):
     log = (folder / "app.log").open("w")
     server = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port),
-         "--settings-file", str(folder / "settings.json"), "--max-tokens", "96"],
+         "--settings-file", str(folder / "settings.json"), "--max-tokens", "96", "--temperature", "0"],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
@@ -66,13 +65,16 @@ def app_url(tmp_path_factory):
 
 
 def send(page, text: str, attachment: Path | None = None) -> None:
+    box = page.locator('[data-testid="textbox"]')
+    # While a reply runs the box is disabled; Gradio empties and enables it as the reply's last step
+    # (after the statistics note shows), and a file attached before then would be dropped.
+    expect(box).to_be_enabled(timeout=60_000)
     if attachment is not None:
         page.locator('input[type=file][accept*="audio"]').set_input_files(str(attachment))
         # The file shows in the box once uploaded to the server.
-        page.locator(
-            '[data-testid="textbox"] >> xpath=ancestor::div[contains(@class, "input-wrapper")]'
-        ).locator('[aria-label="File thumbnail"]').wait_for(timeout=30_000)
-    box = page.locator('[data-testid="textbox"]')
+        box.locator('xpath=ancestor::div[contains(@class, "input-wrapper")]').locator(
+            '[aria-label="File thumbnail"]'
+        ).wait_for(timeout=30_000)
     box.fill(text)
     box.press("Enter")
 
@@ -94,7 +96,9 @@ def test_chat_streams_reports_errors_and_recovers(app_url, tmp_path):
         assert "RANDOM weights" in page.locator("#model-banner").inner_text()
         assert "fits" in page.locator("#memory-estimate").inner_text()
 
-        # 1. Text plus a WAV: the reply grows while it streams, then its statistics appear.
+        # 1. Text plus a WAV: the reply grows while it streams, then its statistics appear. The app
+        # starts greedy (--temperature 0) so that the random model's reply is the same on every run:
+        # sampled, it sometimes drew an end-of-turn token after a few tokens and never streamed.
         send(page, "What do you hear?", wav)
         seen: list[str] = []
         deadline = time.monotonic() + 120
