@@ -31,6 +31,7 @@ from .conversation import (
     user_message,
 )
 from .loading import ModelLoadError, load, resolve
+from .memory import prefix_store_bytes
 from .processing import SUPPORTED_BUDGETS, MediaError
 from .prompt_cache import PromptCache
 
@@ -82,7 +83,7 @@ class ModelSlot:
         path = resolve(name)
         model, processor = load(path)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prompt_cache = PromptCache.for_checkpoint(path)
+        prompt_cache = PromptCache.for_checkpoint(path, max_bytes=prefix_store_bytes(model.nbytes))
         with self.lock:
             self.name, self.model, self.processor = name, model, processor
             self.prompt_cache = prompt_cache
@@ -128,16 +129,6 @@ def _is_unified_config(path: Path) -> bool:
 # ---------------------------------------------------------------- memory estimate
 
 
-def memory_budget_bytes() -> tuple[int, str]:
-    """What the model may use here, and how that figure was found."""
-    from .memory import device_gpu_limit
-
-    limit = device_gpu_limit()
-    if limit:
-        return limit, "this Mac's GPU working-set limit"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
-
-
 def model_config(name: str) -> ModelConfig:
     """The config of a local folder, or of a hub id (config.json alone is fetched)."""
     local = Path(name).expanduser()
@@ -154,7 +145,7 @@ def model_config(name: str) -> ModelConfig:
 def memory_markdown(name: str | None) -> str:
     if not name:
         return ""
-    from .memory import GB, estimate
+    from .memory import GB, estimate, memory_budget_bytes
 
     try:
         config = model_config(name)

@@ -28,6 +28,7 @@ from .conversation import (
 )
 from .generation import prefill_progress_bar
 from .loading import ModelLoadError, load, resolve
+from .memory import prefix_store_bytes
 from .processing import SUPPORTED_BUDGETS, MediaError
 from .prompt_cache import PromptCache, PromptCacheError
 
@@ -273,7 +274,11 @@ def run(argv: Sequence[str] | None) -> int:
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
     model, processor, folder = load_model(args.model)
-    prompt_cache = None if args.no_prompt_cache else PromptCache.for_checkpoint(folder)
+    prompt_cache = (
+        None
+        if args.no_prompt_cache
+        else PromptCache.for_checkpoint(folder, max_bytes=prefix_store_bytes(model.nbytes))
+    )
     if args.chat:
         chat(model, processor, args, system, media, prompt_cache)
     else:

@@ -18,6 +18,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .cache import LayerCache
 from .kernels import SpanBias
 from .masks import vision_block_ids
+from .memory import prefix_store_bytes
 from .model import Model
 from .processing import system_turn, user_turn
 from .prompt_cache import (
@@ -263,10 +264,11 @@ def prepare_inputs(
 
 
 def default_prompt_cache(model: Model) -> PromptCache:
-    """The in-memory prefix cache that belongs to `model` (made on first use)."""
+    """The in-memory prefix cache that belongs to `model` (made on first use, sized to the memory
+    left beside its weights: `memory.prefix_store_bytes`)."""
     store = getattr(model, "_prompt_cache", None)
     if store is None:
-        store = PromptCache()
+        store = PromptCache(prefix_store_bytes(model.nbytes))
         object.__setattr__(model, "_prompt_cache", store)  # a plain attribute, not a module parameter
     return store
 

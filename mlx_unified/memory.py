@@ -8,6 +8,7 @@ is the bytes a conversion produces. The KV cache follows `cache.py`: sliding lay
 from __future__ import annotations
 
 import math
+import os
 import platform
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +181,34 @@ def device_gpu_limit() -> int | None:
     info = mx.device_info()
     limit = info.get("max_recommended_working_set_size")
     return int(limit) if limit else None
+
+
+def memory_budget_bytes() -> tuple[int, str]:
+    """What a model may use here, and how that figure was found: the GPU working-set limit on a Mac,
+    the physical memory elsewhere."""
+    limit = device_gpu_limit()
+    if limit:
+        return limit, "this Mac's GPU working-set limit"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+# Bounds of the in-memory prefix store's default size.
+PREFIX_STORE_MIN_BYTES = GIB // 4
+PREFIX_STORE_MAX_BYTES = 4 * GIB
+
+
+def prefix_store_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
+    """Default bound of the in-memory prefix store: half of what the memory budget leaves beside the
+    weights, kept between 256 MiB and 4 GiB.
+
+    A fixed 4 GiB would push a 12 or 16 GB Mac into swap. The 4-bit 12B (6.7 GB of weights) gets 2.4 GB
+    on a 16 GiB Mac (11.45 GB budget) and 0.9 GB on a 12 GiB Mac (8.59 GB); one snapshot of a
+    21K-token prompt is 0.51 GB (`kv_bytes(released_config(), 21000)`).
+    """
+    if budget_bytes is None:
+        budget_bytes = memory_budget_bytes()[0]
+    spare = max(budget_bytes - weights_bytes, 0) // 2
+    return min(max(spare, PREFIX_STORE_MIN_BYTES), PREFIX_STORE_MAX_BYTES)
 
 
 def longest_context(config: ModelConfig, budget_bytes: int, weights: int, kv_bits: int | None = None) -> int:

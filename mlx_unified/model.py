@@ -53,6 +53,11 @@ class Model(nn.Module):
         return self.language_model.norm.weight.dtype
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the loaded weights (quantized tensors count their scales and biases)."""
+        return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.parameters()))
+
+    @property
     def layer_types(self) -> list[str]:
         return self.config.text.layer_types
 

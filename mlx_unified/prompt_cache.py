@@ -35,11 +35,11 @@ from mlx_lm.models.cache import KVCache
 
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
 from .kernels import SpanBias
+from .memory import PREFIX_STORE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
-DEFAULT_MEMORY_BYTES = 4 << 30
 DEFAULT_DISK_BYTES = 16 << 30
 SUFFIX = ".safetensors"
 
@@ -330,7 +330,7 @@ class PromptCache:
 
     def __init__(
         self,
-        max_bytes: int = DEFAULT_MEMORY_BYTES,
+        max_bytes: int = PREFIX_STORE_MAX_BYTES,
         disk: DiskPrefixStore | None = None,
         identity: str | None = None,
     ) -> None:
@@ -346,7 +346,7 @@ class PromptCache:
         cls,
         checkpoint: str | Path,
         *,
-        max_bytes: int = DEFAULT_MEMORY_BYTES,
+        max_bytes: int = PREFIX_STORE_MAX_BYTES,
         folder: str | Path | None = None,
         disk_bytes: int = DEFAULT_DISK_BYTES,
     ) -> PromptCache:

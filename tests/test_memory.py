@@ -16,8 +16,10 @@ from mlx_unified.memory import (
     gpu_budget_bytes,
     kv_bytes,
     longest_context,
+    memory_budget_bytes,
     parse_size,
     plan,
+    prefix_store_bytes,
     recommend,
     released_config,
 )
@@ -108,6 +110,21 @@ def test_gpu_budget_and_sizes():
     assert gpu_budget_bytes(64 * GIB) == 48 * GIB
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_prefix_store_is_sized_to_the_memory_beside_the_weights():
+    weights = estimate(released_config(), bits=4, group_size=64)["weights_bytes"]
+    on_16gb = prefix_store_bytes(weights, gpu_budget_bytes(16 * GIB))
+    on_12gb = prefix_store_bytes(weights, gpu_budget_bytes(12 * GIB))
+    snapshot_21k = kv_bytes(released_config(), 21000)
+    # Several 21K-token snapshots on a 16 GB Mac, at least one on 12 GB; never what the model needs.
+    assert on_16gb == (gpu_budget_bytes(16 * GIB) - weights) // 2 and on_16gb > 4 * snapshot_21k
+    assert snapshot_21k < on_12gb < gpu_budget_bytes(12 * GIB) - weights
+    assert prefix_store_bytes(weights, 256 * GIB) == 4 * GIB
+    assert prefix_store_bytes(weights, weights) == GIB // 4  # nothing spare: the smallest store
+    budget, source = memory_budget_bytes()
+    assert budget > 0 and source
+    assert prefix_store_bytes(weights) == prefix_store_bytes(weights, budget)
 
 
 def test_plan_trades_bits_for_context():

@@ -8,10 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from logits_log import run_logged
+from mlx.utils import tree_flatten
 
 import mlx_unified
-from mlx_unified.generation import generate, prefill_chunks
+from mlx_unified.generation import default_prompt_cache, generate, prefill_chunks
 from mlx_unified.kernels import SpanBias
+from mlx_unified.memory import prefix_store_bytes
 from mlx_unified.processing import Processor
 from mlx_unified.prompt_cache import (
     DiskPrefixStore,
@@ -222,6 +224,14 @@ def test_prefill_chunks_end_at_snapshot_boundaries():
     assert prefill_chunks(None, 10, 4, start=6) == [(6, 10)]
     types = np.array([[0, 0, 1, 1, 1, 0, 0, 0]])
     assert prefill_chunks(types, 8, 8, boundaries=(3,)) == [(0, 8)]  # never inside an image block
+
+
+def test_default_store_is_sized_for_the_model(tiny):
+    _, model, _ = tiny
+    store = default_prompt_cache(model)
+    assert store is default_prompt_cache(model)  # one store per model
+    assert store.max_bytes == prefix_store_bytes(model.nbytes)
+    assert model.nbytes == sum(w.nbytes for _, w in tree_flatten(model.parameters())) > 0
 
 
 def test_bad_bounds_are_refused():
