@@ -377,6 +377,8 @@ def build_app(
                 file_types=["image", "audio", "video"],
                 file_count="multiple",
                 sources=["upload", "microphone"],
+                # A custom box has no stop button unless asked; ChatInterface shows it while a reply runs.
+                stop_btn=True,
             ),
             chatbot=gr.Chatbot(height=480, elem_id="chat"),
             additional_inputs=[

@@ -45,7 +45,7 @@ def app_url(tmp_path_factory):
     log = (folder / "app.log").open("w")
     server = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port),
-         "--settings-file", str(folder / "settings.json"), "--max-tokens", "96", "--temperature", "0"],
+         "--settings-file", str(folder / "settings.json"), "--max-tokens", "200", "--temperature", "0"],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
@@ -83,7 +83,7 @@ def bot_texts(page) -> list[str]:
     return page.locator('#chat [data-testid="bot"]').all_inner_texts()
 
 
-def test_chat_streams_reports_errors_and_recovers(app_url, tmp_path):
+def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_path):
     wav = write_wav(tmp_path / "hello.wav")
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -124,5 +124,34 @@ def test_chat_streams_reports_errors_and_recovers(app_url, tmp_path):
             assert time.monotonic() < deadline, "no reply after the error"
             time.sleep(0.1)
         assert page.get_by_text("Could not answer").count() == 1
+        box = page.locator('[data-testid="textbox"]')
+        expect(box).to_be_enabled(timeout=60_000)
+        before_retry = [text for text in bot_texts(page) if not DONE.search(text)]  # without statistics
+
+        # 4. Retry regenerates the last reply in place; greedy, it is the same text again.
+        page.get_by_role("button", name="Retry", exact=True).last.click()
+        expect(box).to_be_disabled(timeout=10_000)
+        expect(box).to_be_enabled(timeout=120_000)
+        after_retry = [text for text in bot_texts(page) if not DONE.search(text)]
+        assert after_retry == before_retry and page.get_by_text(DONE).count() == 2
+
+        # 5. Stop ends a reply mid-stream: the text stops growing, no statistics, and the model is free.
+        shown = len(bot_texts(page))
+        send(page, "Keep talking.")
+        deadline = time.monotonic() + 120
+        while len(bot_texts(page)) <= shown or not bot_texts(page)[-1].strip():
+            assert time.monotonic() < deadline, "no reply to stop"
+            time.sleep(0.03)
+        page.get_by_role("button", name="Stop", exact=True).click()
+        expect(box).to_be_enabled(timeout=30_000)
+        stopped = bot_texts(page)
+        time.sleep(1.0)
+        assert len(stopped) == shown + 1 and stopped[-1].strip()  # the partial reply stays, no statistics
+        assert bot_texts(page) == stopped and page.get_by_text(DONE).count() == 2
+        send(page, "One more.")
+        deadline = time.monotonic() + 120
+        while page.get_by_text(DONE).count() < 3:
+            assert time.monotonic() < deadline, "no reply after a stop"
+            time.sleep(0.1)
         page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
         browser.close()
