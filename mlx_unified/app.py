@@ -8,12 +8,15 @@ to the page.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from .conversation import (
     stream_reply,
     user_message,
 )
+from .generation import ProgressCallback
 from .loading import ModelLoadError, load, resolve
 from .memory import prefix_store_bytes
 from .processing import SUPPORTED_BUDGETS, MediaError
@@ -38,6 +42,10 @@ from .prompt_cache import PromptCache
 EMPTY_REPLY = "(no visible text in this reply)"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
+# Prompts of at least this many tokens show a note with the progress of reading them.
+PREFILL_NOTE_TOKENS = 2048
+# While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
+HEARTBEAT_S = 0.5
 
 
 # ---------------------------------------------------------------- settings that survive restarts
@@ -219,6 +227,65 @@ def history_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+class ReplyCancelled(Exception):
+    """Raised in the generation thread at the next prefill chunk once the user pressed Stop."""
+
+
+@dataclass
+class PrefillProgress:
+    done: int  # prompt tokens in the cache so far
+    total: int
+
+
+def background_events(start: Callable[[ProgressCallback], Iterator[Any]]) -> Iterator[Any]:
+    """Run the iterator `start(progress)` in its own thread and yield its items, PrefillProgress as
+    `progress` reports it, and None every HEARTBEAT_S while nothing comes.
+
+    Gradio stops a reply by no longer asking for the next item, so a reply that sits in a long prefill
+    could not be stopped: here the consumer is never blocked longer than HEARTBEAT_S. Closing this
+    iterator ends the work at the next prefill chunk or token and waits for it, so the model is free
+    when close() returns. The worker's exceptions are raised here."""
+    items: queue.Queue[Any] = queue.Queue()
+    cancel = threading.Event()
+    finished = object()
+
+    def progress(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise ReplyCancelled
+        items.put(PrefillProgress(done, total))
+
+    def work() -> None:
+        try:
+            for item in start(progress):
+                if cancel.is_set():
+                    break
+                items.put(item)
+        except ReplyCancelled:
+            pass
+        except Exception as e:
+            items.put(e)
+        finally:
+            items.put(finished)
+
+    worker = threading.Thread(target=work, name="mlx-unified-reply", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield None
+                continue
+            if item is finished:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()
+        worker.join()
+
+
 def _note(title: str, content: str = "", status: str | None = None) -> dict[str, Any]:
     metadata = {"title": title} if status is None else {"title": title, "status": status}
     return {"role": "assistant", "content": content, "metadata": metadata}
@@ -262,31 +329,47 @@ def respond(
             media: Media = load_attachments(files)
             earlier = history_messages(history)
             stats = ReplyStats()
-            events = stream_reply(
-                slot.model,
-                slot.processor,
-                earlier,
-                text,
-                media,
-                stats,
-                system=system or None,
-                max_tokens=int(max_tokens),
-                temperature=float(temperature),
-                top_p=float(top_p),
-                image_tokens=int(image_tokens),
-                audio_emphasis=float(audio_emphasis),
-                prompt_cache=slot.prompt_cache,
-                use_prompt_cache=bool(use_prompt_cache),
-            )
-            for event in events:
-                if isinstance(event, SegmentStart):
-                    for note in notes:
-                        note["metadata"]["status"] = "done"
-                    notes.append(_note(f"Processing {event.label()}", status="pending"))
-                    reply += "\n" if event.index > 1 else ""
-                else:
-                    reply += event
-                yield shown()
+            reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+
+            def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
+                return stream_reply(
+                    slot.model,
+                    slot.processor,
+                    earlier,
+                    text,
+                    media,
+                    stats,
+                    system=system or None,
+                    max_tokens=int(max_tokens),
+                    temperature=float(temperature),
+                    top_p=float(top_p),
+                    image_tokens=int(image_tokens),
+                    audio_emphasis=float(audio_emphasis),
+                    prompt_cache=slot.prompt_cache,
+                    use_prompt_cache=bool(use_prompt_cache),
+                    prefill_progress=progress,
+                )
+
+            # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
+            with contextlib.closing(background_events(reply_events)) as events:
+                for event in events:
+                    if isinstance(event, PrefillProgress):
+                        if event.total >= PREFILL_NOTE_TOKENS:
+                            if reading is None:
+                                reading = _note("")
+                                notes.append(reading)
+                            reading["metadata"]["title"] = (
+                                f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
+                            )
+                            reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, SegmentStart):
+                        for note in notes:
+                            note["metadata"]["status"] = "done"
+                        notes.append(_note(f"Processing {event.label()}", status="pending"))
+                        reply += "\n" if event.index > 1 else ""
+                    elif event is not None:  # None: nothing new, sent again so that Stop can act
+                        reply += event
+                    yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
         yield [*notes, {"role": "assistant", "content": reply or EMPTY_REPLY}, _stats_note(stats)]

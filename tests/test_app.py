@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import threading
+import time
+
 import pytest
 from media_files import write_wav
 
 from mlx_unified.app import (
     EMPTY_REPLY,
     ERROR_TITLE,
+    PREFILL_NOTE_TOKENS,
+    ModelSlot,
+    PrefillProgress,
+    background_events,
     build_parser,
     history_messages,
     main,
     read_settings,
+    respond,
     save_setting,
 )
+from mlx_unified.testing import tiny_checkpoint
+
+LONG_SYSTEM = " ".join(f"Rule {i}: answer in one short sentence." for i in range(130))
+
+
+@pytest.fixture(scope="module")
+def slot(tmp_path_factory):
+    slot = ModelSlot()
+    slot.load(str(tiny_checkpoint(tmp_path_factory.mktemp("app") / "tiny")))
+    return slot
+
+
+def reading_note(shown: list[dict]) -> dict | None:
+    notes = [m for m in shown if (m.get("metadata") or {}).get("title", "").startswith("Reading the prompt")]
+    assert len(notes) <= 1
+    return notes[0] if notes else None
 
 
 def test_system_prompt_survives_restart(tmp_path):
@@ -60,3 +86,56 @@ def test_history_drops_failed_turns_and_notes(tmp_path):
     assert [part["type"] for part in first] == ["audio", "text"] and first[1]["text"] == "What is it?"
     assert messages[1]["content"][0]["text"] == "A tone."
     assert messages[2]["content"][-1]["text"] == "Again" and messages[3]["content"][0]["text"] == ""
+
+
+def test_background_events_stop_at_the_next_chunk_and_free_the_thread():
+    calls = []
+
+    def start(progress):
+        for chunk in range(1000):
+            calls.append(chunk)
+            progress(chunk + 1, 1000)
+            time.sleep(0.002)
+        yield "never reached"
+
+    events = background_events(start)
+    assert next(events) == PrefillProgress(1, 1000)
+    events.close()  # what Gradio's Stop does to the reply
+    assert len(calls) < 1000  # the work ended early...
+    assert not any(
+        t.name == "mlx-unified-reply" for t in threading.enumerate()
+    )  # ...and before close returned
+
+    def failing(progress):
+        raise ValueError("bad request")
+        yield
+
+    with pytest.raises(ValueError, match="bad request"):
+        list(background_events(failing))
+
+
+def test_long_prompt_shows_its_reading_and_stop_frees_the_model(slot):
+    assert len(slot.processor.tokenizer(LONG_SYSTEM)["input_ids"]) >= PREFILL_NOTE_TOKENS
+    # Copies: the reply's messages are updated in place between yields (Gradio sends each state at once).
+    shown = [copy.deepcopy(s) for s in respond(slot, "Hi", [], LONG_SYSTEM, 0.0, 1.0, 4, 280, 1.0, False)]
+    progress = [reading_note(s) for s in shown if reading_note(s)]
+    counts = [
+        tuple(int(n.replace(",", "")) for n in re.findall(r"[\d,]+", p["metadata"]["title"]))
+        for p in progress
+    ]
+    done, total = counts[-1]
+    assert done == total >= PREFILL_NOTE_TOKENS and progress[-1]["metadata"]["status"] == "done"
+    assert len(counts) > 1 and counts[0][0] < total  # it moved while the prompt was read
+    assert "s to first token" in shown[-1][-1]["metadata"]["title"]
+
+    reply = respond(slot, "Hi", [], LONG_SYSTEM, 0.0, 1.0, 4, 280, 1.0, False)
+    for s in reply:
+        note = reading_note(s)
+        if note is not None and note["metadata"]["status"] == "pending":
+            break
+    else:
+        pytest.fail("the reply never showed the prompt being read")
+    reply.close()  # Stop while the prompt is read
+    assert slot.lock.acquire(blocking=False)
+    slot.lock.release()
+    assert not any(t.name == "mlx-unified-reply" for t in threading.enumerate())
