@@ -7,6 +7,8 @@ the running maximum `m`, the soft-max denominator `l` and the unnormalized weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
@@ -85,6 +87,57 @@ def _kernel(factory: KernelFactory):
         output_names=["out"],
         source=SOURCE,
     )
+
+
+# The first pass's launch shape: up to MAX_SIMDGROUPS simdgroups of up to MAX_ROWS_PER_SIMDGROUP query
+# rows each, and the keys split into chunks of at least MIN_CHUNK (at most `max_chunks` of them).
+MIN_CHUNK = 64
+MAX_ROWS_PER_SIMDGROUP = 8
+MAX_SIMDGROUPS = 16
+
+
+@dataclass(frozen=True)
+class SplitKeyLaunch:
+    """How the first pass covers `rows` query rows of one KV head and `n_keys` keys."""
+
+    rows: int
+    rows_per_simdgroup: int
+    simdgroups: int
+    chunk: int
+    n_chunks: int
+
+
+def split_key_launch(rows: int, n_keys: int, max_chunks: int) -> SplitKeyLaunch:
+    rows_per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, max(1, -(-rows // MAX_SIMDGROUPS)))
+    chunk = max(MIN_CHUNK, -(-n_keys // max_chunks))
+    return SplitKeyLaunch(rows, rows_per_simdgroup, -(-rows // rows_per_simdgroup), chunk, -(-n_keys // chunk))
+
+
+def split_key_attention(
+    factory: KernelFactory,
+    first_pass: Callable[..., list[mx.array]],
+    queries: mx.array,
+    n_kv: int,
+    launch: SplitKeyLaunch,
+    inputs: list[mx.array],
+) -> mx.array:
+    """Run a first-pass kernel (inputs as it names them; template T, D, ROWS) over `launch`, then merge
+    its partials: `[B, H, L, D]` attention output for `[B, H, L, D]` queries."""
+    batch, n_heads, n_queries, head_dim = queries.shape
+    rows, n_chunks = launch.rows, launch.n_chunks
+    part_acc, part_m, part_l = first_pass(
+        inputs=inputs,
+        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", launch.rows_per_simdgroup)],
+        grid=(32 * launch.simdgroups * n_chunks, n_kv, batch),
+        threadgroup=(32 * launch.simdgroups, 1, 1),
+        output_shapes=[(batch, n_kv, n_chunks, rows, head_dim), (batch, n_kv, n_chunks, rows),
+                       (batch, n_kv, n_chunks, rows)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+    )
+    return combine_partials(
+        factory, part_acc, part_m, part_l,
+        batch=batch, n_kv=n_kv, group=n_heads // n_kv, length=n_queries, dtype=queries.dtype,
+    )  # fmt: skip
 
 
 def combine_partials(

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
-from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, combine_partials
+from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
 from mlx_unified.kernels.rope_tables import (
     PROPORTIONAL_ROPE,
@@ -34,10 +34,7 @@ from mlx_unified.kernels.rope_tables import (
 )
 
 # Keeps the partials small while giving the GPU enough threadgroups at short contexts.
-MIN_CHUNK = 64
 MAX_CHUNKS = 64
-MAX_ROWS_PER_SIMDGROUP = 8
-MAX_SIMDGROUPS = 16
 
 
 class SpanBias(NamedTuple):
@@ -175,32 +172,16 @@ def global_kv_attention_kernel(
 ) -> mx.array:
     """The kernel path of `global_kv_attention`, built with `factory` (Metal or the emulator)."""
     _check(queries, values, length, for_kernel=True)
-    batch, n_heads, n_queries, head_dim = queries.shape
+    n_heads, n_queries, head_dim = queries.shape[1:]
     n_kv = values.shape[1]
     group = n_heads // n_kv
-    rows = group * n_queries
-    rows_per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, max(1, -(-rows // MAX_SIMDGROUPS)))
-    simdgroups = -(-rows // rows_per_simdgroup)
-    chunk = max(MIN_CHUNK, -(-length // MAX_CHUNKS))
-    n_chunks = -(-length // chunk)
+    launch = split_key_launch(group * n_queries, length, MAX_CHUNKS)
     start, stop, value = span_bias if span_bias is not None else (0, 0, 0.0)
     params = mx.array(
-        [length, n_queries, chunk, group, n_kv, start, stop, rotated_pairs(rope, head_dim)], dtype=mx.int32
+        [length, n_queries, launch.chunk, group, n_kv, start, stop, rotated_pairs(rope, head_dim)], dtype=mx.int32
     )
-    part_acc, part_m, part_l = _kernel(factory)(
-        inputs=[queries, values, k_norm_weight, inv_freq(rope, head_dim), params,
-                mx.array([value], dtype=mx.float32)],
-        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", rows_per_simdgroup)],
-        grid=(32 * simdgroups * n_chunks, n_kv, batch),
-        threadgroup=(32 * simdgroups, 1, 1),
-        output_shapes=[(batch, n_kv, n_chunks, rows, head_dim), (batch, n_kv, n_chunks, rows),
-                       (batch, n_kv, n_chunks, rows)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
-    return combine_partials(
-        factory, part_acc, part_m, part_l,
-        batch=batch, n_kv=n_kv, group=group, length=n_queries, dtype=queries.dtype,
-    )
+    inputs = [queries, values, k_norm_weight, inv_freq(rope, head_dim), params, mx.array([value], dtype=mx.float32)]
+    return split_key_attention(factory, _kernel(factory), queries, n_kv, launch, inputs)
 
 
 def global_kv_attention_reference(

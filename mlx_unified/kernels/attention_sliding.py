@@ -18,13 +18,10 @@ from functools import cache
 import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
-from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, combine_partials
+from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
 
-MIN_CHUNK = 64
 MAX_CHUNKS = 32
-MAX_ROWS_PER_SIMDGROUP = 8
-MAX_SIMDGROUPS = 16
 
 SOURCE = """
 constexpr int DPL = D / 32;
@@ -132,29 +129,12 @@ def sliding_window_attention_kernel(
 ) -> mx.array:
     """The kernel path of `sliding_window_attention`, built with `factory` (Metal or the emulator)."""
     _check(queries, keys, values, offset, window, for_kernel=True)
-    batch, n_heads, n_queries, head_dim = queries.shape
+    n_heads, n_queries = queries.shape[1:3]
     n_kv, capacity = keys.shape[1], keys.shape[2]
     group = n_heads // n_kv
-    rows = group * n_queries
-    rows_per_simdgroup = min(MAX_ROWS_PER_SIMDGROUP, max(1, -(-rows // MAX_SIMDGROUPS)))
-    simdgroups = -(-rows // rows_per_simdgroup)
-    slots = min(capacity, offset)
-    chunk = max(MIN_CHUNK, -(-slots // MAX_CHUNKS))
-    n_chunks = -(-slots // chunk)
-    params = mx.array([offset, n_queries, chunk, group, n_kv, window], dtype=mx.int32)
-    part_acc, part_m, part_l = _kernel(factory)(
-        inputs=[queries, keys, values, params],
-        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", rows_per_simdgroup)],
-        grid=(32 * simdgroups * n_chunks, n_kv, batch),
-        threadgroup=(32 * simdgroups, 1, 1),
-        output_shapes=[(batch, n_kv, n_chunks, rows, head_dim), (batch, n_kv, n_chunks, rows),
-                       (batch, n_kv, n_chunks, rows)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
-    return combine_partials(
-        factory, part_acc, part_m, part_l,
-        batch=batch, n_kv=n_kv, group=group, length=n_queries, dtype=queries.dtype,
-    )
+    launch = split_key_launch(group * n_queries, min(capacity, offset), MAX_CHUNKS)
+    params = mx.array([offset, n_queries, launch.chunk, group, n_kv, window], dtype=mx.int32)
+    return split_key_attention(factory, _kernel(factory), queries, n_kv, launch, [queries, keys, values, params])
 
 
 def sliding_window_attention_reference(
