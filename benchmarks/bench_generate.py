@@ -1,7 +1,9 @@
 """Ours against mlx-vlm's gemma4_unified on one checkpoint, in one process, alternating.
 
-    python benchmarks/bench_generate.py CKPT [--prompt-tokens 512] [--decode-tokens 32] [--rounds 3]
+    python benchmarks/bench_generate.py CKPT [--prompt-tokens 512[,2048,...]] [--decode-tokens 32] [--rounds 3]
     python benchmarks/bench_generate.py --make-checkpoint DIR     # a scaled random checkpoint (bf16)
+    python benchmarks/bench_generate.py --make-checkpoint DIR --released-shapes [--layers 48]
+                                        # the released 12B layer shapes (bf16, 24 GB at 48 layers): for a GPU
 
 Each round runs both libraries' own generation loops (ours: `stream_generate`; mlx-vlm:
 `mlx_vlm.generate.ar.generate_step`) on the same token ids, greedy, and times them from outside:
@@ -21,11 +23,13 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 import mlx_unified
 from mlx_unified.config import ModelConfig
 from mlx_unified.generation import stream_generate
+from mlx_unified.memory import released_config
 from mlx_unified.testing import tiny_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,13 +56,17 @@ class TokenizerOnly:
         self.tokenizer = tokenizer
 
 
-def run_ours(model, tokenizer, ids: np.ndarray, decode_tokens: int) -> dict:
+def run_ours(model, tokenizer, ids: np.ndarray, decode_tokens: int, prefill_chunk: int | None = None) -> dict:
+    mx.reset_peak_memory()
     start = time.perf_counter()
     first = last = None
     count = 0
-    # Library defaults (chunked prefill); the prefix cache is off so every round prefills the whole prompt.
+    # Library defaults (chunked prefill) unless a chunk is given; the prefix cache is off so every
+    # round prefills the whole prompt.
+    chunk = {} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}
     for response in stream_generate(
-        model, TokenizerOnly(tokenizer), {"input_ids": ids}, max_tokens=decode_tokens, use_prompt_cache=False
+        model, TokenizerOnly(tokenizer), {"input_ids": ids}, max_tokens=decode_tokens, use_prompt_cache=False,
+        **chunk,
     ):
         now = time.perf_counter()
         first = first or now
@@ -154,21 +162,78 @@ def _vlm_released_config() -> dict:
     }
 
 
+def bench_prompt(path: Path, ours, theirs, tokenizer, prompt_tokens: int, args) -> dict:
+    ids = np.random.default_rng(0).integers(3, 300, (1, prompt_tokens)).astype(np.int32)
+    ids[0, 0] = ours.config.text.bos_token_id
+    rounds = {"ours": [], "mlx_vlm": []}
+    # One untimed round of the same prompt first: GPU backends compile kernels per shape on first use.
+    run_ours(ours, tokenizer, ids, 2, args.prefill_chunk)
+    run_mlx_vlm(theirs, ids, 2)
+    for _ in range(args.rounds):
+        rounds["ours"].append(run_ours(ours, tokenizer, ids, args.decode_tokens, args.prefill_chunk))
+        rounds["mlx_vlm"].append(run_mlx_vlm(theirs, ids, args.decode_tokens))
+        mx.clear_cache()
+    summary = {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()
+    }
+    ratios = {
+        key: summary["ours"][key] / summary["mlx_vlm"][key]
+        for key in ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb")
+    }
+    print(f"\ncheckpoint {path}  prompt {prompt_tokens} tokens, decode {args.decode_tokens}, "
+          f"our prefill chunk {args.prefill_chunk or 'default'}, "
+          f"{args.rounds} rounds (medians), device {mx.default_device()} ({machine_name()})")
+    print(f"{'':16}{'ours':>12}{'mlx-vlm':>12}{'ours/vlm':>10}")
+    for key in ratios:
+        print(f"{key:16}{summary['ours'][key]:12.3f}{summary['mlx_vlm'][key]:12.3f}{ratios[key]:10.2f}")
+    return {
+        "command": "python benchmarks/bench_generate.py " + " ".join(
+            [str(path), f"--prompt-tokens {prompt_tokens}", f"--decode-tokens {args.decode_tokens}",
+             f"--rounds {args.rounds}"] + ([f"--quantize {args.quantize}"] if args.quantize else [])
+            + ([f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else [])),
+        "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), "
+                   f"mlx {mx.__version__}",
+        "checkpoint_text_config": ours.config.raw.get("text_config"),
+        "quantized_in_memory_bits": args.quantize,
+        "rounds": rounds,
+        "median": summary,
+        "ratio_ours_over_mlx_vlm": ratios,
+        "targets": {"prefill_tps": ">= 1.5", "decode_tps": ">= 1.0", "kv_bytes_long_context": "<= 0.6"},
+    }
+
+
+def machine_name() -> str:
+    return str(mx.device_info().get("device_name", "unknown"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?")
     parser.add_argument("--make-checkpoint", metavar="DIR")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--released-shapes", action="store_true", help="with --make-checkpoint: the 12B shapes")
+    parser.add_argument("--layers", type=int, default=48, help="with --released-shapes: decoder layers")
+    parser.add_argument("--prompt-tokens", default="512", help="one length or a comma list")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-contexts", default=",".join(map(str, KV_CONTEXTS)))
+    parser.add_argument("--quantize", type=int, metavar="BITS",
+                        help="quantize both language models in memory (affine, group 64) before timing")
+    parser.add_argument("--prefill-chunk", type=int, help="our prefill chunk (default: the library's)")
+    parser.add_argument("--results-suffix", default="", help="appended to generate-<tokens> in the file name")
     args = parser.parse_args()
     if args.make_checkpoint:
-        tiny_checkpoint(args.make_checkpoint, seed=0, **SCALED_SHAPES)
-        print(f"wrote a scaled random checkpoint to {args.make_checkpoint}")
+        if args.released_shapes:
+            # The released google/gemma-4-12B-it text shapes, with --layers layers (5:1 kept).
+            released = released_config().text
+            shapes = {key: getattr(released, key) for key in SCALED_SHAPES} | {"num_hidden_layers": args.layers}
+            tiny_checkpoint(args.make_checkpoint, seed=0, device_random=True, **shapes)
+        else:
+            tiny_checkpoint(args.make_checkpoint, seed=0, **SCALED_SHAPES)
+        print(f"wrote a random checkpoint to {args.make_checkpoint}")
         return
     if not args.checkpoint:
         parser.error("give a checkpoint folder, or --make-checkpoint DIR")
+    prompt_lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
 
     from mlx_vlm.utils import load_model as vlm_load_model
     from transformers import AutoTokenizer
@@ -177,49 +242,25 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ours = mlx_unified.load_model(path)
     theirs = vlm_load_model(path)
-    ids = np.random.default_rng(0).integers(3, 300, (1, args.prompt_tokens)).astype(np.int32)
-    ids[0, 0] = ours.config.text.bos_token_id
-    rounds = {"ours": [], "mlx_vlm": []}
-    run_ours(ours, tokenizer, ids[:, :16], 2)  # warm up both
-    run_mlx_vlm(theirs, ids[:, :16], 2)
-    for _ in range(args.rounds):
-        rounds["ours"].append(run_ours(ours, tokenizer, ids, args.decode_tokens))
-        rounds["mlx_vlm"].append(run_mlx_vlm(theirs, ids, args.decode_tokens))
-    summary = {
-        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()
-    }
-    ratios = {
-        "prefill_tps": summary["ours"]["prefill_tps"] / summary["mlx_vlm"]["prefill_tps"],
-        "decode_tps": summary["ours"]["decode_tps"] / summary["mlx_vlm"]["decode_tps"],
-        "ttft_s": summary["ours"]["ttft_s"] / summary["mlx_vlm"]["ttft_s"],
-        "peak_memory_gb": summary["ours"]["peak_memory_gb"] / summary["mlx_vlm"]["peak_memory_gb"],
-    }
-    print(f"checkpoint {path}  prompt {args.prompt_tokens} tokens, decode {args.decode_tokens}, "
-          f"{args.rounds} rounds (medians), device {mx.default_device()}")
-    print(f"{'':16}{'ours':>12}{'mlx-vlm':>12}{'ours/vlm':>10}")
-    for key in ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb"):
-        print(f"{key:16}{summary['ours'][key]:12.3f}{summary['mlx_vlm'][key]:12.3f}{ratios[key]:10.2f}")
+    if args.quantize:
+        # The same modules in both: every Linear and Embedding of the language model (the tied head too).
+        for model in (ours, theirs):
+            nn.quantize(model.language_model, group_size=64, bits=args.quantize)
+        mx.eval(ours.parameters(), theirs.parameters())
+    results = {n: bench_prompt(path, ours, theirs, tokenizer, n, args) for n in prompt_lengths}
     contexts = [int(c) for c in args.kv_contexts.split(",") if c]
+    del ours, theirs
+    mx.clear_cache()
     kv = kv_table(contexts)
     print("\nKV cache bytes, released 12B shapes (bf16), after prefill + one decode step")
     print(f"{'context':>10}{'ours MB':>12}{'mlx-vlm MB':>12}{'ratio':>8}")
     for row in kv:
         print(f"{row['context']:>10}{row['ours_bytes'] / 1e6:12.1f}{row['mlx_vlm_bytes'] / 1e6:12.1f}{row['ratio']:8.2f}")
-    out = RESULTS / f"generate-{args.prompt_tokens}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python benchmarks/bench_generate.py " + " ".join(
-            [str(path), f"--prompt-tokens {args.prompt_tokens}", f"--decode-tokens {args.decode_tokens}",
-             f"--rounds {args.rounds}"]),
-        "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()}, mlx {mx.__version__}",
-        "checkpoint_text_config": ours.config.raw.get("text_config"),
-        "rounds": rounds,
-        "median": summary,
-        "ratio_ours_over_mlx_vlm": ratios,
-        "targets": {"prefill_tps": ">= 1.5", "decode_tps": ">= 1.0", "kv_bytes_long_context": "<= 0.6"},
-        "kv_bytes_12b": kv,
-    }, indent=2))
-    print(f"\nwrote {out}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for n, result in results.items():
+        out = RESULTS / f"generate-{n}{args.results_suffix}.json"
+        out.write_text(json.dumps(dict(result, kv_bytes_12b=kv), indent=2))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

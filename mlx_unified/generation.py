@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -18,7 +19,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .cache import LayerCache
 from .kernels import SpanBias
 from .masks import vision_block_ids
-from .memory import prefix_store_bytes
+from .memory import default_prefill_chunk, prefill_chunk, prefill_score_bytes, prefix_store_bytes
 from .model import Model
 from .processing import system_turn, user_turn
 from .prompt_cache import (
@@ -82,10 +83,12 @@ def prefill_chunks(
     chunk_size: int,
     start: int = 0,
     boundaries: Sequence[int] = (),
+    size_at: Callable[[int], int] | None = None,
 ) -> list[tuple[int, int]]:
-    """Split [start, length) into chunks of about chunk_size tokens, never cutting an image/video block
-    (its tokens attend to each other both ways, so a block must be seen whole). A chunk also ends at
-    each of `boundaries` that is not inside a block (where prefix snapshots are taken)."""
+    """Split [start, length) into chunks of about chunk_size tokens (or `size_at(position)` for the
+    chunk starting there), never cutting an image/video block (its tokens attend to each other both
+    ways, so a block must be seen whole). A chunk also ends at each of `boundaries` that is not inside
+    a block (where prefix snapshots are taken)."""
     blocks = None if mm_token_type_ids is None else vision_block_ids(np.asarray(mm_token_type_ids)[:1])[0]
 
     def inside_block(position: int) -> bool:
@@ -100,7 +103,7 @@ def prefill_chunks(
     spans = []
     for stop in stops:
         while start < stop:
-            end = min(start + chunk_size, stop)
+            end = min(start + (chunk_size if size_at is None else size_at(start)), stop)
             if inside_block(end):
                 block = blocks[end]
                 first = int(np.argmax(blocks == block))
@@ -115,7 +118,7 @@ def prefill(
     model: Model,
     inputs: dict[str, Any],
     cache: list[LayerCache],
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     progress: ProgressCallback | None = None,
     logits_to_keep: int = 1,
     *,
@@ -130,8 +133,9 @@ def prefill(
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
     `on_snapshot(position, cache)` is called.
 
-    Chunks also bound the sliding layers' work: a chunk of C queries attends to at most W - 1 + C keys,
-    where a whole-prompt pass computes L x L scores for every layer.
+    Chunks are at most `chunk_size` tokens (default: `memory.default_prefill_chunk()`) and shrink as
+    the context grows, so that a chunk's attention scores fit the memory left beside the weights
+    (`memory.prefill_chunk`, `memory.prefill_score_bytes`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
@@ -145,7 +149,11 @@ def prefill(
             f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
         )
     logits = None
-    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
+    chunk_size = chunk_size or default_prefill_chunk()
+    size_at = partial(
+        prefill_chunk, model.config, max_chunk=chunk_size, score_bytes=prefill_score_bytes(model.nbytes)
+    )
+    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at, size_at):
         last = end == length
         logits = model.forward_embeddings(
             embeddings[:, begin:end],
@@ -337,7 +345,7 @@ def stream_generate(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
     seed: int | None = None,
-    prefill_chunk_size: int = 512,
+    prefill_chunk_size: int | None = None,
     prefill_progress: ProgressCallback | None = None,
     sampler: Callable[[mx.array], mx.array] | None = None,
     logits_processors: list[Callable[[mx.array, mx.array], mx.array]] | None = None,

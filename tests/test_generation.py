@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,6 +13,13 @@ from transformers import AutoTokenizer
 import mlx_unified
 from mlx_unified.cache import SharedKVCache, SlidingWindowCache
 from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.memory import (
+    PREFILL_CHUNK,
+    PREFILL_MIN_CHUNK,
+    PREFILL_SCORE_BYTES,
+    prefill_chunk,
+    released_config,
+)
 from mlx_unified.testing import tiny_checkpoint
 
 
@@ -91,6 +100,20 @@ def test_prefill_chunks_never_split_an_image_block():
         assert not (types[0, start - 1] in (1, 2) and types[0, start] == types[0, start - 1])
     assert (5, 15) in spans  # a block longer than the chunk is one chunk
     assert prefill_chunks(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_prefill_chunks_shrink_so_their_attention_scores_stay_bounded():
+    config = released_config()
+    heads = config.text.num_attention_heads
+    spans = prefill_chunks(None, 40_000, PREFILL_CHUNK, size_at=partial(prefill_chunk, config))
+    sizes = [end - start for start, end in spans]
+    assert spans[0] == (0, PREFILL_CHUNK) and spans[-1][1] == 40_000
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True) and sizes[-2] < 300
+    for start, end in spans:
+        assert 4 * heads * (end - start) * end <= PREFILL_SCORE_BYTES or end - start == PREFILL_MIN_CHUNK
+    # a small max chunk (the tests' 3- and 7-token chunks) is never raised to the minimum
+    assert prefill_chunk(config, 10**6, max_chunk=3) == 3
 
 
 def test_sliding_cache_never_holds_more_than_the_window():

@@ -15,6 +15,7 @@ from reference import (
 )
 
 import mlx_unified
+from mlx_unified import attention
 from mlx_unified.generation import prefill
 
 SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
@@ -119,8 +120,12 @@ def test_logits_to_keep(pair):
     assert np.array_equal(ours(model, inputs, logits_to_keep=3), full[:, -3:])
 
 
-def test_decoding_through_cache_equals_full_forward(pair):
-    """Token by token past the window: every position's logits equal the full forward's."""
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "fused-attention"])
+def test_decoding_through_cache_equals_full_forward(pair, in_place, monkeypatch):
+    """Token by token past the window: every position's logits equal the full forward's, whether
+    decoding reads the caches in place (Metal kernels, CPU references) or runs MLX's fused
+    attention over the derived keys (CUDA)."""
+    monkeypatch.setattr(attention, "decode_in_place", lambda: in_place)
     _, model = pair
     inputs = text_prompt(np.random.default_rng(10), 26)
     full = ours(model, inputs)

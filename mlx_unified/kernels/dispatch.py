@@ -1,8 +1,9 @@
-"""Chooses, per call, between a kernel's Metal implementation and its pure-MLX reference.
+"""Chooses, per call, between a kernel's Metal implementation and its pure-MLX fallback.
 
 Kernels run when MLX has Metal and `MLX_UNIFIED_KERNELS` is not `0`; CPU and CUDA backends use the
-references.  A kernel that fails to compile or launch logs one warning and falls back to its
-reference for the rest of the process.  MLX builds and launches kernels lazily, at evaluation, so
+fallbacks: MLX's own fused ops where they compute the same thing (`norm_rope_fused`), else the
+kernel's reference.  A kernel that fails to compile or launch logs one warning and falls back for
+the rest of the process.  MLX builds and launches kernels lazily, at evaluation, so
 the first call of each kernel variant is evaluated right away inside the guard: that is where a
 compile error would surface.  Later calls of a proven variant stay lazy.
 """
@@ -37,13 +38,13 @@ def run(
     name: str,
     variant: Hashable,
     kernel_call: Callable[[], Sequence[mx.array] | mx.array],
-    reference_call: Callable[[], Any],
+    fallback_call: Callable[[], Any],
     supported: bool = True,
 ) -> Any:
     """`kernel_call()` when kernels are enabled, the kernel handles these shapes (`supported`) and
-    `name` has not failed, else `reference_call()`."""
+    `name` has not failed, else `fallback_call()`."""
     if not supported or name in _failed or not kernels_enabled():
-        return reference_call()
+        return fallback_call()
     key = (name, variant)
     try:
         result = kernel_call()
@@ -51,10 +52,10 @@ def run(
             mx.eval(result)
             _proven.add(key)
         return result
-    except Exception as error:  # any compile or launch failure: the reference is always correct
+    except Exception as error:  # any compile or launch failure: the fallback is always correct
         _failed.add(name)
-        logger.warning("kernel %s failed (%s); using its MLX reference from now on", name, error)
-        return reference_call()
+        logger.warning("kernel %s failed (%s); using its MLX fallback from now on", name, error)
+        return fallback_call()
 
 
 def reset_failures() -> None:

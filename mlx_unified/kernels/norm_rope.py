@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.dispatch import KernelFactory
-from mlx_unified.kernels.rope_tables import RopeSpec, inv_freq, rope_reference, rotated_pairs
+from mlx_unified.kernels.rope_tables import RopeSpec, inv_freq, rope_fused, rope_reference, rotated_pairs
 
 # One simdgroup per head row; lane t owns dims t, t + 32, ... so a RoPE pair is in one lane.
 SOURCE = """
@@ -146,6 +146,20 @@ def norm_rope_reference(
     return rope_reference(normed, positions, rope).astype(x.dtype)
 
 
+def norm_rope_fused(
+    x: mx.array,
+    weight: mx.array | None,
+    offset: int,
+    *,
+    rope: RopeSpec | None,
+    eps: float = 1e-6,
+) -> mx.array:
+    """`norm_rope` off Metal: MLX's fused RMSNorm and RoPE (two kernels on CUDA, where the reference's
+    dozen element-wise passes took 2.7x as long). Agrees with the reference to one rounding."""
+    normed = mx.fast.rms_norm(x, None if weight is None else weight.astype(x.dtype), eps).transpose(0, 2, 1, 3)
+    return normed if rope is None else rope_fused(normed, offset, rope)
+
+
 def norm_rope(
     x: mx.array,
     weight: mx.array | None,
@@ -156,12 +170,12 @@ def norm_rope(
 ) -> mx.array:
     """RMSNorm over the head dim (weight used as is; `None`: no weight) then, if `rope` is given,
     rotate-half RoPE at positions `offset + l`; `x [B, L, H, D]` -> `[B, H, L, D]`, x's dtype.
-    Metal kernel when enabled, else the reference.
+    Metal kernel when enabled, else `norm_rope_fused`.
     """
     return dispatch.run(
         "norm_rope",
         (x.dtype, x.shape[-1], weight is not None, rope is not None),
         lambda: norm_rope_kernel(dispatch.metal_factory(), x, weight, offset, rope=rope, eps=eps),
-        lambda: norm_rope_reference(x, weight, offset, rope=rope, eps=eps),
+        lambda: norm_rope_fused(x, weight, offset, rope=rope, eps=eps),
         supported=_kernel_supports(x.shape[-1], rope),
     )
