@@ -3,9 +3,10 @@
 On Metal, decoding (a few new tokens) goes through the custom kernels of `mlx_unified.kernels`,
 which read the caches in place: the global K=V kernel derives keys from the single cached tensor,
 the sliding kernel reads the ring buffer without a mask (on the CPU, their references do the same).
-Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attention`: with many queries per key it is matmul-bound, MLX's
-fused attention runs it at matmul speed with the causal / window / image-block masks applied in
-the same pass, and every backend has it.
+Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attention` (every backend has it), one
+block of queries at a time over only the keys that block may see: MLX fuses prefill attention only
+for head dims up to 128 on Metal, so for this model's 256- and 512-dim heads, as on CUDA and the CPU,
+it computes every score of a [queries x keys] product, masked ones included.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .kernels import (
     sliding_window_attention,
 )
 from .kernels.rope_tables import rope_fused
-from .masks import attention_mask
+from .masks import attention_mask, unsplit_spans
+from .memory import PREFILL_SCORE_BYTES, query_block
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
 AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
@@ -57,20 +59,31 @@ class AttentionContext:
     # with exactly what the fused attention takes (diagnostics recompute the probabilities from it).
     # It only reads: the layer's output is the same with or without it.
     observer: AttentionObserver | None = None
+    score_bytes: int = PREFILL_SCORE_BYTES  # bound on one query block's float32 scores
     masks: dict[tuple, mx.array | str | None] = field(default_factory=dict)
+    spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def mask(
-        self, num_queries: int, key_start: int, num_keys: int, window: int | None, key_bias: SpanBias | None,
-        dtype: mx.Dtype,
+        self, query_start: int, num_queries: int, key_start: int, num_keys: int, window: int | None,
+        key_bias: SpanBias | None, dtype: mx.Dtype,
     ) -> mx.array | str | None:
-        """`attention_mask` for this call's queries, built once and shared by the layers that ask
-        for the same one (all sliding layers do, and all global layers)."""
-        key = (num_queries, key_start, num_keys, window, key_bias, dtype)
+        """`attention_mask` for queries at query_start.. (absolute), built once and shared by the layers
+        that ask for the same one (all sliding layers do, and all global layers)."""
+        key = (query_start, num_queries, key_start, num_keys, window, key_bias, dtype)
         if key not in self.masks:
+            first = query_start - self.offset
+            blocks = None if self.block_ids is None else self.block_ids[:, first : first + num_queries]
             self.masks[key] = attention_mask(
-                self.offset, num_queries, key_start, num_keys, window, self.block_ids, key_bias, dtype
+                query_start, num_queries, key_start, num_keys, window, blocks, key_bias, dtype
             )
         return self.masks[key]
+
+    def query_spans(self, num_queries: int, size: int) -> list[tuple[int, int]]:
+        """This call's queries in blocks of about `size` that never split a vision block, so a block's
+        queries see no key after the block's last query."""
+        if size not in self.spans:
+            self.spans[size] = unsplit_spans(self.block_ids, 0, num_queries, size)
+        return self.spans[size]
 
 
 def rope_spec(rope: RopeConfig, head_dim: int) -> RopeSpec:
@@ -143,10 +156,7 @@ class Attention(nn.Module):
             )
         key_start = ctx.offset + L - shared.shape[2]
         keys = rope_fused(shared * self.k_norm.weight.astype(shared.dtype), key_start, self.rope)
-        mask = ctx.mask(L, key_start, shared.shape[2], None, ctx.key_bias, shared.dtype)
-        if ctx.observer is not None:
-            ctx.observer(False, queries, keys, key_start, mask)
-        return mx.fast.scaled_dot_product_attention(queries, keys, shared, scale=1.0, mask=mask)
+        return self._prefill_attention(queries, keys, shared, ctx, key_start, ctx.key_bias)
 
     def _separate_kv(self, queries, keys, values, ctx: AttentionContext, cache: LayerCache | None, decoding: bool):
         L = queries.shape[2]
@@ -159,10 +169,41 @@ class Attention(nn.Module):
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - keys.shape[2]
         key_bias = None if self.shape.is_sliding else ctx.key_bias  # emphasis acts on global layers only
-        mask = ctx.mask(L, key_start, keys.shape[2], self.sliding_window, key_bias, keys.dtype)
-        if ctx.observer is not None:
-            ctx.observer(self.sliding_window is not None, queries, keys, key_start, mask)
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        return self._prefill_attention(queries, keys, values, ctx, key_start, key_bias)
+
+    def _prefill_attention(
+        self, queries: mx.array, keys: mx.array, values: mx.array, ctx: AttentionContext, key_start: int,
+        key_bias: SpanBias | None,
+    ) -> mx.array:
+        """Attention of this call's queries over keys/values at absolute positions key_start.. (the last
+        key is the last query's), one block of queries at a time: each block reads only the keys it may
+        see, its sliding window or, on global layers, the keys up to its last query. One product over
+        all queries and keys computes and then masks away the rest: on a 2048-token pass of the CPU
+        benchmark model, 3.6 s against 0.34 s for a sliding layer, 5.0 s against 2.9 s for a global one.
+        Sliding blocks are half a window (block + window keys each); global blocks keep their scores
+        within ctx.score_bytes (`memory.query_block`)."""
+        L, window = queries.shape[2], self.sliding_window
+        if ctx.observer is not None:  # diagnostics see the whole call at once
+            mask = ctx.mask(ctx.offset, L, key_start, keys.shape[2], window, key_bias, keys.dtype)
+            ctx.observer(window is not None, queries, keys, key_start, mask)
+            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        if window is None:
+            size = query_block(self.num_heads, keys.shape[2], ctx.score_bytes)
+        else:
+            size = max(window // 2, 1)
+        outputs = []
+        for first, stop in ctx.query_spans(L, size):
+            query_start = ctx.offset + first
+            lo = key_start if window is None else max(key_start, query_start - window + 1)
+            hi = ctx.offset + stop  # blocks never split a vision block: no key past its last query
+            mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, keys.dtype)
+            k_slice = slice(lo - key_start, hi - key_start)
+            outputs.append(
+                mx.fast.scaled_dot_product_attention(
+                    queries[:, :, first:stop], keys[:, :, k_slice], values[:, :, k_slice], scale=1.0, mask=mask
+                )
+            )
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
     def make_cache(self) -> LayerCache:
         if self.shape.is_sliding:

@@ -8,7 +8,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -18,8 +17,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LayerCache
 from .kernels import SpanBias
-from .masks import vision_block_ids
-from .memory import default_prefill_chunk, prefill_chunk, prefill_score_bytes, prefix_store_bytes
+from .masks import inside_block, unsplit_spans, vision_block_ids
+from .memory import PREFILL_CHUNK, prefill_score_bytes, prefix_store_bytes
 from .model import Model
 from .processing import system_turn, user_turn
 from .prompt_cache import (
@@ -83,34 +82,15 @@ def prefill_chunks(
     chunk_size: int,
     start: int = 0,
     boundaries: Sequence[int] = (),
-    size_at: Callable[[int], int] | None = None,
 ) -> list[tuple[int, int]]:
-    """Split [start, length) into chunks of about chunk_size tokens (or `size_at(position)` for the
-    chunk starting there), never cutting an image/video block (its tokens attend to each other both
-    ways, so a block must be seen whole). A chunk also ends at each of `boundaries` that is not inside
-    a block (where prefix snapshots are taken)."""
-    blocks = None if mm_token_type_ids is None else vision_block_ids(np.asarray(mm_token_type_ids)[:1])[0]
-
-    def inside_block(position: int) -> bool:
-        return (
-            blocks is not None
-            and 0 < position < length
-            and blocks[position] >= 0
-            and blocks[position] == blocks[position - 1]
-        )
-
-    stops = sorted({b for b in boundaries if start < b < length and not inside_block(b)} | {length})
-    spans = []
-    for stop in stops:
-        while start < stop:
-            end = min(start + (chunk_size if size_at is None else size_at(start)), stop)
-            if inside_block(end):
-                block = blocks[end]
-                first = int(np.argmax(blocks == block))
-                last = int(len(blocks) - np.argmax(blocks[::-1] == block))
-                end = first if first > start else last
-            spans.append((start, end))
-            start = end
+    """Split [start, length) into passes of about chunk_size tokens, never cutting an image/video
+    block (its tokens attend to each other both ways, so a block must be seen whole). A pass also
+    ends at each of `boundaries` that is not inside a block (where prefix snapshots are taken)."""
+    blocks = None if mm_token_type_ids is None else vision_block_ids(np.asarray(mm_token_type_ids)[:1])
+    spans: list[tuple[int, int]] = []
+    for stop in sorted({b for b in boundaries if start < b < length and not inside_block(blocks, b)} | {length}):
+        spans += unsplit_spans(blocks, start, stop, chunk_size)
+        start = stop
     return spans
 
 
@@ -133,9 +113,9 @@ def prefill(
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
     `on_snapshot(position, cache)` is called.
 
-    Chunks are at most `chunk_size` tokens (default: `memory.default_prefill_chunk()`) and shrink as
-    the context grows, so that a chunk's attention scores fit the memory left beside the weights
-    (`memory.prefill_chunk`, `memory.prefill_score_bytes`).
+    Passes are at most `chunk_size` tokens (default: `memory.PREFILL_CHUNK`). Attention
+    runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
+    left beside the weights (`memory.prefill_score_bytes`, `memory.query_block`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
@@ -149,11 +129,9 @@ def prefill(
             f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
         )
     logits = None
-    chunk_size = chunk_size or default_prefill_chunk()
-    size_at = partial(
-        prefill_chunk, model.config, max_chunk=chunk_size, score_bytes=prefill_score_bytes(model.nbytes)
-    )
-    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at, size_at):
+    chunk_size = chunk_size or PREFILL_CHUNK
+    score_bytes = prefill_score_bytes(model.nbytes)
+    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
         last = end == length
         logits = model.forward_embeddings(
             embeddings[:, begin:end],
@@ -161,6 +139,7 @@ def prefill(
             mm_token_type_ids=None if mm is None else mm[:, begin:end],
             logits_to_keep=logits_to_keep if last else 1,
             key_bias=key_bias,
+            score_bytes=score_bytes,
         )
         mx.eval(logits, [c.state for c in cache])
         mx.clear_cache()

@@ -25,6 +25,45 @@ def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
     return np.where(is_vision, ids, -1)
 
 
+def _rows(block_ids: np.ndarray) -> np.ndarray:
+    block_ids = np.asarray(block_ids)
+    return block_ids.reshape(-1, block_ids.shape[-1])
+
+
+def _block_through(blocks: np.ndarray, position: int) -> int | None:
+    """The row of blocks [B, L] whose vision block runs through `position` (goes on from position - 1)."""
+    if not 0 < position < blocks.shape[1]:
+        return None
+    inside = (blocks[:, position] >= 0) & (blocks[:, position] == blocks[:, position - 1])
+    return int(np.argmax(inside)) if inside.any() else None
+
+
+def inside_block(block_ids: np.ndarray | None, position: int) -> bool:
+    """Whether cutting the sequence before `position` would split a vision block (in any row)."""
+    return block_ids is not None and _block_through(_rows(block_ids), position) is not None
+
+
+def unsplit_spans(block_ids: np.ndarray | None, start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Split [start, stop) into consecutive spans of about `size` positions that never cut a vision
+    block (in any row of block_ids [B, L]): a span that would end inside a block ends before it, or
+    after it when the block starts the span (so a block longer than `size` is one span)."""
+    blocks = None if block_ids is None else _rows(block_ids)
+    spans = []
+    while start < stop:
+        end = min(start + size, stop)
+        row = None if blocks is None else _block_through(blocks, end)
+        if row is not None:
+            block = blocks[row, end]
+            first = int(np.argmax(blocks[row] == block))
+            end = first if first > start else int(blocks.shape[1] - np.argmax(blocks[row][::-1] == block))
+            # that end may fall inside another row's block: take that one whole too
+            while (row := _block_through(blocks, end)) is not None:
+                end = int(blocks.shape[1] - np.argmax(blocks[row][::-1] == blocks[row, end]))
+        spans.append((start, end))
+        start = end
+    return spans
+
+
 def _allowed(
     query_start: int,
     num_queries: int,

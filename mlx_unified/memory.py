@@ -30,19 +30,20 @@ GB = 10**9
 GIB = 1 << 30
 # Prompt tokens per prefill forward pass, at most. Long passes keep a GPU's matrix units busy (on an
 # H100, 2048-token passes read a 2K prompt of the 12B 1.26x as fast as mlx-vlm, 512-token ones
-# 0.96x); on the CPU the matrix products run as fast at 512 rows, and shorter passes save masked
-# sliding-window work (512 was 19% faster than 2048 there). Memory estimates assume the GPU's.
+# 0.96x); on the CPU, with attention by query blocks, 2048 and 512 run at the same speed.
 PREFILL_CHUNK = 2048
-PREFILL_CHUNK_CPU = 512
-# ... and, as the context grows, short enough for one layer's attention scores to fit a bound. MLX
-# fuses prefill attention only for head dims up to 128 on Metal (and materializes prefill scores on
-# CUDA), so for the 256- and 512-dim heads a pass holds its scores, [heads, pass, context], in float32
-# for the soft-max: 4.3 GB for 2048 tokens at a 32K context. The bound comes from the memory left
-# beside the weights (`prefill_score_bytes`); estimates that know no budget assume PREFILL_SCORE_BYTES.
+# Attention inside a pass runs a block of queries at a time (`attention.Attention`), each over only
+# the keys it may see. MLX fuses prefill attention only for head dims up to 128 on Metal (and
+# materializes prefill scores on CUDA and the CPU), so for the 256- and 512-dim heads a block holds its
+# scores, [heads, block, keys], in float32 for the soft-max. Sliding layers take blocks of half their
+# window (block + window keys each); global layers blocks of GLOBAL_QUERY_BLOCK queries, fewer when their
+# scores would not fit a bound that comes from the memory left beside the weights
+# (`prefill_score_bytes`); estimates that know no budget assume PREFILL_SCORE_BYTES.
+GLOBAL_QUERY_BLOCK = 256
+MIN_QUERY_BLOCK = 16
 PREFILL_SCORE_BYTES = 512 << 20
 PREFILL_SCORE_MIN_BYTES = GIB // 8
 PREFILL_SCORE_MAX_BYTES = 4 * GIB
-PREFILL_MIN_CHUNK = 128
 # Cache quantization groups (mlx-lm's QuantizedKVCache default).
 KV_GROUP_SIZE = 64
 
@@ -125,28 +126,20 @@ def kv_bytes(config: ModelConfig, context_tokens: int, kv_bits: int | None = Non
     return int(elements * element_bytes)
 
 
-def default_prefill_chunk() -> int:
-    """The longest prefill pass for the device MLX computes on: PREFILL_CHUNK on a GPU."""
-    return PREFILL_CHUNK if mx.default_device().type == mx.DeviceType.gpu else PREFILL_CHUNK_CPU
-
-
-def prefill_chunk(
-    config: ModelConfig, position: int, max_chunk: int = PREFILL_CHUNK, score_bytes: int = PREFILL_SCORE_BYTES
-) -> int:
-    """Length of the prefill pass that starts at `position`: the largest C <= max_chunk whose scores,
-    heads x C x (position + C) float32, fit `score_bytes`; at least PREFILL_MIN_CHUNK."""
-    pairs = score_bytes // (4 * config.text.num_attention_heads)
-    fits = (math.isqrt(position * position + 4 * pairs) - position) // 2
-    return max(min(max_chunk, fits), min(PREFILL_MIN_CHUNK, max_chunk))
+def query_block(heads: int, num_keys: int, score_bytes: int = PREFILL_SCORE_BYTES) -> int:
+    """Queries per global-layer attention block over `num_keys` keys: GLOBAL_QUERY_BLOCK, or fewer
+    (at least MIN_QUERY_BLOCK) so that their float32 scores, heads x block x keys, fit `score_bytes`."""
+    fits = score_bytes // (4 * heads * max(num_keys, 1))
+    return max(min(GLOBAL_QUERY_BLOCK, fits), MIN_QUERY_BLOCK)
 
 
 def prefill_score_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
-    """Bound on one prefill pass's attention scores: a quarter of what the memory budget leaves beside
+    """Bound on one prefill attention block's scores: a quarter of what the memory budget leaves beside
     the weights, kept between 128 MiB and 4 GiB.
 
-    For the 4-bit 12B (6.74 GB of weights) this is 1.18 GB on a 16 GiB Mac (passes of about 550 tokens
-    at a 32K context) and 0.46 GB on a 12 GiB Mac (about 220); with 4 GiB, passes stay at 2048 tokens
-    up to a 30K context.
+    For the 4-bit 12B (6.74 GB of weights) this is 1.18 GB on a 16 GiB Mac (global-layer blocks of 256
+    queries up to a 32K context, 140 at 128K) and 0.46 GB on a 12 GiB Mac (219 at 32K, 54 at 128K);
+    with 4 GiB, blocks stay at 256 queries up to the 256K context.
     """
     if budget_bytes is None:
         budget_bytes = memory_budget_bytes()[0]
@@ -159,16 +152,20 @@ def activation_bytes(
 ) -> int:
     """Peak transient memory of the prefill pass that reaches `context_tokens`, float32.
 
-    Counts the MLP intermediates (gate, up and their product), a few hidden-state copies, the
-    attention scores of one layer for the pass against the whole context (see `prefill_chunk`)
-    and one row of logits.
+    Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
+    the attention scores of one query block (see `query_block`; a sliding layer's block of half its
+    window over 1.5 windows of keys, when that is larger) and one row of logits.
     """
     text = config.text
     context_tokens = max(context_tokens, 1)
-    tokens = min(prefill_chunk(config, max(context_tokens - chunk, 0), chunk, score_bytes), context_tokens)
+    tokens = min(chunk, context_tokens)
     mlp = 3 * tokens * text.intermediate_size
     hidden = 4 * tokens * text.hidden_size
-    scores = text.num_attention_heads * tokens * context_tokens
+    heads = text.num_attention_heads
+    window = text.sliding_window
+    scores = heads * max(
+        query_block(heads, context_tokens, score_bytes) * context_tokens, (window // 2) * (window + window // 2)
+    )
     return 4 * (mlp + hidden + scores + text.vocab_size)
 
 

@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .decoder import TextModel
 from .kernels import SpanBias
 from .masks import vision_block_ids
+from .memory import PREFILL_SCORE_BYTES
 from .projectors import audio_soft_tokens, make_audio, make_vision
 
 MEDIA_KEYS = (
@@ -137,18 +138,19 @@ class Model(nn.Module):
         logits_to_keep: int = 0,
         key_bias: SpanBias | None = None,
         observer: AttentionObserver | None = None,
+        score_bytes: int = PREFILL_SCORE_BYTES,
     ) -> mx.array:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
         key_bias: additive score bias on a key span of global layers (audio emphasis); observer: see
-        `AttentionContext.observer`.
+        `AttentionContext.observer`; score_bytes: bound on one attention block's scores.
         """
         offset = 0 if cache is None else cache[0].offset
         blocks = None
         if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
-        h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer), cache)
+        h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer, score_bytes), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
         return self.language_model.logits(kept)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,11 +11,12 @@ from transformers import AutoTokenizer
 import mlx_unified
 from mlx_unified.cache import SharedKVCache, SlidingWindowCache
 from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.masks import unsplit_spans
 from mlx_unified.memory import (
-    PREFILL_CHUNK,
-    PREFILL_MIN_CHUNK,
+    GLOBAL_QUERY_BLOCK,
+    MIN_QUERY_BLOCK,
     PREFILL_SCORE_BYTES,
-    prefill_chunk,
+    query_block,
     released_config,
 )
 from mlx_unified.testing import tiny_checkpoint
@@ -102,18 +101,30 @@ def test_prefill_chunks_never_split_an_image_block():
     assert prefill_chunks(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
-def test_prefill_chunks_shrink_so_their_attention_scores_stay_bounded():
-    config = released_config()
-    heads = config.text.num_attention_heads
-    spans = prefill_chunks(None, 40_000, PREFILL_CHUNK, size_at=partial(prefill_chunk, config))
-    sizes = [end - start for start, end in spans]
-    assert spans[0] == (0, PREFILL_CHUNK) and spans[-1][1] == 40_000
+def test_prefill_chunks_end_at_snapshot_boundaries_outside_blocks():
+    types = np.array([[0] * 5 + [1] * 10 + [0] * 9])
+    spans = prefill_chunks(types, 24, chunk_size=8, boundaries=(3, 9, 20))
+    assert spans == [(0, 3), (3, 5), (5, 15), (15, 20), (20, 24)]  # 9 is inside the image: passed
+
+
+def test_query_spans_never_split_a_block_in_any_row():
+    blocks = np.array([[-1, 0, 0, 0, -1, -1, -1, -1], [-1, -1, -1, 0, 0, 0, 0, -1]])
+    spans = unsplit_spans(blocks, 0, 8, 2)
+    assert spans[0][0] == 0 and spans[-1][1] == 8
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-    assert sizes[:-1] == sorted(sizes[:-1], reverse=True) and sizes[-2] < 300
-    for start, end in spans:
-        assert 4 * heads * (end - start) * end <= PREFILL_SCORE_BYTES or end - start == PREFILL_MIN_CHUNK
-    # a small max chunk (the tests' 3- and 7-token chunks) is never raised to the minimum
-    assert prefill_chunk(config, 10**6, max_chunk=3) == 3
+    for _, end in spans[:-1]:
+        assert not ((blocks[:, end] >= 0) & (blocks[:, end] == blocks[:, end - 1])).any()
+    assert unsplit_spans(None, 3, 10, 4) == [(3, 7), (7, 10)]
+
+
+def test_global_query_blocks_keep_their_scores_bounded():
+    heads = released_config().text.num_attention_heads
+    assert query_block(heads, 1000) == GLOBAL_QUERY_BLOCK
+    for keys in (8192, 32768, 131072, 262144):
+        block = query_block(heads, keys)
+        assert 4 * heads * block * keys <= PREFILL_SCORE_BYTES or block == MIN_QUERY_BLOCK
+    assert query_block(heads, 32768, 1 << 30) == GLOBAL_QUERY_BLOCK  # a larger budget, full blocks
+    assert query_block(heads, 10**7) == MIN_QUERY_BLOCK
 
 
 def test_sliding_cache_never_holds_more_than_the_window():

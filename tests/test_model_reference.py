@@ -17,6 +17,7 @@ from reference import (
 import mlx_unified
 from mlx_unified import attention
 from mlx_unified.generation import prefill
+from mlx_unified.kernels import SpanBias
 
 SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
 SHAPES = {
@@ -132,6 +133,29 @@ def test_decoding_through_cache_equals_full_forward(pair, in_place, monkeypatch)
     cache = model.make_cache()
     steps = [np.array(model(mx.array(inputs["input_ids"][:, i : i + 1]), cache=cache)) for i in range(26)]
     assert relative_error(np.concatenate(steps, axis=1), full) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["text", "image+audio", "audio emphasis"])
+def test_query_blocks_equal_one_masked_product(pair, kind):
+    """Attention by query blocks (sliding: half-window blocks over their window; global: blocks of
+    MIN_QUERY_BLOCK when the score budget is tiny) equals one masked product over every key."""
+    _, model = pair
+    rng = np.random.default_rng(13)
+    inputs = text_prompt(rng, 70) if kind == "text" else image_audio_prompt(rng)
+    arrays = {k: mx.array(v) for k, v in inputs.items()}
+    h = model.embed_inputs(arrays["input_ids"], arrays)
+    options = {"mm_token_type_ids": inputs.get("mm_token_type_ids")}
+    if kind == "audio emphasis":
+        options["key_bias"] = SpanBias(8, 20, 0.7)
+
+    def one_product(*_):  # an observer makes every layer attend in one call (diagnostics' path)
+        pass
+
+    whole = np.array(model.forward_embeddings(h, observer=one_product, **options))
+    blocked = np.array(model.forward_embeddings(h, **options))
+    tiny_blocks = np.array(model.forward_embeddings(h, score_bytes=1, **options))
+    assert relative_error(blocked, whole) < 1e-5
+    assert relative_error(tiny_blocks, whole) < 1e-5
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 64])
