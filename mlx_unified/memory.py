@@ -153,8 +153,9 @@ def activation_bytes(
     """Peak transient memory of the prefill pass that reaches `context_tokens`, float32.
 
     Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
-    the attention scores of one query block (see `query_block`; a sliding layer's block of half its
-    window over 1.5 windows of keys, when that is larger) and one row of logits.
+    the larger of a global layer's query block of scores (see `query_block`; its blocks are evaluated in
+    turn) and a sliding layer's scores for the whole pass (its half-window blocks, over 1.5 windows of
+    keys each, are left to evaluate together), and one row of logits.
     """
     text = config.text
     context_tokens = max(context_tokens, 1)
@@ -164,7 +165,7 @@ def activation_bytes(
     heads = text.num_attention_heads
     window = text.sliding_window
     scores = heads * max(
-        query_block(heads, context_tokens, score_bytes) * context_tokens, (window // 2) * (window + window // 2)
+        query_block(heads, context_tokens, score_bytes) * context_tokens, tokens * (window + window // 2)
     )
     return 4 * (mlp + hidden + scores + text.vocab_size)
 
