@@ -183,15 +183,12 @@ class Attention(nn.Module):
         Sliding blocks are half a window (block + window keys each); global blocks keep their scores
         within ctx.score_bytes (`memory.query_block`)."""
         L, window = queries.shape[2], self.sliding_window
-        if ctx.observer is not None:  # diagnostics see the whole call at once
-            mask = ctx.mask(ctx.offset, L, key_start, keys.shape[2], window, key_bias, keys.dtype)
-            ctx.observer(window is not None, queries, keys, key_start, mask)
-            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
-        if window is None:
-            size = query_block(self.num_heads, keys.shape[2], ctx.score_bytes)
+        if ctx.observer is not None:
+            spans = [(0, L)]  # diagnostics see the whole call at once: one block over every key
+        elif window is None:
+            spans = ctx.query_spans(L, query_block(self.num_heads, keys.shape[2], ctx.score_bytes))
         else:
-            size = max(window // 2, 1)
-        spans = ctx.query_spans(L, size)
+            spans = ctx.query_spans(L, max(window // 2, 1))
         outputs = []
         for first, stop in spans:
             query_start = ctx.offset + first
@@ -199,8 +196,11 @@ class Attention(nn.Module):
             hi = ctx.offset + stop  # blocks never split a vision block: no key past its last query
             mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, keys.dtype)
             k_slice = slice(lo - key_start, hi - key_start)
+            block_queries, block_keys = queries[:, :, first:stop], keys[:, :, k_slice]
+            if ctx.observer is not None:
+                ctx.observer(window is not None, block_queries, block_keys, lo, mask)
             out = mx.fast.scaled_dot_product_attention(
-                queries[:, :, first:stop], keys[:, :, k_slice], values[:, :, k_slice], scale=1.0, mask=mask
+                block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
             )
             if window is None and len(spans) > 1:
                 # Left lazy, every block's scores are alive at once (the whole pass's, 2.1 GB for the

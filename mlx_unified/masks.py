@@ -38,6 +38,11 @@ def _block_through(blocks: np.ndarray, position: int) -> int | None:
     return int(np.argmax(inside)) if inside.any() else None
 
 
+def _block_end(blocks: np.ndarray, row: int, position: int) -> int:
+    """One past the last position of the block that holds `position` in `row`."""
+    return int(blocks.shape[1] - np.argmax(blocks[row][::-1] == blocks[row, position]))
+
+
 def inside_block(block_ids: np.ndarray | None, position: int) -> bool:
     """Whether cutting the sequence before `position` would split a vision block (in any row)."""
     return block_ids is not None and _block_through(_rows(block_ids), position) is not None
@@ -53,12 +58,11 @@ def unsplit_spans(block_ids: np.ndarray | None, start: int, stop: int, size: int
         end = min(start + size, stop)
         row = None if blocks is None else _block_through(blocks, end)
         if row is not None:
-            block = blocks[row, end]
-            first = int(np.argmax(blocks[row] == block))
-            end = first if first > start else int(blocks.shape[1] - np.argmax(blocks[row][::-1] == block))
+            first = int(np.argmax(blocks[row] == blocks[row, end]))
+            end = first if first > start else _block_end(blocks, row, end)
             # that end may fall inside another row's block: take that one whole too
             while (row := _block_through(blocks, end)) is not None:
-                end = int(blocks.shape[1] - np.argmax(blocks[row][::-1] == blocks[row, end]))
+                end = _block_end(blocks, row, end)
         spans.append((start, end))
         start = end
     return spans
