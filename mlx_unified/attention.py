@@ -31,7 +31,7 @@ from .kernels import (
 )
 from .kernels.rope_tables import rope_fused
 from .masks import attention_mask, unsplit_spans
-from .memory import PREFILL_SCORE_BYTES, query_block
+from .memory import PREFILL_SCORE_BYTES, query_block, sliding_query_block
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
 AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
@@ -180,15 +180,15 @@ class Attention(nn.Module):
         see, its sliding window or, on global layers, the keys up to its last query. One product over
         all queries and keys computes and then masks away the rest: on a 2048-token pass of the CPU
         benchmark model, 3.6 s against 0.34 s for a sliding layer, 5.0 s against 2.9 s for a global one.
-        Sliding blocks are half a window (block + window keys each); global blocks keep their scores
-        within ctx.score_bytes (`memory.query_block`)."""
+        Blocks are sized so that what they mask away stays small (`memory.sliding_query_block`,
+        `memory.query_block`); global blocks also keep their scores within ctx.score_bytes."""
         L, window = queries.shape[2], self.sliding_window
         if ctx.observer is not None:
             spans = [(0, L)]  # diagnostics see the whole call at once: one block over every key
         elif window is None:
-            spans = ctx.query_spans(L, query_block(self.num_heads, keys.shape[2], ctx.score_bytes))
+            spans = ctx.query_spans(L, query_block(self.num_heads, keys.shape[2], ctx.score_bytes, L))
         else:
-            spans = ctx.query_spans(L, max(window // 2, 1))
+            spans = ctx.query_spans(L, sliding_query_block(window))
         outputs = []
         for first, stop in spans:
             query_start = ctx.offset + first

@@ -35,10 +35,15 @@ PREFILL_CHUNK = 2048
 # Attention inside a pass runs a block of queries at a time (`attention.Attention`), each over only
 # the keys it may see. MLX fuses prefill attention only for head dims up to 128 on Metal (and
 # materializes prefill scores on CUDA and the CPU), so for the 256- and 512-dim heads a block holds its
-# scores, [heads, block, keys], in float32 for the soft-max. Sliding layers take blocks of half their
-# window (block + window keys each); global layers blocks of GLOBAL_QUERY_BLOCK queries, fewer when their
-# scores would not fit a bound that comes from the memory left beside the weights
-# (`prefill_score_bytes`); estimates that know no budget assume PREFILL_SCORE_BYTES.
+# scores, [heads, block, keys], in float32 for the soft-max. A block also computes, then masks away, the
+# scores above its diagonal (and, on sliding layers, those before its first query's window): blocks are
+# sized so that this waste is at most 1/BLOCK_WASTE_DIVISOR of the scores needed. Sliding layers take
+# blocks of window / 8 queries (block + window - 1 keys each; half-window blocks computed 1.5x what
+# they need); global layers blocks of up to GLOBAL_QUERY_BLOCK queries, fewer in short passes (a
+# 256-token prompt in one block computes twice its causal triangle) and when their scores would not
+# fit a bound that comes from the memory left beside the weights (`prefill_score_bytes`); estimates
+# that know no budget assume PREFILL_SCORE_BYTES.
+BLOCK_WASTE_DIVISOR = 8
 GLOBAL_QUERY_BLOCK = 256
 MIN_QUERY_BLOCK = 16
 PREFILL_SCORE_BYTES = 512 << 20
@@ -126,11 +131,27 @@ def kv_bytes(config: ModelConfig, context_tokens: int, kv_bits: int | None = Non
     return int(elements * element_bytes)
 
 
-def query_block(heads: int, num_keys: int, score_bytes: int = PREFILL_SCORE_BYTES) -> int:
-    """Queries per global-layer attention block over `num_keys` keys: GLOBAL_QUERY_BLOCK, or fewer
-    (at least MIN_QUERY_BLOCK) so that their float32 scores, heads x block x keys, fit `score_bytes`."""
+def query_block(
+    heads: int, num_keys: int, score_bytes: int = PREFILL_SCORE_BYTES, num_queries: int | None = None
+) -> int:
+    """Queries per global-layer attention block when `num_queries` new queries (default: those of the
+    longest pass that ends at key `num_keys`) attend over `num_keys` keys, the last query's included:
+    GLOBAL_QUERY_BLOCK, or fewer, at least MIN_QUERY_BLOCK, so that the scores a block masks away
+    above its diagonal (block / 2 a query) stay within 1/BLOCK_WASTE_DIVISOR of those needed (on
+    average num_keys - num_queries / 2 a query), and so that their float32 scores, heads x block x
+    keys, fit `score_bytes`."""
+    num_queries = min(PREFILL_CHUNK, num_keys) if num_queries is None else num_queries
+    twice_needed = max(2 * num_keys - num_queries, 1)  # block / 2 <= needed / divisor
+    low_waste = twice_needed // BLOCK_WASTE_DIVISOR
     fits = score_bytes // (4 * heads * max(num_keys, 1))
-    return max(min(GLOBAL_QUERY_BLOCK, fits), MIN_QUERY_BLOCK)
+    return max(min(GLOBAL_QUERY_BLOCK, low_waste, fits), MIN_QUERY_BLOCK)
+
+
+def sliding_query_block(window: int) -> int:
+    """Queries per sliding-layer attention block: each reads block + window - 1 keys for the window
+    its queries need, so the masked-away share is (block - 1) / window. Small windows (test models)
+    still get blocks of several queries, up to MIN_QUERY_BLOCK."""
+    return max(window // BLOCK_WASTE_DIVISOR, min(window, MIN_QUERY_BLOCK))
 
 
 def prefill_score_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
@@ -154,8 +175,8 @@ def activation_bytes(
 
     Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
     the larger of a global layer's query block of scores (see `query_block`; its blocks are evaluated in
-    turn) and a sliding layer's scores for the whole pass (its half-window blocks, over 1.5 windows of
-    keys each, are left to evaluate together), and one row of logits.
+    turn) and a sliding layer's scores for the whole pass (its blocks, over block + window keys each,
+    are left to evaluate together), and one row of logits.
     """
     text = config.text
     context_tokens = max(context_tokens, 1)
@@ -165,7 +186,8 @@ def activation_bytes(
     heads = text.num_attention_heads
     window = text.sliding_window
     scores = heads * max(
-        query_block(heads, context_tokens, score_bytes) * context_tokens, tokens * (window + window // 2)
+        query_block(heads, context_tokens, score_bytes, tokens) * context_tokens,
+        tokens * (window + sliding_query_block(window)),
     )
     return 4 * (mlp + hidden + scores + text.vocab_size)
 

@@ -119,7 +119,11 @@ def test_query_spans_never_split_a_block_in_any_row():
 
 def test_global_query_blocks_keep_their_scores_bounded():
     heads = released_config().text.num_attention_heads
-    assert query_block(heads, 1000) == GLOBAL_QUERY_BLOCK
+    assert query_block(heads, 20000, num_queries=100) == GLOBAL_QUERY_BLOCK  # a turn after a long prefix
+    # A 256-token prompt: blocks of 32 compute 1/8 more than its causal triangle (one block: twice it).
+    assert query_block(heads, 256, num_queries=256) == 32
+    assert query_block(heads, 64, num_queries=64) == MIN_QUERY_BLOCK
+    assert query_block(heads, 2048) == GLOBAL_QUERY_BLOCK
     for keys in (8192, 32768, 131072, 262144):
         block = query_block(heads, keys)
         assert 4 * heads * block * keys <= PREFILL_SCORE_BYTES or block == MIN_QUERY_BLOCK

@@ -137,8 +137,9 @@ def test_decoding_through_cache_equals_full_forward(pair, in_place, monkeypatch)
 
 @pytest.mark.parametrize("kind", ["text", "image+audio", "audio emphasis"])
 def test_query_blocks_equal_one_masked_product(pair, kind):
-    """Attention by query blocks (sliding: half-window blocks over their window; global: blocks of
-    MIN_QUERY_BLOCK when the score budget is tiny) equals one masked product over every key."""
+    """Attention by query blocks (sliding: blocks of several queries over their windows; global:
+    blocks of MIN_QUERY_BLOCK, as in short passes and when the score budget is tiny) equals one
+    masked product over every key."""
     _, model = pair
     rng = np.random.default_rng(13)
     inputs = text_prompt(rng, 70) if kind == "text" else image_audio_prompt(rng)
@@ -182,3 +183,27 @@ def test_greedy_tokens_match_reference_generate(pair, kind):
         tokens.append(token)
         logits = model(mx.array([[token]]), cache=cache)
     assert tokens == expected
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu"])
+def test_geglu_is_bit_identical_to_the_reference_in_bf16(activation):
+    """The MLP's act(gate) * up in bf16, as the released weights run: the products equal the
+    reference's bit for bit (PyTorch computes the activation in float32 and rounds it once), but for
+    gates below about -5, where the reference's float32 tanh has saturated to -1 (0 against ~1e-7)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from mlx_unified.decoder import geglu_erf, geglu_tanh
+
+    rng = np.random.default_rng(14)
+    gate, up = (rng.normal(0, 3, (64, 1024)).astype(np.float32) for _ in range(2))
+    to_torch = lambda a: torch.tensor(a).to(torch.bfloat16)  # noqa: E731
+    expected = (ACT2FN[activation](to_torch(gate)) * to_torch(up)).float().numpy()
+    geglu = geglu_tanh if activation == "gelu_pytorch_tanh" else geglu_erf
+    got = geglu(mx.array(gate).astype(mx.bfloat16), mx.array(up).astype(mx.bfloat16))
+    assert got.dtype == mx.bfloat16
+    got = np.array(got.astype(mx.float32))
+    bulk = np.abs(gate) < 4.5
+    assert bulk.mean() > 0.8
+    assert np.array_equal(got[bulk], expected[bulk])
+    assert (np.abs(got - expected) <= 2e-7 * (1 + np.abs(up))).all()  # |gelu| < 2e-7 there

@@ -59,10 +59,14 @@ def rope_fused(x: mx.array, offset: int, spec: RopeSpec) -> mx.array:
 
 
 def rope_reference(x: mx.array, positions: mx.array, spec: RopeSpec) -> mx.array:
-    """float32 rotate-half RoPE of `x [..., P, D]` at `positions [P]` (int)."""
-    head_dim = x.shape[-1]
-    angle = positions.astype(mx.float32)[:, None] * inv_freq(spec, head_dim)[None, :]
+    """float32 rotate-half RoPE of `x [..., P, D]` at `positions [P]` (int).
+
+    Only the rotated pairs are computed: the others (zero frequency) pass through as they are, which
+    is what a rotation by angle 0 gives, so the proportional RoPE (64 of 256 pairs) costs a quarter."""
+    half, pairs = x.shape[-1] // 2, rotated_pairs(spec, x.shape[-1])
+    angle = positions.astype(mx.float32)[:, None] * inv_freq(spec, x.shape[-1])[None, :pairs]
     cos, sin = mx.cos(angle), mx.sin(angle)
     x = x.astype(mx.float32)
-    first, second = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-    return mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    first, second = x[..., :pairs], x[..., half : half + pairs]
+    rotated = [first * cos - second * sin, x[..., pairs:half], second * cos + first * sin, x[..., half + pairs :]]
+    return mx.concatenate(rotated, axis=-1)
