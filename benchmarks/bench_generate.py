@@ -99,7 +99,25 @@ def _stats(prompt_tokens, start, first, last, count, peak_gb) -> dict:
     }
 
 
-def kv_table(contexts=KV_CONTEXTS, chunk: int = 4096) -> list[dict]:
+def fill_caches(ours_model, vlm_model, context: int, random: bool = False, chunk: int = 4096) -> tuple[list, list]:
+    """New caches of both models holding `context` positions of the same bf16 keys/values (zeros, or
+    random ones), fed `chunk` positions at a time (ours: only the values on global K=V layers)."""
+    ours_cache, vlm_cache = ours_model.make_cache(), vlm_model.make_cache()
+    for layer, ours_c, vlm_c in zip(ours_model.language_model.layers, ours_cache, vlm_cache, strict=True):
+        shape = layer.self_attn.shape
+        done = 0
+        while done < context:
+            n = min(chunk, context - done)
+            size = (1, shape.num_kv_heads, n, shape.head_dim)
+            x = (0.3 * mx.random.normal(size) if random else mx.zeros(size)).astype(mx.bfloat16)
+            ours_c.update_and_fetch(x) if shape.k_eq_v else ours_c.update_and_fetch(x, x)
+            vlm_c.update_and_fetch(x, x)
+            done += n
+        mx.eval([ours_c.state, vlm_c.state])
+    return ours_cache, vlm_cache
+
+
+def kv_table(contexts=KV_CONTEXTS) -> list[dict]:
     """KV bytes of both libraries' caches for the released 12B shapes at long contexts."""
     from mlx_vlm.models.gemma4_unified import Model as VlmModel
     from mlx_vlm.models.gemma4_unified import ModelConfig as VlmConfig
@@ -109,20 +127,10 @@ def kv_table(contexts=KV_CONTEXTS, chunk: int = 4096) -> list[dict]:
     vlm_model = VlmModel(VlmConfig.from_dict(_vlm_released_config()))
     rows = []
     for context in contexts:
-        ours_cache, vlm_cache = ours_model.make_cache(), vlm_model.make_cache()
+        ours_cache, vlm_cache = fill_caches(ours_model, vlm_model, context)
         for layer, ours_c, vlm_c in zip(ours_model.language_model.layers, ours_cache, vlm_cache, strict=True):
-            shape = layer.self_attn.shape
-            done = 0
-            while done < context:
-                n = min(chunk, context - done)
-                x = mx.zeros((1, shape.num_kv_heads, n, shape.head_dim), dtype=mx.bfloat16)
-                if shape.k_eq_v:
-                    ours_c.update_and_fetch(x)
-                else:
-                    ours_c.update_and_fetch(x, x)
-                vlm_c.update_and_fetch(x, x)
-                done += n
             # one decode step settles rotating caches to their steady state
+            shape = layer.self_attn.shape
             one = mx.zeros((1, shape.num_kv_heads, 1, shape.head_dim), dtype=mx.bfloat16)
             ours_c.update_and_fetch(one) if shape.k_eq_v else ours_c.update_and_fetch(one, one)
             vlm_c.update_and_fetch(one, one)
