@@ -31,7 +31,7 @@ from .kernels import (
 )
 from .kernels.rope_tables import rope_fused
 from .masks import attention_mask, unsplit_spans
-from .memory import PREFILL_SCORE_BYTES, query_block, sliding_query_block
+from .memory import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
 AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
@@ -189,6 +189,11 @@ class Attention(nn.Module):
             spans = ctx.query_spans(L, query_block(self.num_heads, keys.shape[2], ctx.score_bytes, L))
         else:
             spans = ctx.query_spans(L, sliding_query_block(window))
+        # Each evaluation in turn waits for the device: a short pass, whose blocks together hold no
+        # more scores than one full block, need not.
+        in_turn = window is None and len(spans) > 1 and not global_blocks_together(
+            self.num_heads, L, keys.shape[2], ctx.score_bytes
+        )
         outputs = []
         for first, stop in spans:
             query_start = ctx.offset + first
@@ -202,7 +207,7 @@ class Attention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(
                 block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
             )
-            if window is None and len(spans) > 1:
+            if in_turn:
                 # Left lazy, every block's scores are alive at once (the whole pass's, 2.1 GB for the
                 # 12B at 32K); evaluated in turn, one block's (at 8K on the CPU: 78 MB against 503 MB,
                 # as fast). mx.depends or async_eval still kept about four blocks' (272 MB).

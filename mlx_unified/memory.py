@@ -147,6 +147,13 @@ def query_block(
     return max(min(GLOBAL_QUERY_BLOCK, low_waste, fits), MIN_QUERY_BLOCK)
 
 
+def global_blocks_together(heads: int, num_queries: int, num_keys: int, score_bytes: int) -> bool:
+    """Whether a global layer's query blocks may be left to evaluate together (all their scores alive
+    at once, at most every query's over every key): only when that is no more than one full block
+    holds, GLOBAL_QUERY_BLOCK queries, and fits `score_bytes`. Else they are evaluated in turn."""
+    return num_queries <= GLOBAL_QUERY_BLOCK and 4 * heads * num_queries * num_keys <= score_bytes
+
+
 def sliding_query_block(window: int) -> int:
     """Queries per sliding-layer attention block: each reads block + window - 1 keys for the window
     its queries need, so the masked-away share is (block - 1) / window. Small windows (test models)
@@ -174,9 +181,10 @@ def activation_bytes(
     """Peak transient memory of the prefill pass that reaches `context_tokens`, float32.
 
     Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
-    the larger of a global layer's query block of scores (see `query_block`; its blocks are evaluated in
-    turn) and a sliding layer's scores for the whole pass (its blocks, over block + window keys each,
-    are left to evaluate together), and one row of logits.
+    the larger of a global layer's scores (the whole pass's when `global_blocks_together`, else one query
+    block's, see `query_block`: its blocks are then evaluated in turn) and a sliding layer's scores for
+    the whole pass (its blocks, over block + window keys each, are left to evaluate together), and one
+    row of logits.
     """
     text = config.text
     context_tokens = max(context_tokens, 1)
@@ -185,10 +193,10 @@ def activation_bytes(
     hidden = 4 * tokens * text.hidden_size
     heads = text.num_attention_heads
     window = text.sliding_window
-    scores = heads * max(
-        query_block(heads, context_tokens, score_bytes, tokens) * context_tokens,
-        tokens * (window + sliding_query_block(window)),
-    )
+    global_queries = tokens
+    if not global_blocks_together(heads, tokens, context_tokens, score_bytes):
+        global_queries = query_block(heads, context_tokens, score_bytes, tokens)
+    scores = heads * max(global_queries * context_tokens, tokens * (window + sliding_query_block(window)))
     return 4 * (mlp + hidden + scores + text.vocab_size)
 
 

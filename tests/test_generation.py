@@ -16,6 +16,7 @@ from mlx_unified.memory import (
     GLOBAL_QUERY_BLOCK,
     MIN_QUERY_BLOCK,
     PREFILL_SCORE_BYTES,
+    global_blocks_together,
     query_block,
     released_config,
 )
@@ -129,6 +130,14 @@ def test_global_query_blocks_keep_their_scores_bounded():
         assert 4 * heads * block * keys <= PREFILL_SCORE_BYTES or block == MIN_QUERY_BLOCK
     assert query_block(heads, 32768, 1 << 30) == GLOBAL_QUERY_BLOCK  # a larger budget, full blocks
     assert query_block(heads, 10**7) == MIN_QUERY_BLOCK
+
+
+def test_only_short_passes_leave_global_blocks_to_evaluate_together():
+    heads = released_config().text.num_attention_heads
+    assert global_blocks_together(heads, 256, 256, PREFILL_SCORE_BYTES)  # no more than one full block
+    assert global_blocks_together(heads, 100, 20000, PREFILL_SCORE_BYTES)  # a turn after a long prefix
+    assert not global_blocks_together(heads, 2048, 8192, 1 << 40)  # a whole pass: in turn, whatever the bound
+    assert not global_blocks_together(heads, 256, 256, 1)  # a tiny bound: in turn
 
 
 def test_sliding_cache_never_holds_more_than_the_window():
