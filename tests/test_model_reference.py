@@ -203,7 +203,7 @@ def test_geglu_is_bit_identical_to_the_reference_in_bf16(activation):
     got = geglu(mx.array(gate).astype(mx.bfloat16), mx.array(up).astype(mx.bfloat16))
     assert got.dtype == mx.bfloat16
     got = np.array(got.astype(mx.float32))
-    bulk = np.abs(gate) < 4.5
+    bulk = gate > -4.5  # large positive gates match exactly too: gelu(x) is x there
     assert bulk.mean() > 0.8
     assert np.array_equal(got[bulk], expected[bulk])
     assert (np.abs(got - expected) <= 2e-7 * (1 + np.abs(up))).all()  # |gelu| < 2e-7 there
