@@ -9,7 +9,9 @@ an argmax of its logits; mlx-vlm: `generate_step`, the forward, the logsumexp no
 argmax). A step is evaluated before the next starts, so the figures are step latencies, without the
 overlap of graph building that both loops get from `mx.async_eval`. `bench_generate.py` times the
 whole loops, but a long context there costs minutes of prefill for a few noisy decode rounds.
-Writes benchmarks/results/decode-steps.json.
+The "shared" column times alone the matrix products both libraries compute alike in a step (the
+projections and MLPs of one token, and the tied head: see `bench_prefill_split.py`); the rest of a
+step is where the two can differ. Writes benchmarks/results/decode-steps.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from bench_generate import RESULTS, fill_caches, machine_name
+from bench_prefill_split import time_shared
 
 import mlx_unified
 
@@ -66,13 +69,15 @@ def main() -> None:
     ours, theirs = mlx_unified.load_model(path), vlm_load_model(path)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     print(f"checkpoint {path}, {args.steps} steps each (medians), device {mx.default_device()} ({machine_name()})")
-    print(f"{'context':>10}{'ours ms':>12}{'mlx-vlm ms':>12}{'decode ours/vlm':>18}")
+    shared = time_shared(ours, 1, args.steps)
+    print(f"{'context':>10}{'ours ms':>12}{'mlx-vlm ms':>12}{'shared ms':>12}{'decode ours/vlm':>18}")
     rows = []
     for context in contexts:
         row = bench_context(ours, theirs, context, args.steps)
         rows.append(row)
         ms = {name: 1e3 * t for name, t in row["median_step_s"].items()}
-        print(f"{context:>10}{ms['ours']:12.1f}{ms['mlx_vlm']:12.1f}{row['decode_ratio_ours_over_mlx_vlm']:18.2f}")
+        print(f"{context:>10}{ms['ours']:12.1f}{ms['mlx_vlm']:12.1f}{1e3 * shared:12.1f}"
+              f"{row['decode_ratio_ours_over_mlx_vlm']:18.2f}")
         mx.clear_cache()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "decode-steps.json"
@@ -81,6 +86,7 @@ def main() -> None:
         "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), "
                    f"mlx {mx.__version__}",
         "checkpoint_text_config": ours.config.raw.get("text_config"),
+        "shared_products_step_s": shared,
         "rows": rows,
     }, indent=2))
     print(f"wrote {out}")

@@ -1,0 +1,49 @@
+"""The prefill split's "shared products" are exactly the linear layers both libraries compute."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.nn as nn
+import pytest
+from mlx_vlm.utils import load_model as vlm_load_model
+
+from mlx_unified.loading import load_model
+from mlx_unified.testing import tiny_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_prefill_split import shared_inputs, shared_products  # noqa: E402
+
+PROMPT_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("split") / "tiny", seed=3)
+
+
+def _linear_shapes(layers) -> list[tuple[int, int]]:
+    """(out, in) of every Linear in the decoder layers, sorted."""
+    shapes = [
+        tuple(module.weight.shape)
+        for layer in layers
+        for _, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    return sorted(shapes)
+
+
+def test_shared_products_are_every_linear_layer_of_both_libraries(checkpoint):
+    ours, theirs = load_model(checkpoint), vlm_load_model(checkpoint)
+    ours_linears = _linear_shapes(ours.language_model.layers)
+    assert ours_linears == _linear_shapes(theirs.language_model.model.layers)
+
+    outputs = shared_products(ours, shared_inputs(ours, PROMPT_TOKENS))
+    *layer_outputs, head = outputs
+    # one product per Linear, each with its output width over the whole pass
+    assert sorted((o.shape[-1], o.shape[1]) for o in layer_outputs) == sorted(
+        (out, PROMPT_TOKENS) for out, _ in ours_linears
+    )
+    assert head.shape == (1, 1, ours.config.text.vocab_size)
+
