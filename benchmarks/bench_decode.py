@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import mlx.core as mx
-from bench_generate import RESULTS, fill_caches, machine_name
+from bench_generate import RESULTS, fill_caches, load_both, machine_description, machine_name
 from bench_prefill_split import time_shared
-
-import mlx_unified
 
 
 def bench_context(ours, theirs, context: int, steps: int) -> dict:
@@ -63,10 +60,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="512,3072,8192,32768")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    from mlx_vlm.utils import load_model as vlm_load_model
-
     path = Path(args.checkpoint)
-    ours, theirs = mlx_unified.load_model(path), vlm_load_model(path)
+    ours, theirs = load_both(path)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     print(f"checkpoint {path}, {args.steps} steps each (medians), device {mx.default_device()} ({machine_name()})")
     shared = time_shared(ours, 1, args.steps)
@@ -83,8 +78,7 @@ def main() -> None:
     out = RESULTS / "decode-steps.json"
     out.write_text(json.dumps({
         "command": f"python benchmarks/bench_decode.py {path} --contexts {args.contexts} --steps {args.steps}",
-        "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), "
-                   f"mlx {mx.__version__}",
+        "machine": machine_description(),
         "checkpoint_text_config": ours.config.raw.get("text_config"),
         "shared_products_step_s": shared,
         "rows": rows,

@@ -199,8 +199,7 @@ def bench_prompt(path: Path, ours, theirs, tokenizer, prompt_tokens: int, args) 
             [str(path), f"--prompt-tokens {prompt_tokens}", f"--decode-tokens {args.decode_tokens}",
              f"--rounds {args.rounds}"] + ([f"--quantize {args.quantize}"] if args.quantize else [])
             + ([f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else [])),
-        "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), "
-                   f"mlx {mx.__version__}",
+        "machine": machine_description(),
         "checkpoint_text_config": ours.config.raw.get("text_config"),
         "quantized_in_memory_bits": args.quantize,
         "rounds": rounds,
@@ -212,6 +211,18 @@ def bench_prompt(path: Path, ours, theirs, tokenizer, prompt_tokens: int, args) 
 
 def machine_name() -> str:
     return str(mx.device_info().get("device_name", "unknown"))
+
+
+def machine_description() -> str:
+    """The machine line every result JSON of the ours-against-mlx-vlm benchmarks records."""
+    return f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), mlx {mx.__version__}"
+
+
+def load_both(path: Path) -> tuple:
+    """Our model and mlx-vlm's gemma4_unified, loaded from the same checkpoint folder."""
+    from mlx_vlm.utils import load_model as vlm_load_model
+
+    return mlx_unified.load_model(path), vlm_load_model(path)
 
 
 def main() -> None:
@@ -243,13 +254,11 @@ def main() -> None:
         parser.error("give a checkpoint folder, or --make-checkpoint DIR")
     prompt_lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
 
-    from mlx_vlm.utils import load_model as vlm_load_model
     from transformers import AutoTokenizer
 
     path = Path(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ours = mlx_unified.load_model(path)
-    theirs = vlm_load_model(path)
+    ours, theirs = load_both(path)
     if args.quantize:
         # The same modules in both: every Linear and Embedding of the language model (the tied head too).
         for model in (ours, theirs):

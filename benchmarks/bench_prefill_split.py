@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from bench_generate import RESULTS, machine_name, run_mlx_vlm, run_ours
+from bench_generate import RESULTS, load_both, machine_description, machine_name, run_mlx_vlm, run_ours
 
-import mlx_unified
 from mlx_unified.attention import AttentionContext
 
 
@@ -126,12 +124,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from mlx_vlm.utils import load_model as vlm_load_model
     from transformers import AutoTokenizer
 
     path = Path(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ours, theirs = mlx_unified.load_model(path), vlm_load_model(path)
+    ours, theirs = load_both(path)
     lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
     rows = [bench_length(ours, theirs, tokenizer, n, args.rounds) for n in lengths]
     print(f"\ncheckpoint {path}, {args.rounds} rounds (medians), device {mx.default_device()} ({machine_name()})")
@@ -146,8 +143,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": f"python benchmarks/bench_prefill_split.py {path} --prompt-tokens {args.prompt_tokens} "
                    f"--rounds {args.rounds}",
-        "machine": f"{platform.system()} {platform.machine()}, {mx.default_device()} ({machine_name()}), "
-                   f"mlx {mx.__version__}",
+        "machine": machine_description(),
         "rows": rows,
     }, indent=1))
     print(f"wrote {out}")
