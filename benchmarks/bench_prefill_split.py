@@ -28,46 +28,49 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from bench_generate import RESULTS, load_both, machine_description, machine_name, run_mlx_vlm, run_ours
 
 from mlx_unified.attention import AttentionContext
 
 
-def shared_inputs(model, prompt_tokens: int) -> dict[str, mx.array]:
-    """Random inputs of a `prompt_tokens` pass for every shared product (bf16 or the model's dtype)."""
-    config, dtype = model.config.text, model.dtype
-    sizes = {"hidden": config.hidden_size, "intermediate": config.intermediate_size}
-    sizes |= {f"heads{layer.self_attn.shape.head_dim}": layer.self_attn.num_heads * layer.self_attn.shape.head_dim
-              for layer in model.language_model.layers}
-    return {name: mx.random.normal((1, prompt_tokens, size)).astype(dtype) for name, size in sizes.items()}
+def decoder_linears(layers) -> list[nn.Linear]:
+    """Every Linear of these decoder layers (q/k/(v)/o projections, the MLP's three products)."""
+    return [module for layer in layers for _, module in layer.named_modules() if isinstance(module, nn.Linear)]
 
 
-def shared_products(model, inputs: dict[str, mx.array]) -> list[mx.array]:
-    """The linear layers every library computes in a prefill pass: per layer the q/k/(v)/o projections
-    and the MLP's three products, and the tied head on the last position."""
-    text, hidden, intermediate = model.language_model, inputs["hidden"], inputs["intermediate"]
-    outputs = []
-    for layer in text.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = [attn.q_proj, attn.k_proj] + ([] if attn.shape.k_eq_v else [attn.v_proj])
-        outputs += [p(hidden) for p in projections] + [attn.o_proj(inputs[f"heads{attn.shape.head_dim}"])]
-        outputs += [mlp.gate_proj(hidden), mlp.up_proj(hidden), mlp.down_proj(intermediate)]
-    outputs.append(text.embed_tokens.as_linear(hidden[:, -1:]))
+def shared_inputs(model, prompt_tokens: int) -> dict[int, mx.array]:
+    """Random inputs of a `prompt_tokens` pass for every shared product, by input width (model dtype)."""
+    widths = {linear.weight.shape[1] for linear in decoder_linears(model.language_model.layers)}
+    widths.add(model.config.text.hidden_size)  # the head's
+    return {width: mx.random.normal((1, prompt_tokens, width)).astype(model.dtype) for width in widths}
+
+
+def shared_products(model, inputs: dict[int, mx.array]) -> list[mx.array]:
+    """The linear layers every library computes in a prefill pass: each decoder layer's Linears, and
+    the tied head on the last position."""
+    text = model.language_model
+    outputs = [linear(inputs[linear.weight.shape[1]]) for linear in decoder_linears(text.layers)]
+    outputs.append(text.embed_tokens.as_linear(inputs[text.config.hidden_size][:, -1:]))
     return outputs
+
+
+def median_seconds(build, rounds: int) -> float:
+    """Median over `rounds` of building and evaluating the arrays `build()` returns, after one untimed
+    round (as the prefills get one)."""
+    times = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        mx.eval(build())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def time_shared(model, prompt_tokens: int, rounds: int) -> float:
     inputs = shared_inputs(model, prompt_tokens)
     mx.eval(inputs)
-    times = []
-    for _ in range(rounds + 1):  # the first round is untimed, as the prefills' are
-        outputs = shared_products(model, inputs)
-        start = time.perf_counter()
-        mx.eval(outputs)
-        times.append(time.perf_counter() - start)
-        del outputs
-    return statistics.median(times[1:])
+    return median_seconds(lambda: shared_products(model, inputs), rounds)
 
 
 def time_attention(model, prompt_tokens: int, rounds: int) -> float:
@@ -80,15 +83,14 @@ def time_attention(model, prompt_tokens: int, rounds: int) -> float:
         keys = mx.random.normal((1, shape.num_kv_heads, prompt_tokens, shape.head_dim)).astype(model.dtype)
         inputs.append((queries, keys))
     mx.eval(inputs)
-    times = []
-    for _ in range(rounds + 1):
+
+    def calls() -> list[mx.array]:
         ctx = AttentionContext(0, None)
-        start = time.perf_counter()
         # keys stand for the values too: the cost is the same, and K=V layers do share them
         pairs = zip(layers, inputs, strict=True)
-        mx.eval([attn._prefill_attention(q, k, k, ctx, 0, None) for attn, (q, k) in pairs])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        return [attn._prefill_attention(q, k, k, ctx, 0, None) for attn, (q, k) in pairs]
+
+    return median_seconds(calls, rounds)
 
 
 def bench_length(ours, theirs, tokenizer, prompt_tokens: int, rounds: int) -> dict:

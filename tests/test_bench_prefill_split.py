@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import mlx.nn as nn
 import pytest
 from mlx_vlm.utils import load_model as vlm_load_model
 
@@ -13,7 +12,7 @@ from mlx_unified.loading import load_model
 from mlx_unified.testing import tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_prefill_split import shared_inputs, shared_products  # noqa: E402
+from bench_prefill_split import decoder_linears, shared_inputs, shared_products  # noqa: E402
 
 PROMPT_TOKENS = 5
 
@@ -25,13 +24,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def _linear_shapes(layers) -> list[tuple[int, int]]:
     """(out, in) of every Linear in the decoder layers, sorted."""
-    shapes = [
-        tuple(module.weight.shape)
-        for layer in layers
-        for _, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
-    ]
-    return sorted(shapes)
+    return sorted(tuple(linear.weight.shape) for linear in decoder_linears(layers))
 
 
 def test_shared_products_are_every_linear_layer_of_both_libraries(checkpoint):
