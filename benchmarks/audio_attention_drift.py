@@ -111,7 +111,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp()) if args.model == "random" else Path(args.model)
     if args.model == "random":
         tiny_checkpoint(folder, seed=0)
-    random_weights = bool(load_config(folder).raw.get("mlx_unified_random_weights"))
+    random_weights = load_config(folder).random_weights
     model = mlx_unified.load_model(folder, dtype=args.dtype)
     processor = Processor.from_pretrained(folder)
     note = (

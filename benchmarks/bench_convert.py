@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from transformers import Gemma4UnifiedConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mlx_unified.config import released_config
+from mlx_unified.memory import estimate, tensor_shapes
+from mlx_unified.safetensors_stream import OutputTensor, ShardWriter
+from mlx_unified.testing.tokenizer import write_tokenizer
 
-from mlx_unified.memory import estimate, released_config, tensor_shapes  # noqa: E402
-from mlx_unified.safetensors_stream import OutputTensor, ShardWriter  # noqa: E402
-from mlx_unified.testing.tokenizer import write_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 SOURCE = CHECKPOINTS / "gemma4-12b-random-bf16"

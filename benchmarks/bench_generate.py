@@ -27,9 +27,8 @@ import mlx.nn as nn
 import numpy as np
 
 import mlx_unified
-from mlx_unified.config import ModelConfig
+from mlx_unified.config import ModelConfig, released_config
 from mlx_unified.generation import stream_generate
-from mlx_unified.memory import released_config
 from mlx_unified.testing import tiny_checkpoint
 
 RESULTS = Path(__file__).parent / "results"

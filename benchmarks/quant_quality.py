@@ -2,7 +2,7 @@
 
     python benchmarks/quant_quality.py
 
-Reference checkpoints (random weights built with transformers' gemma4_unified, tests/reference.py) are
+Reference checkpoints (random weights built with transformers' gemma4_unified, mlx_unified/testing/reference.py) are
 converted with every recipe and compared with the same checkpoint loaded in float32, on a text prompt
 and an image+audio prompt. Random weights have no structure for quantization to preserve or destroy,
 so these figures bound the error the quantizer introduces; they do not predict quality on the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +22,20 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from mlx_unified.config import ModelConfig
+from mlx_unified.convert import convert
+from mlx_unified.loading import load_model
+from mlx_unified.memory import parameter_count
+from mlx_unified.quant_recipes import supported_modes
+from mlx_unified.testing.reference import (
+    build_reference_checkpoint,
+    compare,
+    image_audio_prompt,
+    logits,
+    text_prompt,
+)
 
-from reference import TOKENS, audio_inputs, build_reference_checkpoint, image_inputs  # noqa: E402
-
-from mlx_unified.config import ModelConfig  # noqa: E402
-from mlx_unified.convert import convert  # noqa: E402
-from mlx_unified.loading import load_model  # noqa: E402
-from mlx_unified.memory import parameter_count  # noqa: E402
-from mlx_unified.quant_recipes import supported_modes  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "quant_quality.json"
+RESULTS = Path(__file__).parent / "results" / "quant_quality.json"
 # The reference's tiny shapes, with an MLP width that groups of 64 divide, so every Linear is quantized.
 CHECKPOINTS = {
     "tiny-4-layers": dict(intermediate_size=128),
@@ -71,46 +71,6 @@ CAVEAT = (
     "redundancy) that decides how real weights quantize. Read these figures as the error the quantizer "
     "introduces on weights of the released scale of values, not as the quality of a converted 12B."
 )
-
-
-def text_prompt(rng: np.random.Generator, length: int = 48) -> dict[str, np.ndarray]:
-    return {"input_ids": np.concatenate([[[2]], rng.integers(3, 480, (1, length - 1))], axis=1)}
-
-
-def image_audio_prompt(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """An image (7 patches) then an audio clip (6 frames) then text, as the processor lays them out."""
-    pixels, positions = image_inputs(rng, 7, 9, grid_width=3)
-    frames, mask = audio_inputs(rng, 6, 6)
-    ids = [2, TOKENS["boi_token_id"], *[TOKENS["image_token_id"]] * 7, TOKENS["eoi_token_id"]]
-    ids += [TOKENS["boa_token_id"], *[TOKENS["audio_token_id"]] * 6, TOKENS["eoa_token_index"]]
-    ids = np.array([ids + list(rng.integers(3, 480, 8))])
-    mm = (ids == TOKENS["image_token_id"]).astype(np.int64)
-    mm[ids == TOKENS["audio_token_id"]] = 3
-    return {
-        "input_ids": ids,
-        "pixel_values": pixels,
-        "image_position_ids": positions,
-        "input_features": frames,
-        "input_features_mask": mask,
-        "mm_token_type_ids": mm,
-    }
-
-
-def logits(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    arrays = {k: mx.array(v) for k, v in inputs.items()}
-    return np.array(model(arrays.pop("input_ids"), **arrays).astype(mx.float32))
-
-
-def compare(quantized: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Logit error (absolute, and relative to the reference logits' size) and top-1 agreement."""
-    error = np.abs(quantized - reference)
-    return {
-        "max_abs_error": float(error.max()),
-        "mean_abs_error": float(error.mean()),
-        "relative_error": float(error.max() / np.abs(reference).max()),
-        "mean_relative_error": float(error.mean() / np.abs(reference).mean()),
-        "top1_agreement": float((quantized.argmax(-1) == reference.argmax(-1)).mean()),
-    }
 
 
 def measure(workdir: Path) -> dict[str, Any]:

@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelConfig, load_config
+from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
-    RANDOM_WEIGHTS_WARNING,
     Media,
     ReplyStats,
     SegmentStart,
     assistant_message,
     format_memory,
-    has_random_weights,
     load_attachments,
     stream_reply,
     user_message,
@@ -98,7 +96,7 @@ class ModelSlot:
 
     @property
     def random_weights(self) -> bool:
-        return self.model is not None and has_random_weights(self.model.config.raw)
+        return self.model is not None and self.model.config.random_weights
 
 
 def banner_markdown(slot: ModelSlot) -> str:

@@ -14,14 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ConfigError
+from .config import RANDOM_WEIGHTS_WARNING, ConfigError
 from .conversation import (
-    RANDOM_WEIGHTS_WARNING,
     Media,
     ReplyStats,
     SegmentStart,
     assistant_message,
-    has_random_weights,
     load_media,
     stream_reply,
     user_message,
@@ -147,7 +145,7 @@ def load_model(name: str) -> tuple[Any, Any, Path]:
     started = time.perf_counter()
     model, processor = load(path, progress=True)
     print(f"Loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    if has_random_weights(model.config.raw):
+    if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     return model, processor, path
 

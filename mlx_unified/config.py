@@ -10,6 +10,14 @@ from typing import Any
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 SUPPORTED_MODEL_TYPE = "gemma4_unified"
+# `mm_token_type_ids` values, as the reference processor assigns them.
+TOKEN_TYPES = {"text": 0, "image": 1, "video": 2, "audio": 3}
+# config.json flag of checkpoints with random weights (`mlx_unified.testing.tiny_checkpoint` writes it).
+RANDOM_WEIGHTS_FLAG = "mlx_unified_random_weights"
+RANDOM_WEIGHTS_WARNING = (
+    "this checkpoint holds RANDOM weights (a test checkpoint made by mlx_unified.testing): "
+    "its replies are meaningless text"
+)
 
 
 class ConfigError(ValueError):
@@ -198,6 +206,16 @@ class ModelConfig:
     @property
     def media_token_ids(self) -> tuple[int, int, int]:
         return self.image_token_id, self.video_token_id, self.audio_token_id
+
+    @property
+    def random_weights(self) -> bool:
+        """True for test checkpoints with random weights (their output is meaningless)."""
+        return bool(self.raw.get(RANDOM_WEIGHTS_FLAG))
+
+
+def released_config() -> ModelConfig:
+    """The released google/gemma-4-12B-it configuration (the config dataclasses' defaults)."""
+    return ModelConfig(text=TextConfig(), vision=VisionConfig(), audio=AudioConfig())
 
 
 def _pick(cls: type, data: dict[str, Any]) -> Any:

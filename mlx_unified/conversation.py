@@ -26,17 +26,8 @@ from .processing import (
 )
 from .processing.audio import MAX_CLIP_SECONDS
 
-RANDOM_WEIGHTS_WARNING = (
-    "this checkpoint holds RANDOM weights (a test checkpoint made by mlx_unified.testing): "
-    "its replies are meaningless text"
-)
 # Markers of the model's hidden channel (its thinking); used when a tokenizer does not name them.
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
-
-
-def has_random_weights(config_raw: dict[str, Any]) -> bool:
-    """True for checkpoints written by `mlx_unified.testing.tiny_checkpoint` (and anything flagged so)."""
-    return bool(config_raw.get("mlx_unified_random_weights"))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.config import ConfigError, ModelConfig, load_config
+from mlx_unified.config import ConfigError, ModelConfig, load_config, released_config
 from mlx_unified.loading import ModelLoadError, hf_to_mlx_name, resolve, weight_files
 from mlx_unified.memory import (
     GB,
@@ -38,7 +38,6 @@ from mlx_unified.memory import (
     parse_size,
     plan,
     recommend,
-    released_config,
     tensor_shapes,
 )
 from mlx_unified.quant_recipes import (

@@ -18,13 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from .attention import DECODE_MAX_TOKENS
+from .config import TOKEN_TYPES
 from .generation import TURN_START, prefill
 from .kernels import SpanBias
 from .masks import additive_mask, vision_block_ids
 from .model import Model
 
 SEGMENTS = ("system", "user_text", "audio", "image", "video", "answer", "other")
-_MEDIA_SEGMENT = {1: "image", 2: "video", 3: "audio"}  # mm_token_type_ids values
 
 
 @dataclass
@@ -92,8 +92,8 @@ def segment_labels(
         elif role.startswith("user"):
             turn = types[begin:end]
             labels[begin:end] = index["user_text"]
-            for value, name in _MEDIA_SEGMENT.items():
-                labels[begin:end][turn == value] = index[name]
+            for name in ("image", "video", "audio"):
+                labels[begin:end][turn == TOKEN_TYPES[name]] = index[name]
     if answer_start is not None:
         labels[answer_start:] = index["answer"]
     return labels

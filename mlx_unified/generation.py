@@ -16,6 +16,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LayerCache
+from .config import TOKEN_TYPES
 from .kernels import SpanBias
 from .masks import inside_block, unsplit_spans, vision_block_ids
 from .memory import PREFILL_CHUNK, prefill_score_bytes, prefix_store_bytes
@@ -34,7 +35,6 @@ from .prompt_cache import (
 
 TURN_END = "<turn|>"
 TURN_START = "<|turn>"
-AUDIO_TYPE = 3  # mm_token_type_ids value of audio soft tokens
 ProgressCallback = Callable[[int, int], None]
 SnapshotCallback = Callable[[int, list[LayerCache]], None]
 
@@ -203,7 +203,7 @@ def audio_emphasis_bias(
     is_audio = (
         ids == audio_token_id
         if mm_token_type_ids is None
-        else np.asarray(mm_token_type_ids).reshape(-1) == AUDIO_TYPE
+        else np.asarray(mm_token_type_ids).reshape(-1) == TOKEN_TYPES["audio"]
     )
     positions = np.nonzero(is_audio)[0]
     if len(positions) == 0:

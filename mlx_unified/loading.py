@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .config import ConfigError, ModelConfig, load_config
+from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .model import Model
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
     model.load_weights(
         [(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
     )
-    if config.raw.get("mlx_unified_random_weights"):
-        log.warning("%s holds RANDOM weights (a test checkpoint): its output is meaningless text", path)
+    if config.random_weights:
+        log.warning("%s: %s", path, RANDOM_WEIGHTS_WARNING)
     if not lazy:
         _read_in(model, progress)
     model.eval()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .config import TOKEN_TYPES
 from .kernels import SpanBias
-
-IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
 
 def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
@@ -17,7 +16,7 @@ def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:
     `get_block_sequence_ids_for_mask`).
     """
     types = np.asarray(mm_token_type_ids)
-    is_vision = (types == IMAGE_TYPE) | (types == VIDEO_TYPE)
+    is_vision = (types == TOKEN_TYPES["image"]) | (types == TOKEN_TYPES["video"])
     prev = np.zeros_like(is_vision)
     prev[..., 1:] = is_vision[..., :-1]
     starts = is_vision & ~prev

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
+from mlx_unified.config import ModelConfig
 from mlx_unified.quant_recipes import (
     RECIPES,
     QuantParams,
@@ -51,11 +51,6 @@ PREFILL_SCORE_MIN_BYTES = GIB // 8
 PREFILL_SCORE_MAX_BYTES = 4 * GIB
 # Cache quantization groups (mlx-lm's QuantizedKVCache default).
 KV_GROUP_SIZE = 64
-
-
-def released_config() -> ModelConfig:
-    """The released google/gemma-4-12B-it configuration (the config dataclasses' defaults)."""
-    return ModelConfig(text=TextConfig(), vision=VisionConfig(), audio=AudioConfig())
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

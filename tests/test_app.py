@@ -24,15 +24,14 @@ from mlx_unified.app import (
     respond,
     save_setting,
 )
-from mlx_unified.testing import tiny_checkpoint
 
 LONG_SYSTEM = " ".join(f"Rule {i}: answer in one short sentence." for i in range(130))
 
 
 @pytest.fixture(scope="module")
-def slot(tmp_path_factory):
+def slot(tiny):
     slot = ModelSlot()
-    slot.load(str(tiny_checkpoint(tmp_path_factory.mktemp("app") / "tiny")))
+    slot.load(str(tiny.path))
     return slot
 
 

@@ -14,8 +14,6 @@ import pytest
 from media_files import write_corrupt, write_wav
 from playwright.sync_api import expect, sync_playwright
 
-from mlx_unified.testing import tiny_checkpoint
-
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,9 +36,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("app")
-    model = tiny_checkpoint(folder / "tiny")
+    model = tiny.path
     port = free_port()
     log = (folder / "app.log").open("w")
     server = subprocess.Popen(

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from bench_prefill_split import decoder_linears, shared_inputs, shared_products
 from mlx_vlm.utils import load_model as vlm_load_model
 
 from mlx_unified.loading import load_model
-from mlx_unified.testing import tiny_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_prefill_split import decoder_linears, shared_inputs, shared_products  # noqa: E402
 
 PROMPT_TOKENS = 5
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("split") / "tiny", seed=3)
+pytestmark = pytest.mark.tiny(seed=3)
 
 
 def _linear_shapes(layers) -> list[tuple[int, int]]:
@@ -27,8 +17,8 @@ def _linear_shapes(layers) -> list[tuple[int, int]]:
     return sorted(tuple(linear.weight.shape) for linear in decoder_linears(layers))
 
 
-def test_shared_products_are_every_linear_layer_of_both_libraries(checkpoint):
-    ours, theirs = load_model(checkpoint), vlm_load_model(checkpoint)
+def test_shared_products_are_every_linear_layer_of_both_libraries(tiny):
+    ours, theirs = load_model(tiny.path), vlm_load_model(tiny.path)
     ours_linears = _linear_shapes(ours.language_model.layers)
     assert ours_linears == _linear_shapes(theirs.language_model.model.layers)
 

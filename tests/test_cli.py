@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,9 @@ from media_files import voiced_bursts, write_corrupt, write_image, write_video, 
 from mlx_unified.conversation import Media, ReplyCleaner, ReplyStats, SegmentStart, stream_reply
 from mlx_unified.generation import GenerationResponse
 from mlx_unified.loading import load
-from mlx_unified.testing import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "generate.py"
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +28,6 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "video": write_video(folder / "clip.mp4"),
         "corrupt": write_corrupt(folder / "broken.wav"),
     }
-
-
-@pytest.fixture(autouse=True, scope="session")
-def prefix_cache_folder(tmp_path_factory) -> Path:
-    """Persisted prompt prefixes go to a test folder, never to the user's ~/.cache."""
-    folder = tmp_path_factory.mktemp("prefix-cache")
-    os.environ["MLX_UNIFIED_CACHE_DIR"] = str(folder)
-    return folder
 
 
 def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -67,7 +52,7 @@ def test_text_json_with_system_file(tiny, tmp_path):
     system = tmp_path / "system.txt"
     system.write_text("Réponds en français, s'il te plaît. 日本語も可。", encoding="utf-8")
     result = generate(
-        "--model", str(tiny), "--prompt", "Hello", "--system-file", str(system), "--max-tokens", "8", "--json"
+        "--model", str(tiny.path), "--prompt", "Hello", "--system-file", str(system), "--max-tokens", "8", "--json"
     )
     assert_reply(result)
     reply = json.loads(result.stdout)
@@ -80,7 +65,7 @@ def test_text_json_with_system_file(tiny, tmp_path):
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
 def test_media_streams_reply(tiny, media, kind):
     result = generate(
-        "--model", str(tiny), "--prompt", f"Describe the {kind}.", f"--{kind}", str(media[kind]),
+        "--model", str(tiny.path), "--prompt", f"Describe the {kind}.", f"--{kind}", str(media[kind]),
         "--max-tokens", "6", "--temp", "0.7", "--top-p", "0.9", "--top-k", "50", "--min-p", "0.05", "--seed", "3",
         "--image-tokens", "70",
     )  # fmt: skip
@@ -91,7 +76,7 @@ def test_media_streams_reply(tiny, media, kind):
 
 def test_chat_keeps_history_and_media_per_turn(tiny, media):
     turns = f"/audio {media['audio']}\nWhat is this?\n/image /no/such.png\nAnd this?\n/image {media['image']}\nNow?\n/quit\n"
-    result = generate("--model", str(tiny), "--chat", "--json", "--max-tokens", "4", stdin=turns)
+    result = generate("--model", str(tiny.path), "--chat", "--json", "--max-tokens", "4", stdin=turns)
     assert result.returncode == 0, result.stderr
     replies = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(replies) == 2  # the turn with the missing image was refused and skipped
@@ -113,7 +98,7 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
     # Started together: each one pays the interpreter and MLX start-up, none loads the model.
     running = {
         name: subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--model", str(tiny), "--prompt", "hi", *args],
+            [sys.executable, str(SCRIPT), "--model", str(tiny.path), "--prompt", "hi", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -185,7 +170,7 @@ def test_stats_fold_passes():
 
 
 def test_long_audio_is_answered_segment_by_segment(tiny):
-    model, processor = load(tiny)
+    model, processor = load(tiny.path)
     stats = ReplyStats()
     events = list(
         stream_reply(
@@ -206,7 +191,7 @@ def test_long_audio_is_answered_segment_by_segment(tiny):
 def test_system_prompt_prefix_is_reused_by_the_next_run(tiny, tmp_path, prefix_cache_folder):
     system = tmp_path / "persona.txt"
     system.write_text("You are a patient voice assistant. Answer briefly. " * 40, encoding="utf-8")
-    common = ["--model", str(tiny), "--system-file", str(system), "--max-tokens", "6", "--json"]
+    common = ["--model", str(tiny.path), "--system-file", str(system), "--max-tokens", "6", "--json"]
     cold = generate(*common, "--prompt", "What time is it?")
     warm = generate(*common, "--prompt", "What time is it?")
     off = generate(*common, "--prompt", "What time is it?", "--no-prompt-cache")
@@ -220,9 +205,9 @@ def test_system_prompt_prefix_is_reused_by_the_next_run(tiny, tmp_path, prefix_c
 
 
 def test_audio_emphasis_flag(tiny, media):
-    ok = generate("--model", str(tiny), "--audio", str(media["audio"]), "--prompt", "Transcribe.",
+    ok = generate("--model", str(tiny.path), "--audio", str(media["audio"]), "--prompt", "Transcribe.",
                   "--audio-emphasis", "0.4", "--max-tokens", "4")  # fmt: skip
     assert_reply(ok)
-    refused = generate("--model", str(tiny), "--prompt", "x", "--audio-emphasis", "0")
+    refused = generate("--model", str(tiny.path), "--prompt", "x", "--audio-emphasis", "0")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

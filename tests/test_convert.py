@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from mlx_lm.utils import load_model as mlx_lm_load_model
-from reference import build_reference_checkpoint, reference_logits
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from mlx_unified import convert as convert_module
@@ -23,10 +21,15 @@ from mlx_unified.loading import load_model
 from mlx_unified.model import Model
 from mlx_unified.quant_recipes import RECIPES, QuantizationError
 from mlx_unified.safetensors_stream import ShardWriter
+from mlx_unified.testing.reference import (
+    build_reference_checkpoint,
+    compare,
+    image_audio_prompt,
+    logits,
+    reference_logits,
+    text_prompt,
+)
 from mlx_unified.testing.tokenizer import write_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from quant_quality import compare, image_audio_prompt, logits, text_prompt  # noqa: E402
 
 # An MLP width that groups of 64 divide, so the default settings quantize every Linear.
 SHAPES = dict(intermediate_size=128)

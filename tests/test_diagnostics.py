@@ -7,18 +7,10 @@ import numpy as np
 import pytest
 from media_files import voiced_bursts
 
-import mlx_unified
 from mlx_unified.diagnostics import SEGMENTS, attention_share, segment_labels
-from mlx_unified.processing import Processor
-from mlx_unified.testing import tiny_checkpoint
 
 WINDOW = 16
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=5, sliding_window=WINDOW)
-    return mlx_unified.load_model(path, dtype="float32"), Processor.from_pretrained(path)
+pytestmark = pytest.mark.tiny(seed=5, sliding_window=WINDOW)
 
 
 def voice_prompt(processor, system="You are a helpful voice assistant. Follow every rule. " * 2):
@@ -37,7 +29,7 @@ def voice_prompt(processor, system="You are a helpful voice assistant. Follow ev
 
 
 def test_segments_follow_the_chat_structure(tiny):
-    _, processor = tiny
+    processor = tiny.processor
     inputs = voice_prompt(processor)
     labels = segment_labels(inputs["input_ids"][0], inputs["mm_token_type_ids"][0], processor.tokenizer)
     names = np.array(SEGMENTS)[labels]
@@ -52,7 +44,7 @@ def test_segments_follow_the_chat_structure(tiny):
 
 
 def test_shares_sum_to_one_per_layer_head_and_kind(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     share = attention_share(
         model, voice_prompt(processor), processor.tokenizer, answer_ids=[300, 301, 302, 303]
     )
@@ -70,7 +62,7 @@ def test_shares_sum_to_one_per_layer_head_and_kind(tiny):
 
 
 def test_recording_leaves_the_logits_bit_identical(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     inputs = voice_prompt(processor)
     h = model.embed(
         mx.array(inputs["input_ids"]),
@@ -91,7 +83,7 @@ def test_recording_leaves_the_logits_bit_identical(tiny):
 
 def test_measured_probabilities_match_a_direct_computation(tiny):
     """The last layer's share recomputed here from scratch, with the model's own queries and keys."""
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     inputs = voice_prompt(processor, system="Short.")
     share = attention_share(model, inputs, processor.tokenizer)
     seen = {}
@@ -116,7 +108,7 @@ def test_measured_probabilities_match_a_direct_computation(tiny):
 
 
 def test_bad_inputs_are_refused(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     with pytest.raises(ValueError, match="too short"):
         attention_share(model, {"input_ids": np.array([[2, 3, 4]])}, processor.tokenizer)
     with pytest.raises(ValueError, match="one prompt"):

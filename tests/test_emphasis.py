@@ -10,20 +10,12 @@ import pytest
 from logits_log import LogitsLog, run_logged
 from media_files import voiced_bursts
 
-import mlx_unified
 from mlx_unified.diagnostics import SEGMENTS, attention_share
 from mlx_unified.generation import audio_emphasis_bias, build_messages, generate
-from mlx_unified.processing import Processor
 from mlx_unified.prompt_cache import PromptCache
-from mlx_unified.testing import tiny_checkpoint
 
+pytestmark = pytest.mark.tiny(seed=7, sliding_window=16)
 SYSTEM = "You are a helpful voice assistant. Follow every rule. " * 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=7, sliding_window=16)
-    return mlx_unified.load_model(path, dtype="float32"), Processor.from_pretrained(path)
 
 
 def voice_messages(question="What was said?", clip=None):
@@ -36,7 +28,7 @@ def run(model, processor, prompt, **kwargs):
 
 
 def test_emphasis_one_changes_nothing_bit_for_bit(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     inputs = processor(voice_messages())
     assert (
         audio_emphasis_bias(
@@ -60,7 +52,7 @@ def test_emphasis_one_changes_nothing_bit_for_bit(tiny):
 
 
 def test_emphasis_is_the_audio_span_bias_on_global_layers(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     inputs = processor(voice_messages())
     audio = np.nonzero(inputs["mm_token_type_ids"][0] == 3)[0]
     bias = audio_emphasis_bias(
@@ -80,13 +72,13 @@ def test_emphasis_is_the_audio_span_bias_on_global_layers(tiny):
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), "strong", None])
 def test_invalid_emphasis_is_refused(tiny, bad):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     with pytest.raises(ValueError, match=r"audio_emphasis must be a number in \(0, 1\]"):
         generate(model, processor, processor(voice_messages()), max_tokens=1, audio_emphasis=bad)
 
 
 def test_lower_emphasis_raises_the_audio_share_monotonically(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     inputs = processor(voice_messages())
     answer = [300, 301, 302]
     shares = []
@@ -111,7 +103,7 @@ def test_lower_emphasis_raises_the_audio_share_monotonically(tiny):
 
 
 def test_emphasis_changes_the_reply_logits_and_stays_exact_with_the_prefix_cache(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     first, second = (
         voice_messages("What was said?"),
         voice_messages("Who spoke?", clip=voiced_bursts(1.0, seed=3)),
@@ -145,7 +137,7 @@ def test_emphasis_changes_the_reply_logits_and_stays_exact_with_the_prefix_cache
 
 
 def test_placement_media_first_and_task_reminder(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     clip = voiced_bursts(1.0)
     reminder = "Answer only from the recording."
     messages = build_messages("Transcribe this.", system=SYSTEM, audios=[clip], task_reminder=reminder)

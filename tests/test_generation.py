@@ -6,10 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
-from transformers import AutoTokenizer
 
-import mlx_unified
 from mlx_unified.cache import SharedKVCache, SlidingWindowCache
+from mlx_unified.config import released_config
 from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
 from mlx_unified.masks import unsplit_spans
 from mlx_unified.memory import (
@@ -18,22 +17,9 @@ from mlx_unified.memory import (
     PREFILL_SCORE_BYTES,
     global_blocks_together,
     query_block,
-    released_config,
 )
-from mlx_unified.testing import tiny_checkpoint
 
-
-class TokenizerOnly:
-    """Pre-tokenized prompts need only the tokenizer of a processor."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
-    return mlx_unified.load_model(path, dtype="float32"), TokenizerOnly(AutoTokenizer.from_pretrained(path))
+pytestmark = pytest.mark.tiny(seed=2)
 
 
 def prompt(tokenizer, text="Describe the picture"):
@@ -44,7 +30,7 @@ def prompt(tokenizer, text="Describe the picture"):
 
 
 def test_greedy_generation_reports_statistics(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     result = generate(model, processor, prompt(processor.tokenizer), max_tokens=12)
     assert result.generation_tokens == len(result.tokens) <= 12
     assert result.prompt_tokens == prompt(processor.tokenizer)["input_ids"].shape[1]
@@ -56,7 +42,7 @@ def test_greedy_generation_reports_statistics(tiny):
 
 
 def test_stops_at_end_of_turn_without_printing_it(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     first = generate(model, processor, prompt(processor.tokenizer), max_tokens=3).tokens[0]
     stops = stop_token_ids(model, processor.tokenizer)
     assert processor.tokenizer.convert_tokens_to_ids("<turn|>") in stops and 1 in stops
@@ -74,7 +60,7 @@ def test_stops_at_end_of_turn_without_printing_it(tiny):
 
 
 def test_max_tokens_and_streaming_pieces_add_up(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     pieces = list(stream_generate(model, processor, prompt(processor.tokenizer), max_tokens=7))
     assert len(pieces) <= 7 and pieces[-1].finish_reason in ("stop", "length")
     assert all(p.finish_reason is None for p in pieces[:-1])
@@ -83,7 +69,7 @@ def test_max_tokens_and_streaming_pieces_add_up(tiny):
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny):
-    model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     kwargs = dict(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, min_p=0.01, repetition_penalty=1.2)
     a = generate(model, processor, prompt(processor.tokenizer), seed=4, **kwargs).tokens
     b = generate(model, processor, prompt(processor.tokenizer), seed=4, **kwargs).tokens

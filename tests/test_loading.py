@@ -9,13 +9,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from reference import build_reference_checkpoint, reference_logits
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 import mlx_unified
 from mlx_unified.config import GLOBAL, SLIDING, ConfigError, ModelConfig, load_config
 from mlx_unified.loading import ModelLoadError, hf_to_mlx_name, resolve
 from mlx_unified.testing import tiny_checkpoint
+from mlx_unified.testing.reference import build_reference_checkpoint, reference_logits
 
 
 @pytest.fixture(scope="module")

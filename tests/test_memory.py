@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from reference import build_reference_checkpoint
 
-from mlx_unified.config import load_config
+from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
 from mlx_unified.memory import (
     GIB,
@@ -21,8 +20,8 @@ from mlx_unified.memory import (
     plan,
     prefix_store_bytes,
     recommend,
-    released_config,
 )
+from mlx_unified.testing.reference import build_reference_checkpoint
 
 HIDDEN, MLP, VOCAB, LAYERS = 3840, 15360, 262144, 48
 SLIDING, GLOBAL = 40, 8

@@ -5,7 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import (
+
+import mlx_unified
+from mlx_unified import attention
+from mlx_unified.generation import prefill
+from mlx_unified.kernels import SpanBias
+from mlx_unified.testing.reference import (
     TOKENS,
     audio_inputs,
     build_reference_checkpoint,
@@ -13,11 +18,6 @@ from reference import (
     reference_greedy,
     reference_logits,
 )
-
-import mlx_unified
-from mlx_unified import attention
-from mlx_unified.generation import prefill
-from mlx_unified.kernels import SpanBias
 
 SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
 SHAPES = {

@@ -10,11 +10,9 @@ import pytest
 from logits_log import run_logged
 from mlx.utils import tree_flatten
 
-import mlx_unified
 from mlx_unified.generation import default_prompt_cache, generate, prefill_chunks
 from mlx_unified.kernels import SpanBias
 from mlx_unified.memory import prefix_store_bytes
-from mlx_unified.processing import Processor
 from mlx_unified.prompt_cache import (
     DiskPrefixStore,
     PrefixKeys,
@@ -27,17 +25,11 @@ from mlx_unified.prompt_cache import (
     save_prefix,
     snapshot_cache,
 )
-from mlx_unified.testing import tiny_checkpoint
 
 WINDOW = 16
 LONG_SYSTEM = "You are a careful voice assistant. Answer briefly and never invent facts. " * 3
 SHORT_SYSTEM = "Be kind."
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=3, sliding_window=WINDOW)
-    return path, mlx_unified.load_model(path, dtype="float32"), Processor.from_pretrained(path)
+pytestmark = pytest.mark.tiny(seed=3, sliding_window=WINDOW)
 
 
 def messages(system: str, question: str) -> list[dict]:
@@ -58,7 +50,7 @@ def system_end(processor, prompt) -> int:
     "system", [LONG_SYSTEM, SHORT_SYSTEM], ids=["prefix-beyond-window", "prefix-inside-window"]
 )
 def test_second_request_reuses_the_system_prefix_and_matches_no_cache(tiny, system):
-    _, model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     first, second = messages(system, "What time is it?"), messages(system, "Tell me a joke.")
     boundary = system_end(processor, second)
     assert (boundary > WINDOW) == (system is LONG_SYSTEM)
@@ -74,7 +66,7 @@ def test_second_request_reuses_the_system_prefix_and_matches_no_cache(tiny, syst
 
 
 def test_reuse_is_bit_exact_against_the_same_chunking(tiny):
-    _, model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     prompt = messages(LONG_SYSTEM, "Tell me a joke.")
     store = PromptCache()
     cold, cold_logits = run(model, processor, prompt, prompt_cache=store)
@@ -86,7 +78,7 @@ def test_reuse_is_bit_exact_against_the_same_chunking(tiny):
 
 
 def test_next_chat_turn_reuses_the_whole_previous_prompt(tiny):
-    _, model, processor = tiny
+    model, processor = tiny.model, tiny.processor
     store = PromptCache()
     first = processor(messages(LONG_SYSTEM, "Hello there."))["input_ids"]
     extended = np.concatenate(
@@ -101,7 +93,7 @@ def test_next_chat_turn_reuses_the_whole_previous_prompt(tiny):
 
 
 def test_disk_round_trip_gives_identical_output(tiny, tmp_path):
-    path, model, processor = tiny
+    path, model, processor = tiny.path, tiny.model, tiny.processor
     prompt = messages(LONG_SYSTEM, "Tell me a joke.")
     writer = PromptCache.for_checkpoint(path, folder=tmp_path)
     run(model, processor, messages(LONG_SYSTEM, "What time is it?"), prompt_cache=writer)
@@ -116,7 +108,7 @@ def test_disk_round_trip_gives_identical_output(tiny, tmp_path):
 
 
 def test_restored_cache_is_independent_of_the_stored_snapshot(tiny):
-    _, model, _ = tiny
+    model = tiny.model
     cache = model.make_cache()
     ids = mx.array(np.arange(3, 3 + 2 * WINDOW)[None])
     model(ids, cache=cache)
@@ -137,7 +129,7 @@ def _state(model, length: int, name: str) -> PrefixState:
 
 
 def test_memory_store_is_bounded_in_bytes_least_recently_used_out(tiny):
-    _, model, _ = tiny
+    model = tiny.model
     a, b, c = (_state(model, 10, n) for n in "abc")
     keys = PrefixKeys(np.arange(3, 20), model="m")
     a.name = keys.name(10)
@@ -151,7 +143,7 @@ def test_memory_store_is_bounded_in_bytes_least_recently_used_out(tiny):
 
 
 def test_longest_stored_prefix_shorter_than_the_prompt_wins(tiny):
-    _, model, _ = tiny
+    model = tiny.model
     keys = PrefixKeys(np.arange(3, 23), model="m")
     store = PromptCache()
     for length in (5, 12, 20):
@@ -175,7 +167,7 @@ def test_prefix_names_depend_on_media_embeddings_and_the_bias_after_its_start():
 
 
 def test_saved_prefix_is_checked_on_load(tiny, tmp_path):
-    path, model, _ = tiny
+    path, model = tiny.path, tiny.model
     identity = model_identity(path)
     state = _state(model, 12, "n")
     file = save_prefix(tmp_path / "p.safetensors", state, identity)
@@ -197,7 +189,7 @@ def test_saved_prefix_is_checked_on_load(tiny, tmp_path):
 
 
 def test_disk_store_caps_its_size_oldest_first(tiny, tmp_path):
-    path, model, _ = tiny
+    path, model = tiny.path, tiny.model
     states = [_state(model, 8, f"s{i}") for i in range(3)]
     store = DiskPrefixStore(tmp_path, model_identity(path), max_bytes=1)
     store.max_bytes = 2 * states[0].nbytes + 4096  # room for two files with their headers
@@ -211,7 +203,7 @@ def test_disk_store_caps_its_size_oldest_first(tiny, tmp_path):
 
 
 def test_damaged_cache_file_is_removed_not_used(tiny, tmp_path):
-    path, model, _ = tiny
+    path, model = tiny.path, tiny.model
     store = DiskPrefixStore(tmp_path, model_identity(path))
     state = _state(model, 8, "s")
     store.put(state)
@@ -227,7 +219,7 @@ def test_prefill_chunks_end_at_snapshot_boundaries():
 
 
 def test_default_store_is_sized_for_the_model(tiny):
-    _, model, _ = tiny
+    model = tiny.model
     store = default_prompt_cache(model)
     assert store is default_prompt_cache(model)  # one store per model
     assert store.max_bytes == prefix_store_bytes(model.nbytes)

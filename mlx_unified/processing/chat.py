@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import TOKEN_TYPES
 from .audio import (
     MAX_CLIP_SECONDS,
     MAX_CLIP_TOKENS,
@@ -31,8 +32,6 @@ from .video import DEFAULT_FPS, DEFAULT_FRAME_BUDGET, frame_num_tokens, load_vid
 from .video import preprocess_video as preprocess_video_frames
 
 MEDIA_TYPES = ("image", "audio", "video")
-# `mm_token_type_ids` values, as the reference processor assigns them.
-TOKEN_TYPE = {"text": 0, "image": 1, "video": 2, "audio": 3}
 
 
 @dataclass
@@ -108,7 +107,7 @@ class Processor:
         input_ids = np.asarray(self._encode(expanded.text), dtype=np.int32)[None]
         token_types = np.zeros_like(input_ids)
         for kind, token_id in self.token_ids.items():
-            token_types[input_ids == token_id] = TOKEN_TYPE[kind]
+            token_types[input_ids == token_id] = TOKEN_TYPES[kind]
         return {"input_ids": input_ids, "mm_token_type_ids": token_types, **expanded.arrays}
 
     def count_tokens(

@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..config import RANDOM_WEIGHTS_FLAG
 from .tokenizer import write_tokenizer
 
 TINY_TEXT = dict(
@@ -53,7 +54,7 @@ def tiny_config(special: dict[str, int], vocab_size: int, **text_overrides: Any)
     return {
         "architectures": ["Gemma4UnifiedForConditionalGeneration"],
         "model_type": "gemma4_unified",
-        "mlx_unified_random_weights": True,
+        RANDOM_WEIGHTS_FLAG: True,
         "text_config": text,
         "vision_config": {
             "model_type": "gemma4_unified_vision",

@@ -1,7 +1,9 @@
-"""Random checkpoints built with the reference implementation (transformers' gemma4_unified), and its outputs.
+"""Random checkpoints built with the reference implementation (transformers' gemma4_unified), its
+outputs, and prompts in its tiny vocabulary: what the tests and benchmarks check our port against.
 
 Every parameter is drawn at random (norm weights around 1, layer_scalar in [0.5, 1.5], a random position
-table), so no part of the model passes a test by being the identity.
+table), so no part of the model passes a test by being the identity. Needs the `dev` extras (PyTorch and
+transformers).
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 import torch
 from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+from . import TINY_TEXT
 
 # Small special-token ids, inside the tiny vocabulary.
 TOKENS = dict(
@@ -27,20 +32,14 @@ VOCAB = 512
 
 
 def reference_config(**text_overrides: Any) -> Gemma4UnifiedConfig:
+    """The tiny checkpoint's text settings, shrunk further: 4 layers (2 of each kind), window 8."""
     text = dict(
-        hidden_size=64,
+        TINY_TEXT,
         intermediate_size=96,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        num_global_key_value_heads=1,
-        attention_k_eq_v=True,
         vocab_size=VOCAB,
         sliding_window=8,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
-        final_logit_softcapping=30.0,
     )
     text.update(text_overrides)
     hidden = text["hidden_size"]
@@ -117,3 +116,45 @@ def audio_inputs(rng: np.random.Generator, num_frames: int, padded: int):
     mask = np.zeros((1, padded), bool)
     mask[0, :num_frames] = True
     return frames, mask
+
+
+def text_prompt(rng: np.random.Generator, length: int = 48) -> dict[str, np.ndarray]:
+    """`<bos>` and random token ids below the special ones."""
+    return {"input_ids": np.concatenate([[[2]], rng.integers(3, 480, (1, length - 1))], axis=1)}
+
+
+def image_audio_prompt(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """An image (7 patches) then an audio clip (6 frames) then text, as the processor lays them out."""
+    pixels, positions = image_inputs(rng, 7, 9, grid_width=3)
+    frames, mask = audio_inputs(rng, 6, 6)
+    ids = [2, TOKENS["boi_token_id"], *[TOKENS["image_token_id"]] * 7, TOKENS["eoi_token_id"]]
+    ids += [TOKENS["boa_token_id"], *[TOKENS["audio_token_id"]] * 6, TOKENS["eoa_token_index"]]
+    ids = np.array([ids + list(rng.integers(3, 480, 8))])
+    mm = (ids == TOKENS["image_token_id"]).astype(np.int64)
+    mm[ids == TOKENS["audio_token_id"]] = 3
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_position_ids": positions,
+        "input_features": frames,
+        "input_features_mask": mask,
+        "mm_token_type_ids": mm,
+    }
+
+
+def logits(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Our model's float32 logits [B, L, vocab] for one of these prompts."""
+    arrays = {k: mx.array(v) for k, v in inputs.items()}
+    return np.array(model(arrays.pop("input_ids"), **arrays).astype(mx.float32))
+
+
+def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Logit error (absolute, and relative to the reference logits' size) and top-1 agreement."""
+    error = np.abs(ours - reference)
+    return {
+        "max_abs_error": float(error.max()),
+        "mean_abs_error": float(error.mean()),
+        "relative_error": float(error.max() / np.abs(reference).max()),
+        "mean_relative_error": float(error.mean() / np.abs(reference).mean()),
+        "top1_agreement": float((ours.argmax(-1) == reference.argmax(-1)).mean()),
+    }
