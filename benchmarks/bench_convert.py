@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from transformers import Gemma4UnifiedConfig
 
+from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import released_config
-from mlx_unified.memory import estimate, tensor_shapes
-from mlx_unified.safetensors_stream import OutputTensor, ShardWriter
+from mlx_unified.convert.estimate import estimate
+from mlx_unified.convert.safetensors_stream import OutputTensor, ShardWriter
 from mlx_unified.testing.tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

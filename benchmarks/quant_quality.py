@@ -24,9 +24,9 @@ import numpy as np
 
 from mlx_unified.config import ModelConfig
 from mlx_unified.convert import convert
+from mlx_unified.convert.estimate import parameter_count
+from mlx_unified.convert.recipes import supported_modes
 from mlx_unified.loading import load_model
-from mlx_unified.memory import parameter_count
-from mlx_unified.quant_recipes import supported_modes
 from mlx_unified.testing.reference import (
     build_reference_checkpoint,
     compare,

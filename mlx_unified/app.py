@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .budgets import prefix_cache_bytes
+from .checkpoint import ModelLoadError, resolve
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
@@ -32,8 +34,7 @@ from .conversation import (
     user_message,
 )
 from .generation import ProgressCallback
-from .loading import ModelLoadError, load, resolve
-from .memory import prefix_store_bytes
+from .loading import load
 from .processing import SUPPORTED_BUDGETS, MediaError
 from .prompt_cache import PromptCache
 
@@ -89,7 +90,7 @@ class ModelSlot:
         path = resolve(name)
         model, processor = load(path)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prompt_cache = PromptCache.for_checkpoint(path, max_bytes=prefix_store_bytes(model.nbytes))
+        prompt_cache = PromptCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
         with self.lock:
             self.name, self.model, self.processor = name, model, processor
             self.prompt_cache = prompt_cache
@@ -151,7 +152,8 @@ def model_config(name: str) -> ModelConfig:
 def memory_markdown(name: str | None) -> str:
     if not name:
         return ""
-    from .memory import GB, estimate, memory_budget_bytes
+    from .budgets import GB, memory_budget_bytes
+    from .convert.estimate import estimate
 
     try:
         config = model_config(name)

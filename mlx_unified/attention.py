@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from .attention_blocks import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
 from .config import LayerShape, RopeConfig, TextConfig
 from .kernels import (
@@ -31,7 +32,6 @@ from .kernels import (
 )
 from .kernels.rope_tables import rope_fused
 from .masks import attention_mask, unsplit_spans
-from .memory import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
 AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
@@ -180,8 +180,8 @@ class Attention(nn.Module):
         see, its sliding window or, on global layers, the keys up to its last query. One product over
         all queries and keys computes and then masks away the rest: on a 2048-token pass of the CPU
         benchmark model, 3.6 s against 0.34 s for a sliding layer, 5.0 s against 2.9 s for a global one.
-        Blocks are sized so that what they mask away stays small (`memory.sliding_query_block`,
-        `memory.query_block`); global blocks also keep their scores within ctx.score_bytes."""
+        Blocks are sized so that what they mask away stays small (`attention_blocks.sliding_query_block`,
+        `attention_blocks.query_block`); global blocks also keep their scores within ctx.score_bytes."""
         L, window = queries.shape[2], self.sliding_window
         if ctx.observer is not None:
             spans = [(0, L)]  # diagnostics see the whole call at once: one block over every key

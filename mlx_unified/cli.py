@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .budgets import prefix_cache_bytes
+from .checkpoint import ModelLoadError, resolve
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError
 from .conversation import (
     Media,
@@ -25,8 +27,7 @@ from .conversation import (
     user_message,
 )
 from .generation import prefill_progress_bar
-from .loading import ModelLoadError, load, resolve
-from .memory import prefix_store_bytes
+from .loading import load
 from .processing import SUPPORTED_BUDGETS, MediaError
 from .prompt_cache import PromptCache, PromptCacheError
 
@@ -275,7 +276,7 @@ def run(argv: Sequence[str] | None) -> int:
     prompt_cache = (
         None
         if args.no_prompt_cache
-        else PromptCache.for_checkpoint(folder, max_bytes=prefix_store_bytes(model.nbytes))
+        else PromptCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
     )
     if args.chat:
         chat(model, processor, args, system, media, prompt_cache)

@@ -15,11 +15,12 @@ import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .attention_blocks import PREFILL_CHUNK
+from .budgets import prefill_score_bytes, prefix_cache_bytes
 from .cache import LayerCache
 from .config import TOKEN_TYPES
 from .kernels import SpanBias
 from .masks import inside_block, unsplit_spans, vision_block_ids
-from .memory import PREFILL_CHUNK, prefill_score_bytes, prefix_store_bytes
 from .model import Model
 from .processing import system_turn, user_turn
 from .prompt_cache import (
@@ -113,9 +114,9 @@ def prefill(
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
     `on_snapshot(position, cache)` is called.
 
-    Passes are at most `chunk_size` tokens (default: `memory.PREFILL_CHUNK`). Attention
+    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`). Attention
     runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
-    left beside the weights (`memory.prefill_score_bytes`, `memory.query_block`).
+    left beside the weights (`budgets.prefill_score_bytes`, `attention_blocks.query_block`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
@@ -252,10 +253,10 @@ def prepare_inputs(
 
 def default_prompt_cache(model: Model) -> PromptCache:
     """The in-memory prefix cache that belongs to `model` (made on first use, sized to the memory
-    left beside its weights: `memory.prefix_store_bytes`)."""
+    left beside its weights: `budgets.prefix_cache_bytes`)."""
     store = getattr(model, "_prompt_cache", None)
     if store is None:
-        store = PromptCache(prefix_store_bytes(model.nbytes))
+        store = PromptCache(prefix_cache_bytes(model.nbytes))
         object.__setattr__(model, "_prompt_cache", store)  # a plain attribute, not a module parameter
     return store
 

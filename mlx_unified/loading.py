@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,54 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
+from .checkpoint import ModelLoadError, float_dtype, hf_to_mlx_name, resolve, weight_files
+from .config import RANDOM_WEIGHTS_WARNING, load_config
 from .model import Model
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
-
-# transformers' in-memory spellings of the vision weights -> the released (and our) names.
-_RENAMES = [
-    (re.compile(r"^embed_vision\.(patch_ln1|patch_dense|patch_ln2|pos_embedding|pos_norm)"), r"vision_embedder.\1"),
-    (re.compile(r"^embed_vision\.multimodal_embedder\."), "embed_vision."),
-    (re.compile(r"^embed_audio\.multimodal_embedder\."), "embed_audio."),
-]
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint cannot be loaded: missing or unreadable files, missing or unexpected weights."""
-
-
-def hf_to_mlx_name(name: str) -> str | None:
-    """Map one checkpoint tensor name to our module path; None for tensors we do not keep."""
-    if name.startswith("lm_head.") or "rotary_emb" in name:
-        return None  # the head is tied to the embeddings; rotary tables are recomputed
-    if name.startswith("model."):
-        name = name[len("model.") :]
-    for pattern, replacement in _RENAMES:
-        name = pattern.sub(replacement, name)
-    return name
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, from its index when there is one."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"{index}: unreadable index ({e})") from e
-        files = [path / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise ModelLoadError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path}: no *.safetensors weights found")
-    return files
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
@@ -104,8 +59,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a checkpoint folder")
     config = load_config(path)
-    if dtype is not None and dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    target = float_dtype(dtype or "bfloat16")
     model = Model(config)
     weights = read_weights(path)
     if config.quantization:
@@ -120,7 +74,6 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
         if unexpected:
             parts.append(f"unexpected weights: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
         raise ModelLoadError(f"{path}: " + "; ".join(parts))
-    target = DTYPES[dtype or "bfloat16"]
     model.load_weights(
         [(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
     )
@@ -132,31 +85,6 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
     return model
 
 
-def resolve(path_or_hub_id: str | Path) -> Path:
-    """A local folder as is, or a hub id downloaded (or found in the local hub cache)."""
-    local = Path(path_or_hub_id).expanduser()
-    if local.exists():
-        return local
-    repo_id = str(path_or_hub_id)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ModelLoadError(f"{repo_id}: no such folder, and not a hub id of the form owner/name")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ModelLoadError(f"{repo_id}: not found on the hub, or access not granted ({type(e).__name__})") from e
-    except LocalEntryNotFoundError as e:
-        raise ModelLoadError(f"{repo_id}: not in the local cache and the hub cannot be reached (offline?)") from e
-    except OSError as e:
-        raise ModelLoadError(f"{repo_id}: download failed ({e})") from e
-
-
 def load(path_or_hub_id: str | Path, dtype: str | None = None, progress: bool = False) -> tuple[Model, Any]:
     """(model, processor) from a local folder or a hub id."""
     from .processing import Processor
@@ -164,5 +92,3 @@ def load(path_or_hub_id: str | Path, dtype: str | None = None, progress: bool = 
     path = resolve(path_or_hub_id)
     return load_model(path, dtype=dtype, progress=progress), Processor.from_pretrained(path)
 
-
-__all__ = ["ConfigError", "ModelConfig", "ModelLoadError", "hf_to_mlx_name", "load", "load_model", "resolve"]

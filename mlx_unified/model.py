@@ -9,12 +9,12 @@ import mlx.nn as nn
 import numpy as np
 
 from .attention import AttentionContext, AttentionObserver
+from .attention_blocks import PREFILL_SCORE_BYTES
 from .cache import LayerCache
 from .config import ModelConfig
 from .decoder import TextModel
 from .kernels import SpanBias
 from .masks import vision_block_ids
-from .memory import PREFILL_SCORE_BYTES
 from .projectors import audio_soft_tokens, make_audio, make_vision
 
 MEDIA_KEYS = (

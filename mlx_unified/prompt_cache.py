@@ -33,9 +33,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from .budgets import PREFIX_CACHE_MAX_BYTES
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
 from .kernels import SpanBias
-from .memory import PREFIX_STORE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class PromptCache:
 
     def __init__(
         self,
-        max_bytes: int = PREFIX_STORE_MAX_BYTES,
+        max_bytes: int = PREFIX_CACHE_MAX_BYTES,
         disk: DiskPrefixStore | None = None,
         identity: str | None = None,
     ) -> None:
@@ -346,7 +346,7 @@ class PromptCache:
         cls,
         checkpoint: str | Path,
         *,
-        max_bytes: int = PREFIX_STORE_MAX_BYTES,
+        max_bytes: int = PREFIX_CACHE_MAX_BYTES,
         folder: str | Path | None = None,
         disk_bytes: int = DEFAULT_DISK_BYTES,
     ) -> PromptCache:

@@ -14,13 +14,13 @@ import torch
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-from mlx_unified import convert as convert_module
 from mlx_unified.config import ModelConfig
 from mlx_unified.convert import ConvertError, convert, main
+from mlx_unified.convert import conversion as convert_module
+from mlx_unified.convert.recipes import RECIPES, QuantizationError
+from mlx_unified.convert.safetensors_stream import ShardWriter
 from mlx_unified.loading import load_model
 from mlx_unified.model import Model
-from mlx_unified.quant_recipes import RECIPES, QuantizationError
-from mlx_unified.safetensors_stream import ShardWriter
 from mlx_unified.testing.reference import (
     build_reference_checkpoint,
     compare,

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_unified.cache import SharedKVCache, SlidingWindowCache
-from mlx_unified.config import released_config
-from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
-from mlx_unified.masks import unsplit_spans
-from mlx_unified.memory import (
+from mlx_unified.attention_blocks import (
     GLOBAL_QUERY_BLOCK,
     MIN_QUERY_BLOCK,
     PREFILL_SCORE_BYTES,
     global_blocks_together,
     query_block,
 )
+from mlx_unified.cache import SharedKVCache, SlidingWindowCache
+from mlx_unified.config import released_config
+from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.masks import unsplit_spans
 
 pytestmark = pytest.mark.tiny(seed=2)
 

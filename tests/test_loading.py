@@ -12,8 +12,8 @@ import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 import mlx_unified
+from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, resolve
 from mlx_unified.config import GLOBAL, SLIDING, ConfigError, ModelConfig, load_config
-from mlx_unified.loading import ModelLoadError, hf_to_mlx_name, resolve
 from mlx_unified.testing import tiny_checkpoint
 from mlx_unified.testing.reference import build_reference_checkpoint, reference_logits
 

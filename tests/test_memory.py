@@ -1,4 +1,5 @@
-"""memory.estimate against the formula, against an actual conversion, and the --plan table."""
+"""The converter's memory estimate against the formula and an actual conversion, the runtime budgets,
+and the --plan table."""
 
 from __future__ import annotations
 
@@ -7,20 +8,10 @@ import json
 import pytest
 import torch
 
+from mlx_unified.budgets import GIB, gpu_budget_bytes, memory_budget_bytes, prefix_cache_bytes
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
-from mlx_unified.memory import (
-    GIB,
-    estimate,
-    gpu_budget_bytes,
-    kv_bytes,
-    longest_context,
-    memory_budget_bytes,
-    parse_size,
-    plan,
-    prefix_store_bytes,
-    recommend,
-)
+from mlx_unified.convert.estimate import estimate, kv_bytes, longest_context, parse_size, plan, recommend
 from mlx_unified.testing.reference import build_reference_checkpoint
 
 HIDDEN, MLP, VOCAB, LAYERS = 3840, 15360, 262144, 48
@@ -111,19 +102,19 @@ def test_gpu_budget_and_sizes():
         parse_size("lots")
 
 
-def test_prefix_store_is_sized_to_the_memory_beside_the_weights():
+def test_prefix_cache_is_sized_to_the_memory_beside_the_weights():
     weights = estimate(released_config(), bits=4, group_size=64)["weights_bytes"]
-    on_16gb = prefix_store_bytes(weights, gpu_budget_bytes(16 * GIB))
-    on_12gb = prefix_store_bytes(weights, gpu_budget_bytes(12 * GIB))
+    on_16gb = prefix_cache_bytes(weights, gpu_budget_bytes(16 * GIB))
+    on_12gb = prefix_cache_bytes(weights, gpu_budget_bytes(12 * GIB))
     snapshot_21k = kv_bytes(released_config(), 21000)
     # Several 21K-token snapshots on a 16 GB Mac, at least one on 12 GB; never what the model needs.
     assert on_16gb == (gpu_budget_bytes(16 * GIB) - weights) // 2 and on_16gb > 4 * snapshot_21k
     assert snapshot_21k < on_12gb < gpu_budget_bytes(12 * GIB) - weights
-    assert prefix_store_bytes(weights, 256 * GIB) == 4 * GIB
-    assert prefix_store_bytes(weights, weights) == GIB // 4  # nothing spare: the smallest store
+    assert prefix_cache_bytes(weights, 256 * GIB) == 4 * GIB
+    assert prefix_cache_bytes(weights, weights) == GIB // 4  # nothing spare: the smallest store
     budget, source = memory_budget_bytes()
     assert budget > 0 and source
-    assert prefix_store_bytes(weights) == prefix_store_bytes(weights, budget)
+    assert prefix_cache_bytes(weights) == prefix_cache_bytes(weights, budget)
 
 
 def test_plan_trades_bits_for_context():

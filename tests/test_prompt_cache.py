@@ -10,9 +10,9 @@ import pytest
 from logits_log import run_logged
 from mlx.utils import tree_flatten
 
+from mlx_unified.budgets import prefix_cache_bytes
 from mlx_unified.generation import default_prompt_cache, generate, prefill_chunks
 from mlx_unified.kernels import SpanBias
-from mlx_unified.memory import prefix_store_bytes
 from mlx_unified.prompt_cache import (
     DiskPrefixStore,
     PrefixKeys,
@@ -222,7 +222,7 @@ def test_default_store_is_sized_for_the_model(tiny):
     model = tiny.model
     store = default_prompt_cache(model)
     assert store is default_prompt_cache(model)  # one store per model
-    assert store.max_bytes == prefix_store_bytes(model.nbytes)
+    assert store.max_bytes == prefix_cache_bytes(model.nbytes)
     assert model.nbytes == sum(w.nbytes for _, w in tree_flatten(model.parameters())) > 0
 
 

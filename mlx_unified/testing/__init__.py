@@ -14,7 +14,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..config import RANDOM_WEIGHTS_FLAG
+from ..checkpoint import tensor_shapes
+from ..config import RANDOM_WEIGHTS_FLAG, ModelConfig
 from .tokenizer import write_tokenizer
 
 TINY_TEXT = dict(
@@ -78,50 +79,6 @@ def tiny_config(special: dict[str, int], vocab_size: int, **text_overrides: Any)
     }
 
 
-def _tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the released layout for this config."""
-    text, vision = config["text_config"], config["vision_config"]
-    hidden, heads = text["hidden_size"], text["num_attention_heads"]
-    shapes: dict[str, tuple[int, ...]] = {"model.language_model.embed_tokens.weight": (text["vocab_size"], hidden)}
-    for i, kind in enumerate(text["layer_types"]):
-        p = f"model.language_model.layers.{i}."
-        sliding = kind == "sliding_attention"
-        head_dim = text["head_dim"] if sliding else text["global_head_dim"]
-        kv = text["num_key_value_heads"] if sliding else text["num_global_key_value_heads"]
-        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (kv * head_dim, hidden)
-        if sliding:
-            shapes[p + "self_attn.v_proj.weight"] = (kv * head_dim, hidden)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
-        shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
-        shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
-        for name in ("gate_proj", "up_proj"):
-            shapes[p + f"mlp.{name}.weight"] = (text["intermediate_size"], hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, text["intermediate_size"])
-        for name in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
-            shapes[p + f"{name}_layernorm.weight"] = (hidden,)
-        shapes[p + "layer_scalar"] = (1,)
-    shapes["model.language_model.norm.weight"] = (hidden,)
-    patch_dim = (vision["patch_size"] * vision["pooling_kernel_size"]) ** 2 * 3
-    dims = vision["mm_embed_dim"]
-    shapes.update(
-        {
-            "model.vision_embedder.patch_ln1.weight": (patch_dim,),
-            "model.vision_embedder.patch_ln1.bias": (patch_dim,),
-            "model.vision_embedder.patch_dense.weight": (dims, patch_dim),
-            "model.vision_embedder.patch_dense.bias": (dims,),
-            "model.vision_embedder.patch_ln2.weight": (dims,),
-            "model.vision_embedder.patch_ln2.bias": (dims,),
-            "model.vision_embedder.pos_embedding": (vision["mm_posemb_size"], 2, dims),
-            "model.vision_embedder.pos_norm.weight": (dims,),
-            "model.vision_embedder.pos_norm.bias": (dims,),
-            "model.embed_vision.embedding_projection.weight": (hidden, dims),
-            "model.embed_audio.embedding_projection.weight": (hidden, config["audio_config"]["audio_embed_dim"]),
-        }
-    )
-    return shapes
-
-
 def _random_tensor(name: str, shape: tuple[int, ...], normal: Callable[[tuple[int, ...], float], mx.array]) -> mx.array:
     if name.endswith("layer_scalar"):
         return mx.ones(shape)
@@ -165,7 +122,9 @@ def tiny_checkpoint(path: str | Path, seed: int = 0, *, device_random: bool = Fa
         return mx.array((std * rng.standard_normal(shape)).astype(np.float32))
 
     weights = {}
-    for name, shape in _tensor_shapes(config).items():
+    # The released layout: our names with a leading `model.`.
+    for name, shape in tensor_shapes(ModelConfig.from_dict(config)).items():
+        name = f"model.{name}"
         weights[name] = _random_tensor(name, shape, normal).astype(mx.bfloat16)
         mx.eval(weights[name])  # one float32 draw alive at a time
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.safetensors_stream import OutputTensor, dtype_tag
+from mlx_unified.convert.safetensors_stream import OutputTensor, dtype_tag
 
 
 class QuantizationError(ValueError):

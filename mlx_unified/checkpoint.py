@@ -1,0 +1,148 @@
+"""What a checkpoint folder holds, for the loader and the converter alike: where it is (a local folder
+or a hub download), its weight shards, the names and shapes of its tensors, its float dtypes.
+
+Nothing here builds the model or imports MLX, so the converter and the command line use it freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+# The float dtypes a checkpoint is loaded or converted to, by MLX's names (as config.json spells them).
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+# transformers' in-memory spellings of the vision weights -> the released (and our) names.
+_RENAMES = [
+    (re.compile(r"^embed_vision\.(patch_ln1|patch_dense|patch_ln2|pos_embedding|pos_norm)"), r"vision_embedder.\1"),
+    (re.compile(r"^embed_vision\.multimodal_embedder\."), "embed_vision."),
+    (re.compile(r"^embed_audio\.multimodal_embedder\."), "embed_audio."),
+]
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint cannot be loaded: missing or unreadable files, missing or unexpected weights."""
+
+
+def float_dtype(name: str) -> Any:
+    """The MLX dtype of one of FLOAT_DTYPES."""
+    import mlx.core as mx
+
+    if name not in FLOAT_DTYPES:
+        raise ModelLoadError(f"dtype {name!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    return getattr(mx, name)
+
+
+def resolve(path_or_hub_id: str | Path) -> Path:
+    """A local folder as is, or a hub id downloaded (or found in the local hub cache)."""
+    local = Path(path_or_hub_id).expanduser()
+    if local.exists():
+        return local
+    repo_id = str(path_or_hub_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ModelLoadError(f"{repo_id}: no such folder, and not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelLoadError(f"{repo_id}: not found on the hub, or access not granted ({type(e).__name__})") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelLoadError(f"{repo_id}: not in the local cache and the hub cannot be reached (offline?)") from e
+    except OSError as e:
+        raise ModelLoadError(f"{repo_id}: download failed ({e})") from e
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint, from its index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: unreadable index ({e})") from e
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ModelLoadError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weights found")
+    return files
+
+
+def model_identity(checkpoint: str | Path) -> str:
+    """A hash of a checkpoint's config.json and its weight files' names and sizes: what a saved
+    prefix state must have been computed by."""
+    folder = Path(checkpoint)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{folder}: no config.json, cannot identify the model")
+    digest = hashlib.sha256(config.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(f"|{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def hf_to_mlx_name(name: str) -> str | None:
+    """Map one checkpoint tensor name to our module path; None for tensors we do not keep."""
+    if name.startswith("lm_head.") or "rotary_emb" in name:
+        return None  # the head is tied to the embeddings; rotary tables are recomputed
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    for pattern, replacement in _RENAMES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the model in our MLX layout (CONTRACT.md), with its shape."""
+    text = config.text
+    hidden = text.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"language_model.embed_tokens.weight": (text.vocab_size, hidden)}
+    for i in range(text.num_hidden_layers):
+        layer = text.layer(i)
+        prefix = f"language_model.layers.{i}"
+        q_dim = text.num_attention_heads * layer.head_dim
+        kv_dim = layer.num_kv_heads * layer.head_dim
+        shapes[f"{prefix}.self_attn.q_proj.weight"] = (q_dim, hidden)
+        shapes[f"{prefix}.self_attn.k_proj.weight"] = (kv_dim, hidden)
+        if not layer.k_eq_v:
+            shapes[f"{prefix}.self_attn.v_proj.weight"] = (kv_dim, hidden)
+        shapes[f"{prefix}.self_attn.o_proj.weight"] = (hidden, q_dim)
+        shapes[f"{prefix}.self_attn.q_norm.weight"] = (layer.head_dim,)
+        shapes[f"{prefix}.self_attn.k_norm.weight"] = (layer.head_dim,)
+        shapes[f"{prefix}.mlp.gate_proj.weight"] = (text.intermediate_size, hidden)
+        shapes[f"{prefix}.mlp.up_proj.weight"] = (text.intermediate_size, hidden)
+        shapes[f"{prefix}.mlp.down_proj.weight"] = (hidden, text.intermediate_size)
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            shapes[f"{prefix}.{norm}_layernorm.weight"] = (hidden,)
+        shapes[f"{prefix}.layer_scalar"] = (1,)
+    shapes["language_model.norm.weight"] = (hidden,)
+    if config.vision is not None:
+        vision, embed = config.vision, config.vision.mm_embed_dim
+        shapes["vision_embedder.patch_ln1.weight"] = (vision.patch_dim,)
+        shapes["vision_embedder.patch_ln1.bias"] = (vision.patch_dim,)
+        shapes["vision_embedder.patch_dense.weight"] = (embed, vision.patch_dim)
+        shapes["vision_embedder.patch_dense.bias"] = (embed,)
+        shapes["vision_embedder.patch_ln2.weight"] = (embed,)
+        shapes["vision_embedder.patch_ln2.bias"] = (embed,)
+        shapes["vision_embedder.pos_embedding"] = (vision.mm_posemb_size, 2, embed)
+        shapes["vision_embedder.pos_norm.weight"] = (embed,)
+        shapes["vision_embedder.pos_norm.bias"] = (embed,)
+        shapes["embed_vision.embedding_projection.weight"] = (hidden, embed)
+    if config.audio is not None:
+        shapes["embed_audio.embedding_projection.weight"] = (hidden, config.audio.audio_embed_dim)
+    return shapes

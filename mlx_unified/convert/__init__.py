@@ -1,0 +1,20 @@
+"""Convert the released checkpoint to our MLX layout, optionally quantized, streaming tensor by tensor.
+
+    python convert.py --hf-path google/gemma-4-12B-it --mlx-path gemma-4-12b-4bit -q
+    python convert.py --hf-path SRC --mlx-path DST -q --recipe mixed_4_6
+    python convert.py --hf-path DST --mlx-path back-to-bf16 --dequantize
+    python convert.py --plan --memory 16GB
+
+Flags follow mlx-lm's `convert`. Memory stays bounded by one block of rows
+(`safetensors_stream.BLOCK_BYTES`), whatever the model size. The steps, one module each:
+`planning` (check the source, lay out the output shards), `recipes` (which module gets which bits),
+`conversion` (stream the blocks into the shards), `safetensors_stream` (the file format a slice at a
+time), `estimate` (memory a converted model needs, the `--plan` table) and `command` (the flags).
+The converter reads weight names and shapes from `mlx_unified.checkpoint`; it never builds the model.
+"""
+
+from mlx_unified.convert.command import main
+from mlx_unified.convert.conversion import convert
+from mlx_unified.convert.planning import ConvertError
+
+__all__ = ["ConvertError", "convert", "main"]

@@ -1,0 +1,207 @@
+"""The conversion itself: every planned tensor read a block of rows at a time from its source shard,
+cast (and quantized, or dequantized), and written at its final offset in an output shard whose header
+was laid out in advance. The output is built in a hidden sibling folder and renamed into place only
+once complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_unified.budgets import GB
+from mlx_unified.checkpoint import ModelLoadError, float_dtype, resolve
+from mlx_unified.convert.planning import (
+    ConvertError,
+    Job,
+    Layout,
+    Settings,
+    plan_conversion,
+    plan_dequantization,
+    read_source,
+)
+from mlx_unified.convert.safetensors_stream import ShardWriter, TensorInfo, read_rows, row_blocks, to_bytes
+
+# Files copied next to the weights: tokenizer, chat template, processor and generation settings.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+# Free space kept beyond the output's size (file system overhead, copied files).
+DISK_MARGIN_BYTES = 64 << 20
+
+
+def _convert_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
+    """Cast (and quantize) one tensor block by block; each output gets its share of every block."""
+    assert isinstance(job.source, TensorInfo)
+    for start, stop in row_blocks(job.source):
+        block = read_rows(job.source, start, stop)
+        if mx.issubdtype(block.dtype, mx.floating):
+            block = block.astype(dtype)
+        q = job.quant
+        parts = (
+            [block]
+            if q is None
+            else list(mx.quantize(block, group_size=q.group_size, bits=q.bits, mode=q.mode))
+        )
+        mx.eval(parts)
+        for output, part in zip(job.outputs, parts, strict=True):
+            row_bytes = output.nbytes // output.shape[0] if output.shape else output.nbytes
+            writer.write(output.name, start * row_bytes, to_bytes(part))
+
+
+def _dequantize_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
+    (output,) = job.outputs
+    if job.quant is None:
+        _convert_job(job, writer, dtype)
+        return
+    assert isinstance(job.source, list)
+    packed, *rest = job.source
+    q = job.quant
+    row_bytes = output.nbytes // output.shape[0]
+    for start, stop in row_blocks(packed):
+        weight, scales, *biases = (read_rows(t, start, stop) for t in (packed, *rest))
+        block = mx.dequantize(
+            weight, scales, biases[0] if biases else None, group_size=q.group_size, bits=q.bits, mode=q.mode
+        ).astype(dtype)
+        mx.eval(block)
+        writer.write(output.name, start * row_bytes, to_bytes(block))
+
+
+def _write_shards(layout: Layout, folder: Path, dtype: mx.Dtype, dequantize: bool) -> dict[str, Any]:
+    """Write every shard into `folder`; returns the safetensors index."""
+    count = len(layout.shards)
+    weight_map: dict[str, str] = {}
+    run = _dequantize_job if dequantize else _convert_job
+    for number, jobs in enumerate(layout.shards, start=1):
+        file_name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        outputs = [t for job in jobs for t in job.outputs]
+        writer = ShardWriter(folder / file_name, outputs, {"format": "pt" if dequantize else "mlx"})
+        try:
+            for i, job in enumerate(jobs, start=1):
+                run(job, writer, dtype)
+                _progress(f"shard {number}/{count}: {i}/{len(jobs)} tensors")
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        weight_map.update(dict.fromkeys((t.name for t in outputs), file_name))
+    _progress("", end="\n")
+    return {"metadata": {"total_size": layout.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _progress(text: str, end: str = "") -> None:
+    if sys.stderr.isatty():
+        print(f"\r{text:<60}", end=end, file=sys.stderr, flush=True)
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + DISK_MARGIN_BYTES:
+        raise ConvertError(
+            f"not enough free disk in {folder}: the output needs {needed / GB:.2f} GB, {free / GB:.2f} GB free"
+        )
+
+
+@contextmanager
+def _staging(destination: Path) -> Iterator[Path]:
+    """A hidden sibling folder that replaces `destination` only if the body completes.
+
+    On any failure or interruption the staging folder is removed and `destination` is untouched.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a run that was killed outright; never a loadable model
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = destination.parent / f".{destination.name}.previous"
+    if destination.exists():
+        destination.rename(previous)
+    staging.rename(destination)
+    if previous.exists():
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+
+
+def _copy_side_files(source: Path, folder: Path) -> None:
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    recipe: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    dequantize: bool = False,
+) -> Path:
+    """Convert (or with `dequantize`, restore the released bf16 layout); returns the output folder.
+
+    Raises ConvertError or QuantizationError with a one-line reason; nothing is left at `mlx_path`
+    unless the whole output was written.
+    """
+    destination = Path(mlx_path).expanduser().resolve()
+    if destination.exists() and not overwrite:
+        raise ConvertError(f"{destination} already exists (pass --overwrite to replace it)")
+    if dequantize and (quantize or recipe):
+        raise ConvertError("--dequantize cannot be combined with -q/--recipe")
+    try:
+        source_path = resolve(hf_path)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from e
+    if source_path.resolve() == destination:
+        raise ConvertError("--mlx-path must differ from --hf-path")
+    source = read_source(source_path, quantized=dequantize)
+    if dequantize:
+        dtype_name = dtype or "bfloat16"
+        layout, section = plan_dequantization(source, float_dtype(dtype_name)), {}
+    else:
+        settings = Settings(
+            quantize or recipe is not None, q_bits, q_group_size, q_mode, recipe or "uniform", dtype
+        )
+        layout, section, dtype_name = plan_conversion(source, settings)
+    existing = next(p for p in destination.parents if p.exists())
+    _check_disk(existing, layout.total_bytes)
+
+    config = {k: v for k, v in source.config_dict.items() if k not in ("quantization", "quantization_config")}
+    config["dtype"] = dtype_name
+    if section:
+        config["quantization"] = section
+        config["quantization_config"] = section  # the key transformers-style readers look for
+    with _staging(destination) as staging:
+        try:
+            index = _write_shards(layout, staging, float_dtype(dtype_name), dequantize)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ConvertError(f"disk full while writing {destination}; nothing was written there") from e
+            raise ConvertError(f"cannot write {destination}: {e}") from e
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        _copy_side_files(source.path, staging)
+    return destination

@@ -1,0 +1,38 @@
+"""Which parts of the package load which: the model never loads the converter, the converter never the
+model (each checked in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
+# the config, the runtime memory budgets and the prefill sizes its estimate follows.
+CONVERTER_MAY_LOAD = {
+    "mlx_unified",
+    "mlx_unified.attention_blocks",
+    "mlx_unified.budgets",
+    "mlx_unified.checkpoint",
+    "mlx_unified.config",
+}
+
+
+def loaded_by(module: str) -> list[str]:
+    """The mlx_unified modules in sys.modules after importing `module` alone."""
+    code = f"import sys, {module}; print(*sorted(m for m in sys.modules if m.startswith('mlx_unified')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_the_model_loads_no_converter_module():
+    modules = loaded_by("mlx_unified.model")
+    assert "mlx_unified.model" in modules and "mlx_unified.cache" in modules
+    assert [m for m in modules if "convert" in m or "quant_recipes" in m] == []
+
+
+def test_the_converter_loads_no_model_module():
+    modules = loaded_by("mlx_unified.convert")
+    assert "mlx_unified.convert.conversion" in modules
+    others = {m for m in modules if not m.startswith("mlx_unified.convert")}
+    assert others <= CONVERTER_MAY_LOAD, others - CONVERTER_MAY_LOAD
