@@ -28,8 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlx_unified  # noqa: E402
 from mlx_unified.config import load_config  # noqa: E402
 from mlx_unified.diagnostics import attention_share  # noqa: E402
-from mlx_unified.generation import audio_emphasis_bias, build_messages, generate  # noqa: E402
-from mlx_unified.processing import Processor  # noqa: E402
+from mlx_unified.emphasis import audio_emphasis_bias  # noqa: E402
+from mlx_unified.generation import generate  # noqa: E402
+from mlx_unified.processing import Processor, build_messages  # noqa: E402
 from mlx_unified.testing import tiny_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,7 +51,7 @@ def measure(
     messages = build_messages(question, system=system, audios=[str(audio)])
     inputs = processor(messages)
     reply = generate(
-        model, processor, inputs, max_tokens=max_tokens, audio_emphasis=emphasis, use_prompt_cache=False
+        model, processor, inputs, max_tokens=max_tokens, audio_emphasis=emphasis, use_prefix_cache=False
     )
     bias = audio_emphasis_bias(
         inputs["input_ids"], inputs["mm_token_type_ids"], model.config.audio_token_id, emphasis

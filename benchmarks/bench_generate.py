@@ -64,7 +64,7 @@ def run_ours(model, tokenizer, ids: np.ndarray, decode_tokens: int, prefill_chun
     # round prefills the whole prompt.
     chunk = {} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}
     for response in stream_generate(
-        model, TokenizerOnly(tokenizer), {"input_ids": ids}, max_tokens=decode_tokens, use_prompt_cache=False,
+        model, TokenizerOnly(tokenizer), {"input_ids": ids}, max_tokens=decode_tokens, use_prefix_cache=False,
         **chunk,
     ):
         now = time.perf_counter()

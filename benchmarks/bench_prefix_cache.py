@@ -30,8 +30,8 @@ import mlx.core as mx
 
 import mlx_unified
 from mlx_unified.generation import generate
+from mlx_unified.prefix_cache import PrefixCache
 from mlx_unified.processing import Processor
-from mlx_unified.prompt_cache import PromptCache
 from mlx_unified.testing import tiny_checkpoint
 
 HERE = Path(__file__).parent
@@ -77,16 +77,16 @@ def compute_dtype() -> str | None:
 def load(path: Path):
     model = mlx_unified.load_model(path, dtype=compute_dtype())
     processor = Processor.from_pretrained(path)
-    request(model, processor, "Hi.", "Hello.", use_prompt_cache=False)  # warm-up: first-call costs
+    request(model, processor, "Hi.", "Hello.", use_prefix_cache=False)  # warm-up: first-call costs
     return model, processor
 
 
 def disk_run(args: argparse.Namespace) -> None:
     """The new-process part: only the disk holds the prefix."""
     model, processor = load(args.checkpoint)
-    store = PromptCache.for_checkpoint(args.checkpoint, folder=args.folder)
+    store = PrefixCache.for_checkpoint(args.checkpoint, folder=args.folder)
     result = request(
-        model, processor, system_prompt(processor, args.system_tokens), QUESTIONS[1], prompt_cache=store
+        model, processor, system_prompt(processor, args.system_tokens), QUESTIONS[1], prefix_cache=store
     )
     print(
         json.dumps({"ttft_s": result.ttft_s, "cached_tokens": result.cached_tokens, "tokens": result.tokens})
@@ -111,10 +111,10 @@ def main() -> None:
     model, processor = load(args.checkpoint)
     system = system_prompt(processor, args.system_tokens)
     with tempfile.TemporaryDirectory() as folder:
-        store = PromptCache.for_checkpoint(args.checkpoint, folder=folder)
-        nocache = request(model, processor, system, QUESTIONS[1], use_prompt_cache=False)
-        cold = request(model, processor, system, QUESTIONS[0], prompt_cache=store)
-        warm = request(model, processor, system, QUESTIONS[1], prompt_cache=store)
+        store = PrefixCache.for_checkpoint(args.checkpoint, folder=folder)
+        nocache = request(model, processor, system, QUESTIONS[1], use_prefix_cache=False)
+        cold = request(model, processor, system, QUESTIONS[0], prefix_cache=store)
+        warm = request(model, processor, system, QUESTIONS[1], prefix_cache=store)
         command = [
             sys.executable,
             __file__,

@@ -18,9 +18,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .budgets import prefix_cache_bytes
 from .checkpoint import ModelLoadError, resolve
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
@@ -33,10 +32,11 @@ from .conversation import (
     stream_reply,
     user_message,
 )
-from .generation import ProgressCallback
-from .loading import load
 from .processing import SUPPORTED_BUDGETS, MediaError
-from .prompt_cache import PromptCache
+
+if TYPE_CHECKING:
+    from .prefill import ProgressCallback
+    from .prefix_cache import PrefixCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
 ERROR_TITLE = "⚠️ Could not answer"
@@ -84,16 +84,20 @@ class ModelSlot:
         self.name: str | None = None
         self.model: Any = None
         self.processor: Any = None
-        self.prompt_cache: PromptCache | None = None
+        self.prefix_cache: PrefixCache | None = None
 
     def load(self, name: str) -> None:
+        from .budgets import prefix_cache_bytes
+        from .loading import load
+        from .prefix_cache import PrefixCache
+
         path = resolve(name)
         model, processor = load(path)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prompt_cache = PromptCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
+        prefix_cache = PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
         with self.lock:
             self.name, self.model, self.processor = name, model, processor
-            self.prompt_cache = prompt_cache
+            self.prefix_cache = prefix_cache
 
     @property
     def random_weights(self) -> bool:
@@ -309,7 +313,7 @@ def respond(
     max_tokens: float,
     image_tokens: int,
     audio_emphasis: float = 1.0,
-    use_prompt_cache: bool = True,
+    use_prefix_cache: bool = True,
 ) -> Iterator[list[dict[str, Any]]]:
     """The chat function: yields the growing list of assistant messages for this turn."""
     text, files = (
@@ -345,8 +349,8 @@ def respond(
                     top_p=float(top_p),
                     image_tokens=int(image_tokens),
                     audio_emphasis=float(audio_emphasis),
-                    prompt_cache=slot.prompt_cache,
-                    use_prompt_cache=bool(use_prompt_cache),
+                    prefix_cache=slot.prefix_cache,
+                    use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
                 )
 

@@ -22,9 +22,9 @@ from mlx_lm.models.cache import KVCache
 from .attention_blocks import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
 from .config import LayerShape, RopeConfig, TextConfig
+from .emphasis import SpanBias
 from .kernels import (
     RopeSpec,
-    SpanBias,
     global_kv_attention,
     kernels_enabled,
     norm_rope,

@@ -6,11 +6,18 @@
   `v = v_norm(k_proj(x))`. Keys are `rope(k_norm.weight * v)`, derived when attending, so the layer
   stores half of what a K-and-V cache would.
 Global layers without K=V (other configs) use mlx-lm's `KVCache`.
+
+All three follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays, then its
+offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through it
+(the prefix cache keeps and restores snapshots, speculative decoding can roll back to one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, _BaseCache
 
 GROWTH_STEP = 256
@@ -95,21 +102,16 @@ class SlidingWindowCache(_BaseCache):
         return self.keys is None
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
+    def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
+        """(keys, values, offset, window): the ring buffer's filled slots, as `_write` left them."""
+        if self.keys is None:
+            return None, None, self.offset, self.window
         n = self.size()
-        return self.keys[:, :, :n], self.values[:, :, :n]
+        return self.keys[:, :, :n], self.values[:, :, :n], self.offset, self.window
 
     @state.setter
-    def state(self, value: tuple[mx.array, mx.array]) -> None:
-        self.keys, self.values = value
-
-    @property
-    def meta_state(self) -> tuple[str, str]:
-        return str(self.window), str(self.offset)
-
-    @meta_state.setter
-    def meta_state(self, value: tuple[str, str]) -> None:
-        self.window, self.offset = int(value[0]), int(value[1])
+    def state(self, value: tuple[mx.array | None, mx.array | None, int, int]) -> None:
+        self.keys, self.values, self.offset, self.window = value
 
     @property
     def nbytes(self) -> int:
@@ -138,20 +140,13 @@ class SharedKVCache(_BaseCache):
         return self.values is None
 
     @property
-    def state(self) -> tuple[mx.array]:
-        return (self.values[:, :, : self.offset],)
+    def state(self) -> tuple[mx.array | None, int]:
+        """(values, offset): the cached positions."""
+        return (None if self.values is None else self.values[:, :, : self.offset]), self.offset
 
     @state.setter
-    def state(self, value: tuple[mx.array]) -> None:
-        (self.values,) = value
-
-    @property
-    def meta_state(self) -> tuple[str]:
-        return (str(self.offset),)
-
-    @meta_state.setter
-    def meta_state(self, value: tuple[str]) -> None:
-        self.offset = int(value[0])
+    def state(self, value: tuple[mx.array | None, int]) -> None:
+        self.values, self.offset = value
 
     @property
     def nbytes(self) -> int:
@@ -159,3 +154,27 @@ class SharedKVCache(_BaseCache):
 
 
 LayerCache = SlidingWindowCache | SharedKVCache | KVCache
+LAYER_CACHES: dict[str, type] = {c.__name__: c for c in (SlidingWindowCache, SharedKVCache, KVCache)}
+
+
+def _copy(a: mx.array) -> mx.array:
+    # A new buffer: caches write into their arrays in place, and a slice shares its source's buffer.
+    return mx.array(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).view(a.dtype)
+
+
+def snapshot(cache: Sequence[LayerCache]) -> list[LayerCache]:
+    """Copies of every layer's cache as it is now, evaluated, that share no buffer with it: to keep a
+    state while the live cache moves on, or to resume from a kept one and leave it untouched."""
+    copies = [
+        type(c).from_state(tuple(_copy(x) if isinstance(x, mx.array) else x for x in c.state)) for c in cache
+    ]
+    mx.eval([c.state for c in copies])
+    return copies
+
+
+def same_layout(cache: Sequence[LayerCache], other: Sequence[LayerCache]) -> bool:
+    """Whether two models' caches have the same kinds of layer caches (and sliding windows)."""
+    return len(cache) == len(other) and all(
+        type(a) is type(b) and getattr(a, "window", None) == getattr(b, "window", None)
+        for a, b in zip(cache, other, strict=True)
+    )

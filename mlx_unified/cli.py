@@ -1,7 +1,8 @@
 """`mlx-unified-generate` (and `python generate.py`): one reply, or an interactive chat, from the terminal.
 
 The reply streams to stdout; progress, statistics and warnings go to stderr, so stdout can be piped.
-Exit codes: 0 done, 2 bad arguments or media (one line on stderr), 1 anything else.
+Exit codes: 0 done, 2 bad arguments or media (one line on stderr), 1 anything else. MLX and the model
+code are imported only once the arguments are accepted, so `--help` and refusals are quick.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .budgets import prefix_cache_bytes
 from .checkpoint import ModelLoadError, resolve
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError
 from .conversation import (
@@ -26,10 +26,11 @@ from .conversation import (
     stream_reply,
     user_message,
 )
-from .generation import prefill_progress_bar
-from .loading import load
 from .processing import SUPPORTED_BUDGETS, MediaError
-from .prompt_cache import PromptCache, PromptCacheError
+
+if TYPE_CHECKING:
+    from .prefill import ProgressCallback
+    from .prefix_cache import PrefixCache
 
 PROG = "mlx-unified-generate"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -108,10 +109,12 @@ def build_parser() -> ArgumentParser:
         help="0 < E <= 1: global layers scale the attention paid outside the audio by E (1: off)",
     )
     parser.add_argument(
-        "--no-prompt-cache",
+        "--no-prefix-cache",
         action="store_true",
         help="do not reuse or store prompt prefixes (in memory or in ~/.cache/mlx-unified)",
     )
+    # The flag's earlier name, still accepted.
+    parser.add_argument("--no-prompt-cache", dest="no_prefix_cache", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task-reminder", metavar="TEXT", help="restate the task after the media and the text")
     parser.add_argument(
         "--text-first", action="store_true", help="put the text before the media in the user turn"
@@ -137,8 +140,38 @@ def read_system_prompt(path: Path) -> str:
         raise BadInput(f"--system-file {path}: cannot read ({e.strerror or e})") from e
 
 
+def prefill_progress_bar(min_tokens: int = 2048, file: Any = None) -> ProgressCallback:
+    """A `prefill_progress` callback drawing a tqdm bar (on stderr) for prompts of at least
+    `min_tokens` tokens; a new bar starts with each prefill (it opens at the restored prefix)."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                initial=done,
+                unit="tok",
+                desc="prefill",
+                file=file or sys.stderr,
+                leave=False,
+                disable=total < min_tokens,
+            )
+        else:
+            bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bar = None
+
+    return update
+
+
 def load_model(name: str) -> tuple[Any, Any, Path]:
     """(model, processor, folder), telling on stderr what happens: download (the hub's progress bars), load."""
+    from .loading import load
+
     if not Path(name).expanduser().exists():
         print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
     path = resolve(name)
@@ -151,8 +184,8 @@ def load_model(name: str) -> tuple[Any, Any, Path]:
     return model, processor, path
 
 
-def generation_settings(args: argparse.Namespace, prompt_cache: PromptCache | None) -> dict[str, Any]:
-    """stream_generate's arguments; `prompt_cache` persists system-prompt prefixes across runs."""
+def generation_settings(args: argparse.Namespace, prefix_cache: PrefixCache | None) -> dict[str, Any]:
+    """stream_generate's arguments; `prefix_cache` persists system-prompt prefixes across runs."""
     return {
         "max_tokens": args.max_tokens,
         "temperature": args.temp,
@@ -164,8 +197,8 @@ def generation_settings(args: argparse.Namespace, prompt_cache: PromptCache | No
         "audio_emphasis": args.audio_emphasis,
         "media_first": not args.text_first,
         "task_reminder": args.task_reminder,
-        "use_prompt_cache": not args.no_prompt_cache,
-        "prompt_cache": prompt_cache,
+        "use_prefix_cache": not args.no_prefix_cache,
+        "prefix_cache": prefix_cache,
         "prefill_progress": prefill_progress_bar(),
     }
 
@@ -178,7 +211,7 @@ def answer(
     media: Media,
     args: argparse.Namespace,
     system: str | None,
-    prompt_cache: PromptCache | None,
+    prefix_cache: PrefixCache | None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
     stats = ReplyStats()
@@ -191,7 +224,7 @@ def answer(
         media,
         stats,
         system=system,
-        **generation_settings(args, prompt_cache),
+        **generation_settings(args, prefix_cache),
     ):
         if isinstance(event, SegmentStart):
             print(f"[{event.label()}]", file=sys.stderr, flush=True)
@@ -217,7 +250,7 @@ def chat(
     args: argparse.Namespace,
     system: str | None,
     first_media: Media,
-    prompt_cache: PromptCache | None,
+    prefix_cache: PrefixCache | None,
 ) -> None:
     """Read turns from stdin until /quit or end of input; a refused turn is reported and skipped."""
     print(CHAT_HELP, file=sys.stderr, flush=True)
@@ -252,7 +285,7 @@ def chat(
         try:
             media = load_media(attached["image"], attached["audio"], attached["video"])
             media = pending_media + media
-            reply = answer(model, processor, history, text, media, args, system, prompt_cache)
+            reply = answer(model, processor, history, text, media, args, system, prefix_cache)
         except MediaError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
@@ -273,15 +306,18 @@ def run(argv: Sequence[str] | None) -> int:
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
     model, processor, folder = load_model(args.model)
-    prompt_cache = (
+    from .budgets import prefix_cache_bytes
+    from .prefix_cache import PrefixCache
+
+    prefix_cache = (
         None
-        if args.no_prompt_cache
-        else PromptCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
+        if args.no_prefix_cache
+        else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
     )
     if args.chat:
-        chat(model, processor, args, system, media, prompt_cache)
+        chat(model, processor, args, system, media, prefix_cache)
     else:
-        answer(model, processor, [], args.prompt, media, args, system, prompt_cache)
+        answer(model, processor, [], args.prompt, media, args, system, prefix_cache)
     return EXIT_OK
 
 
@@ -289,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (also raised as SystemExit by the script wrappers)."""
     try:
         return run(argv)
-    except (BadInput, MediaError, ModelLoadError, ConfigError, PromptCacheError) as e:
+    except (BadInput, MediaError, ModelLoadError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -21,8 +21,8 @@ from .processing import (
     load_image,
     plan_video,
     segment_audio,
-    system_turn,
     user_turn,
+    with_system,
 )
 from .processing.audio import MAX_CLIP_SECONDS
 
@@ -92,12 +92,6 @@ def user_message(text: str, media: Media, task_reminder: str | None = None) -> d
 
 def assistant_message(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-def with_system(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not system:
-        return messages
-    return [system_turn(system), *messages]
 
 
 class ReplyCleaner:

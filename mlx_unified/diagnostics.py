@@ -19,10 +19,11 @@ import numpy as np
 
 from .attention import DECODE_MAX_TOKENS
 from .config import TOKEN_TYPES
-from .generation import TURN_START, prefill
-from .kernels import SpanBias
+from .emphasis import SpanBias
 from .masks import additive_mask, vision_block_ids
 from .model import Model
+from .prefill import prefill
+from .processing import TURN_START
 
 SEGMENTS = ("system", "user_text", "audio", "image", "video", "answer", "other")
 

@@ -1,8 +1,9 @@
-"""Generation: chunked prefill, then token-by-token decoding with mlx-lm's sampler and detokenizer."""
+"""Generation, in mlx-lm's shape: `generate_step` yields tokens one at a time after a chunked prefill;
+`stream_generate` adds the chat template, the prefix cache, detokenizing and statistics; `generate`
+collects a whole reply. Sampling and logits processors are mlx-lm's."""
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -12,32 +13,19 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .attention_blocks import PREFILL_CHUNK
-from .budgets import prefill_score_bytes, prefix_cache_bytes
 from .cache import LayerCache
-from .config import TOKEN_TYPES
-from .kernels import SpanBias
-from .masks import inside_block, unsplit_spans, vision_block_ids
+from .emphasis import SpanBias, audio_emphasis_bias
 from .model import Model
-from .processing import system_turn, user_turn
-from .prompt_cache import (
-    PrefixKeys,
-    PrefixState,
-    PromptCache,
-    last_user_turn_start,
-    matches_model,
-    media_rows,
-    restore_cache,
-    snapshot_cache,
-)
+from .prefill import ProgressCallback, SnapshotCallback, prefill
+from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
+from .processing import TURN_END, build_messages
 
-TURN_END = "<turn|>"
-TURN_START = "<|turn>"
-ProgressCallback = Callable[[int, int], None]
-SnapshotCallback = Callable[[int, list[LayerCache]], None]
+# sampler(logprobs [B, vocab]) -> tokens [B]; processor(tokens so far, logits [B, vocab]) -> logits.
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass
@@ -77,139 +65,70 @@ def peak_memory_gb() -> float:
     return peak / 1e9
 
 
-def prefill_chunks(
-    mm_token_type_ids: np.ndarray | None,
-    length: int,
-    chunk_size: int,
-    start: int = 0,
-    boundaries: Sequence[int] = (),
-) -> list[tuple[int, int]]:
-    """Split [start, length) into passes of about chunk_size tokens, never cutting an image/video
-    block (its tokens attend to each other both ways, so a block must be seen whole). A pass also
-    ends at each of `boundaries` that is not inside a block (where prefix snapshots are taken)."""
-    blocks = None if mm_token_type_ids is None else vision_block_ids(np.asarray(mm_token_type_ids)[:1])
-    spans: list[tuple[int, int]] = []
-    for stop in sorted({b for b in boundaries if start < b < length and not inside_block(blocks, b)} | {length}):
-        spans += unsplit_spans(blocks, start, stop, chunk_size)
-        start = stop
-    return spans
-
-
-def prefill(
+def generate_step(
     model: Model,
     inputs: dict[str, Any],
-    cache: list[LayerCache],
-    chunk_size: int | None = None,
-    progress: ProgressCallback | None = None,
-    logits_to_keep: int = 1,
     *,
-    embeddings: mx.array | None = None,
+    prompt_cache: list[LayerCache] | None = None,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
     key_bias: SpanBias | None = None,
+    prefill_chunk_size: int | None = None,
+    prefill_progress: ProgressCallback | None = None,
+    embeddings: mx.array | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
-) -> mx.array:
-    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only.
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs [vocab]) for the prompt `inputs` (the processor's arrays, batch 1): the
+    first after a chunked prefill (`prefill.prefill`), then one per decode step, max(max_tokens, 1) in
+    all. The caller stops it at a stop token; each step is scheduled before the previous token is
+    handed out, so the device works while the caller reads it.
 
-    Starts at the cache's offset (a restored prefix is not run again). `embeddings`: the prompt's
-    embeddings when already computed. A chunk ends at each of `snapshot_at`, where
-    `on_snapshot(position, cache)` is called.
-
-    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`). Attention
-    runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
-    left beside the weights (`budgets.prefill_score_bytes`, `attention_blocks.query_block`).
+    prompt_cache: the model's per-layer caches to extend (default: fresh ones); prefill starts at their
+    offset, and they hold the whole sequence afterwards. sampler: takes log-probabilities (mlx-lm's
+    `make_sampler`); None is greedy, the argmax of the logits themselves, which the log-softmax would
+    not move (the yielded logprobs are then computed only if the caller evaluates them).
+    key_bias: the global layers' score bias (audio emphasis). embeddings: the prompt's, when already
+    computed. snapshot_at / on_snapshot: where prefill ends a chunk to hand its cache out.
     """
     input_ids = np.asarray(inputs["input_ids"])
-    if embeddings is None:
-        embeddings = model.embed_inputs(mx.array(input_ids), inputs)
-    mm = inputs.get("mm_token_type_ids")
-    mm = None if mm is None else np.asarray(mm)
-    length = input_ids.shape[1]
-    start = cache[0].offset
-    if not 0 <= start < length:
-        raise ValueError(
-            f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
-        )
-    logits = None
-    chunk_size = chunk_size or PREFILL_CHUNK
-    score_bytes = prefill_score_bytes(model.nbytes)
-    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
-        last = end == length
-        logits = model.forward_embeddings(
-            embeddings[:, begin:end],
-            cache=cache,
-            mm_token_type_ids=None if mm is None else mm[:, begin:end],
-            logits_to_keep=logits_to_keep if last else 1,
-            key_bias=key_bias,
-            score_bytes=score_bytes,
-        )
-        mx.eval(logits, [c.state for c in cache])
-        mx.clear_cache()
-        if on_snapshot is not None and end in snapshot_at:
-            on_snapshot(end, cache)
-        if progress is not None:
-            progress(end, length)
-    return logits
+    cache = model.make_cache() if prompt_cache is None else prompt_cache
+    history = mx.array(input_ids[0].astype(np.int32))
 
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = logits[:, -1, :]
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = greedy_sampler(logits) if sampler is None else sampler(logprobs)
+        history = mx.concatenate([history, token])
+        return token, logprobs.squeeze(0)
 
-def prefill_progress_bar(min_tokens: int = 2048, file: Any = None) -> ProgressCallback:
-    """A `prefill_progress` callback drawing a tqdm bar (on stderr) for prompts of at least
-    `min_tokens` tokens; a new bar starts with each prefill (it opens at the restored prefix)."""
-    from tqdm import tqdm
+    def step(token: mx.array) -> tuple[mx.array, mx.array]:
+        return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
-    bar: tqdm | None = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(
-                total=total,
-                initial=done,
-                unit="tok",
-                desc="prefill",
-                file=file or sys.stderr,
-                leave=False,
-                disable=total < min_tokens,
-            )
-        else:
-            bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            bar = None
-
-    return update
-
-
-def audio_emphasis_bias(
-    input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None, audio_token_id: int, emphasis: float
-) -> SpanBias | None:
-    """The global-layer key bias for `audio_emphasis = emphasis`, or None when off.
-
-    Scaling the attention probabilities outside the audio span by `emphasis` and renormalizing equals
-    adding -log(emphasis) to the scores of the span's keys (post-hoc attention steering). With several
-    clips the span runs from the first audio token to the last (text between clips is emphasized
-    too). 1.0 (the default) builds no bias at all, so the model runs exactly as without the option.
-    """
-    try:
-        value = float(emphasis)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0 < value <= 1:  # also refuses NaN
-        raise ValueError(
-            f"audio_emphasis must be a number in (0, 1] (1 = off, smaller = more attention to the audio), "
-            f"got {emphasis!r}"
-        )
-    if value == 1.0:
-        return None
-    ids = np.asarray(input_ids).reshape(-1)
-    is_audio = (
-        ids == audio_token_id
-        if mm_token_type_ids is None
-        else np.asarray(mm_token_type_ids).reshape(-1) == TOKEN_TYPES["audio"]
+    logits = prefill(
+        model,
+        inputs,
+        cache,
+        prefill_chunk_size,
+        prefill_progress,
+        embeddings=embeddings,
+        key_bias=key_bias,
+        snapshot_at=snapshot_at,
+        on_snapshot=on_snapshot,
     )
-    positions = np.nonzero(is_audio)[0]
-    if len(positions) == 0:
-        return None  # no audio: nothing to emphasize
-    return SpanBias(int(positions[0]), int(positions[-1]) + 1, -math.log(value))
+    token, logprobs = sample(logits)
+    for generated in range(1, max(max_tokens, 1) + 1):
+        upcoming = step(token) if generated < max_tokens else None
+        if upcoming is not None:
+            mx.async_eval(upcoming[0])
+        yield int(token.item()), logprobs
+        if upcoming is None:
+            return
+        token, logprobs = upcoming
 
 
 def stop_token_ids(model: Model, tokenizer: Any) -> set[int]:
@@ -219,19 +138,6 @@ def stop_token_ids(model: Model, tokenizer: Any) -> set[int]:
     if isinstance(turn_end, int) and turn_end != getattr(tokenizer, "unk_token_id", None):
         stops.add(turn_end)
     return stops
-
-
-def build_messages(
-    prompt: str,
-    system: str | None = None,
-    images: Sequence[Any] = (),
-    audios: Sequence[Any] = (),
-    videos: Sequence[Any] = (),
-    task_reminder: str | None = None,
-) -> list[dict[str, Any]]:
-    """A one-turn conversation (see `processing.user_turn` for the placement of media and reminder)."""
-    messages = [system_turn(system)] if system else []
-    return [*messages, user_turn(prompt, images, audios, videos, task_reminder)]
 
 
 def prepare_inputs(
@@ -249,62 +155,6 @@ def prepare_inputs(
         return prompt
     messages = build_messages(prompt, **media) if isinstance(prompt, str) else prompt
     return processor(messages, image_tokens=image_tokens, media_first=media_first)
-
-
-def default_prompt_cache(model: Model) -> PromptCache:
-    """The in-memory prefix cache that belongs to `model` (made on first use, sized to the memory
-    left beside its weights: `budgets.prefix_cache_bytes`)."""
-    store = getattr(model, "_prompt_cache", None)
-    if store is None:
-        store = PromptCache(prefix_cache_bytes(model.nbytes))
-        object.__setattr__(model, "_prompt_cache", store)  # a plain attribute, not a module parameter
-    return store
-
-
-@dataclass
-class _PrefixPlan:
-    """How one prompt uses the prefix cache: what was reused and where to take snapshots."""
-
-    cache: list[LayerCache]
-    snapshot_at: tuple[int, ...]
-    on_snapshot: SnapshotCallback | None
-    reused: int
-
-
-def _plan_prefix(
-    model: Model,
-    tokenizer: Any,
-    store: PromptCache | None,
-    input_ids: np.ndarray,
-    embeddings: mx.array,
-    key_bias: SpanBias | None,
-) -> _PrefixPlan:
-    fresh = model.make_cache()
-    if store is None or input_ids.shape[0] != 1:
-        return _PrefixPlan(fresh, (), None, 0)
-    ids = input_ids[0]
-    media = np.nonzero(np.isin(ids, model.config.media_token_ids))[0]
-    keys = PrefixKeys(
-        ids,
-        model=store.identity or f"model-object-{id(model)}",
-        media_positions=media,
-        media_rows=media_rows(embeddings, media),
-        key_bias=key_bias,
-    )
-    turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
-    user = tokenizer.encode("user", add_special_tokens=False)
-    system_end = last_user_turn_start(ids, turn_start, user) if isinstance(turn_start, int) else None
-    hit = store.lookup(keys, disk_lengths=() if system_end is None else (system_end,))
-    cache, reused = fresh, 0
-    if hit is not None and matches_model(hit.layers, fresh):
-        cache, reused = restore_cache(hit.layers), hit.length
-    boundaries = tuple(b for b in (system_end, len(ids)) if b is not None and b > reused)
-
-    def on_snapshot(end: int, live: list[LayerCache]) -> None:
-        state = PrefixState(keys.name(end), ids[:end].copy(), snapshot_cache(live))
-        store.store(state, persist=end == system_end)
-
-    return _PrefixPlan(cache, boundaries, on_snapshot, reused)
 
 
 def stream_generate(
@@ -327,32 +177,30 @@ def stream_generate(
     seed: int | None = None,
     prefill_chunk_size: int | None = None,
     prefill_progress: ProgressCallback | None = None,
-    sampler: Callable[[mx.array], mx.array] | None = None,
-    logits_processors: list[Callable[[mx.array, mx.array], mx.array]] | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
     audio_emphasis: float = 1.0,
     media_first: bool = True,
     task_reminder: str | None = None,
-    prompt_cache: PromptCache | None = None,
-    use_prompt_cache: bool = True,
+    prefix_cache: PrefixCache | None = None,
+    use_prefix_cache: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Yield the reply piece by piece. `prompt`: user text (with `system`/`images`/`audios`/`videos`),
     chat messages, or the processor's output dict.
 
     audio_emphasis: in (0, 1]; below 1, global layers scale the attention paid outside the audio
-    span by this factor (renormalized), see `audio_emphasis_bias`. 1 = off (exactly the plain model).
-    media_first / task_reminder: prompt placement, see `prepare_inputs` and `build_messages`.
-    prompt_cache: the prefix cache to reuse and fill (default: the model's own in-memory one, see
-    `default_prompt_cache`); use_prompt_cache=False runs the whole prompt and stores nothing.
-    Output is identical with and without the prefix cache."""
+    span by this factor (renormalized), see `emphasis.audio_emphasis_bias`. 1 = off (exactly the
+    plain model). media_first / task_reminder: prompt placement, see `prepare_inputs` and
+    `processing.build_messages`. prefix_cache: the prefix cache to reuse and fill (default: the model's
+    own in-memory one, see `prefix_cache.default_prefix_cache`); use_prefix_cache=False runs the whole
+    prompt and stores nothing. Output is identical with and without the prefix cache."""
     if seed is not None:
         mx.random.seed(seed)
     tokenizer = processor.tokenizer
     detokenizer = TokenizerWrapper(tokenizer).detokenizer
     stops = stop_token_ids(model, tokenizer)
-    # mlx-lm's temperature-0 sampler takes the maximum, which normalizing the logits would not move:
-    # it gets them as they are, without the logsumexp over the whole vocabulary (3% of a CPU decode step).
-    normalize = sampler is not None or temperature != 0
-    sampler = sampler or make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    if sampler is None and temperature != 0:
+        sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     if logits_processors is None:
         logits_processors = make_logits_processors(
             repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
@@ -364,66 +212,45 @@ def stream_generate(
         media_items["task_reminder"] = task_reminder
     inputs = prepare_inputs(processor, prompt, image_tokens, media_first, **media_items)
     input_ids = np.asarray(inputs["input_ids"])
-    prompt_ids = mx.array(input_ids.astype(np.int32))
-    num_prompt = prompt_ids.shape[1]
-    mm = inputs.get("mm_token_type_ids")
-    key_bias = audio_emphasis_bias(input_ids, mm, model.config.audio_token_id, audio_emphasis)
+    num_prompt = input_ids.shape[1]
+    key_bias = audio_emphasis_bias(
+        input_ids, inputs.get("mm_token_type_ids"), model.config.audio_token_id, audio_emphasis
+    )
     embeddings = model.embed_inputs(mx.array(input_ids), inputs)
-    store = None
-    if use_prompt_cache:
-        store = default_prompt_cache(model) if prompt_cache is None else prompt_cache
-    plan = _plan_prefix(model, tokenizer, store, input_ids, embeddings, key_bias)
-    cache = plan.cache
-    logits = prefill(
+    if not use_prefix_cache:
+        prefix_cache = None
+    elif prefix_cache is None:
+        prefix_cache = default_prefix_cache(model)
+    plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias)
+    tokens = generate_step(
         model,
         inputs,
-        cache,
-        prefill_chunk_size,
-        prefill_progress,
-        embeddings=embeddings,
+        prompt_cache=plan.prompt_cache,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
         key_bias=key_bias,
+        prefill_chunk_size=prefill_chunk_size,
+        prefill_progress=prefill_progress,
+        embeddings=embeddings,
         snapshot_at=plan.snapshot_at,
         on_snapshot=plan.on_snapshot,
     )
-    history = prompt_ids[0]
-
-    def sample(logits: mx.array) -> mx.array:
-        nonlocal history
-        logits = logits[:, -1, :]
-        for processor_fn in logits_processors:
-            logits = processor_fn(history, logits)
-        if normalize:
-            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logits)
-        history = mx.concatenate([history, token])
-        return token
-
-    def step(token: mx.array) -> mx.array:
-        return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
-
-    token = sample(logits)
-    mx.eval(token)
-    prompt_time = time.perf_counter() - started
-    prompt_tps = num_prompt / prompt_time
-    decode_started = time.perf_counter()
-    generated = 0
-    while True:
-        next_token = step(token) if generated + 1 < max_tokens else None
-        if next_token is not None:
-            mx.async_eval(next_token)
-        value = int(token.item())
-        generated += 1
-        finish = "stop" if value in stops else ("length" if generated >= max_tokens else None)
+    for generated, (token, _) in enumerate(tokens, start=1):
+        if generated == 1:
+            prompt_time = time.perf_counter() - started
+            decode_started = time.perf_counter()
+        finish = "stop" if token in stops else ("length" if generated >= max_tokens else None)
         if finish != "stop":
-            detokenizer.add_token(value)
+            detokenizer.add_token(token)
         if finish:
             detokenizer.finalize()
         elapsed = time.perf_counter() - decode_started
         yield GenerationResponse(
             text=detokenizer.last_segment,
-            token=value,
+            token=token,
             prompt_tokens=num_prompt,
-            prompt_tps=prompt_tps,
+            prompt_tps=num_prompt / prompt_time,
             generation_tokens=generated,
             generation_tps=(generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0,
             ttft_s=prompt_time,
@@ -433,7 +260,6 @@ def stream_generate(
         )
         if finish:
             return
-        token = next_token
 
 
 def generate(model: Model, processor: Any, prompt: Any, **kwargs: Any) -> GenerationResult:

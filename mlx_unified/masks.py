@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import TOKEN_TYPES
-from .kernels import SpanBias
+from .emphasis import SpanBias
 
 
 def vision_block_ids(mm_token_type_ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from .attention_blocks import PREFILL_SCORE_BYTES
 from .cache import LayerCache
 from .config import ModelConfig
 from .decoder import TextModel
-from .kernels import SpanBias
+from .emphasis import SpanBias
 from .masks import vision_block_ids
 from .projectors import audio_soft_tokens, make_audio, make_vision
 

@@ -194,7 +194,7 @@ def test_system_prompt_prefix_is_reused_by_the_next_run(tiny, tmp_path, prefix_c
     common = ["--model", str(tiny.path), "--system-file", str(system), "--max-tokens", "6", "--json"]
     cold = generate(*common, "--prompt", "What time is it?")
     warm = generate(*common, "--prompt", "What time is it?")
-    off = generate(*common, "--prompt", "What time is it?", "--no-prompt-cache")
+    off = generate(*common, "--prompt", "What time is it?", "--no-prefix-cache")
     for result in (cold, warm, off):
         assert_reply(result)
     cold, warm, off = (json.loads(r.stdout) for r in (cold, warm, off))
@@ -211,3 +211,12 @@ def test_audio_emphasis_flag(tiny, media):
     refused = generate("--model", str(tiny.path), "--prompt", "x", "--audio-emphasis", "0")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_earlier_name_of_the_prefix_cache_flag_is_still_accepted():
+    from mlx_unified.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--model", "m", "--no-prompt-cache"]).no_prefix_cache
+    assert not parser.parse_args(["--model", "m"]).no_prefix_cache
+    assert "--no-prefix-cache" in parser.format_help() and "--no-prompt-cache" not in parser.format_help()

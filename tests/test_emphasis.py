@@ -11,8 +11,10 @@ from logits_log import LogitsLog, run_logged
 from media_files import voiced_bursts
 
 from mlx_unified.diagnostics import SEGMENTS, attention_share
-from mlx_unified.generation import audio_emphasis_bias, build_messages, generate
-from mlx_unified.prompt_cache import PromptCache
+from mlx_unified.emphasis import audio_emphasis_bias
+from mlx_unified.generation import generate
+from mlx_unified.prefix_cache import PrefixCache
+from mlx_unified.processing import build_messages
 
 pytestmark = pytest.mark.tiny(seed=7, sliding_window=16)
 SYSTEM = "You are a helpful voice assistant. Follow every rule. " * 2
@@ -24,7 +26,7 @@ def voice_messages(question="What was said?", clip=None):
 
 
 def run(model, processor, prompt, **kwargs):
-    return run_logged(model, processor, prompt, 6, use_prompt_cache=False, **kwargs)
+    return run_logged(model, processor, prompt, 6, use_prefix_cache=False, **kwargs)
 
 
 def test_emphasis_one_changes_nothing_bit_for_bit(tiny):
@@ -111,16 +113,16 @@ def test_emphasis_changes_the_reply_logits_and_stays_exact_with_the_prefix_cache
     plain, plain_logits = run(model, processor, second, audio_emphasis=1.0)
     emphasized, emphasized_logits = run(model, processor, second, audio_emphasis=0.1)
     assert not np.array_equal(plain_logits[0], emphasized_logits[0])
-    store = PromptCache()
+    store = PrefixCache()
     log = LogitsLog()
-    generate(model, processor, first, max_tokens=2, audio_emphasis=0.1, prompt_cache=store)
+    generate(model, processor, first, max_tokens=2, audio_emphasis=0.1, prefix_cache=store)
     cached = generate(
         model,
         processor,
         second,
         max_tokens=6,
         audio_emphasis=0.1,
-        prompt_cache=store,
+        prefix_cache=store,
         logits_processors=[log],
     )
     assert cached.cached_tokens > 0  # the system prompt, which ends before the audio
@@ -131,8 +133,8 @@ def test_emphasis_changes_the_reply_logits_and_stays_exact_with_the_prefix_cache
     extended = {"input_ids": np.concatenate([whole["input_ids"], [[300, 301]]], 1)}
     extended["mm_token_type_ids"] = np.concatenate([whole["mm_token_type_ids"], [[0, 0]]], 1)
     extended.update({k: whole[k] for k in ("input_features", "input_features_mask")})
-    again = generate(model, processor, extended, max_tokens=1, audio_emphasis=0.5, prompt_cache=store)
-    same = generate(model, processor, extended, max_tokens=1, audio_emphasis=0.1, prompt_cache=store)
+    again = generate(model, processor, extended, max_tokens=1, audio_emphasis=0.5, prefix_cache=store)
+    same = generate(model, processor, extended, max_tokens=1, audio_emphasis=0.1, prefix_cache=store)
     assert again.cached_tokens < whole["input_ids"].shape[1] <= same.cached_tokens
 
 

@@ -16,8 +16,9 @@ from mlx_unified.attention_blocks import (
 )
 from mlx_unified.cache import SharedKVCache, SlidingWindowCache
 from mlx_unified.config import released_config
-from mlx_unified.generation import generate, prefill_chunks, stop_token_ids, stream_generate
+from mlx_unified.generation import generate, stop_token_ids, stream_generate
 from mlx_unified.masks import unsplit_spans
+from mlx_unified.prefill import prefill_chunks
 
 pytestmark = pytest.mark.tiny(seed=2)
 

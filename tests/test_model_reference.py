@@ -8,8 +8,8 @@ import pytest
 
 import mlx_unified
 from mlx_unified import attention
-from mlx_unified.generation import prefill
-from mlx_unified.kernels import SpanBias
+from mlx_unified.emphasis import SpanBias
+from mlx_unified.prefill import prefill
 from mlx_unified.testing.reference import (
     TOKENS,
     audio_inputs,

@@ -5,7 +5,7 @@ and its reference otherwise (see `dispatch`).  `python -m mlx_unified.kernels.se
 proves them against the references, on Metal or on the CPU emulator.
 """
 
-from mlx_unified.kernels.attention_global import SpanBias, global_kv_attention
+from mlx_unified.kernels.attention_global import global_kv_attention
 from mlx_unified.kernels.attention_sliding import sliding_window_attention
 from mlx_unified.kernels.audio_norm import audio_norm
 from mlx_unified.kernels.dispatch import kernels_enabled
@@ -17,7 +17,6 @@ __all__ = [
     "DEFAULT_ROPE",
     "PROPORTIONAL_ROPE",
     "RopeSpec",
-    "SpanBias",
     "audio_norm",
     "global_kv_attention",
     "kernels_enabled",

@@ -18,10 +18,10 @@ tensor is written once per prompt rather than once per token.
 from __future__ import annotations
 
 from functools import cache
-from typing import NamedTuple
 
 import mlx.core as mx
 
+from mlx_unified.emphasis import SpanBias
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
@@ -35,14 +35,6 @@ from mlx_unified.kernels.rope_tables import (
 
 # Keeps the partials small while giving the GPU enough threadgroups at short contexts.
 MAX_CHUNKS = 64
-
-
-class SpanBias(NamedTuple):
-    """Additive bias on the scores of keys at positions `[start, stop)`."""
-
-    start: int
-    stop: int
-    value: float
 
 
 SOURCE = """

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_unified.emphasis import SpanBias
 from mlx_unified.kernels.attention_global import (
-    SpanBias,
     global_kv_attention_kernel,
     global_kv_attention_reference,
 )

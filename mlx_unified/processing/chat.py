@@ -32,6 +32,8 @@ from .video import DEFAULT_FPS, DEFAULT_FRAME_BUDGET, frame_num_tokens, load_vid
 from .video import preprocess_video as preprocess_video_frames
 
 MEDIA_TYPES = ("image", "audio", "video")
+# The chat template's turn markers: `<|turn>role\n ... <turn|>`; generation stops at the end of a turn.
+TURN_START, TURN_END = "<|turn>", "<turn|>"
 
 
 @dataclass
@@ -223,6 +225,23 @@ def user_turn(
 
 def system_turn(system: str) -> dict[str, Any]:
     return {"role": "system", "content": system}
+
+
+def with_system(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` after a system turn holding `system` (none when it is empty)."""
+    return [system_turn(system), *messages] if system else messages
+
+
+def build_messages(
+    prompt: str,
+    system: str | None = None,
+    images: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+    task_reminder: str | None = None,
+) -> list[dict[str, Any]]:
+    """A one-turn conversation (see `user_turn` for the placement of media and reminder)."""
+    return with_system(system, [user_turn(prompt, images, audios, videos, task_reminder)])
 
 
 def _template_messages(messages: list[dict], media_first: bool) -> list[dict]:

@@ -11,19 +11,20 @@ from logits_log import run_logged
 from mlx.utils import tree_flatten
 
 from mlx_unified.budgets import prefix_cache_bytes
-from mlx_unified.generation import default_prompt_cache, generate, prefill_chunks
-from mlx_unified.kernels import SpanBias
-from mlx_unified.prompt_cache import (
+from mlx_unified.cache import snapshot
+from mlx_unified.checkpoint import model_identity
+from mlx_unified.emphasis import SpanBias
+from mlx_unified.generation import generate
+from mlx_unified.prefill import prefill_chunks
+from mlx_unified.prefix_cache import (
     DiskPrefixStore,
+    PrefixCache,
+    PrefixCacheError,
     PrefixKeys,
     PrefixState,
-    PromptCache,
-    PromptCacheError,
+    default_prefix_cache,
     load_prefix,
-    model_identity,
-    restore_cache,
     save_prefix,
-    snapshot_cache,
 )
 
 WINDOW = 16
@@ -40,6 +41,11 @@ def run(model, processor, prompt, **kwargs):
     return run_logged(model, processor, prompt, 8, **kwargs)
 
 
+def arrays(layers) -> list[mx.array]:
+    """Every array the layer caches hold (their `state`'s arrays)."""
+    return [a for layer in layers for a in layer.state if isinstance(a, mx.array)]
+
+
 def system_end(processor, prompt) -> int:
     ids = processor(prompt)["input_ids"][0]
     turn = processor.tokenizer.convert_tokens_to_ids("<|turn>")
@@ -54,11 +60,11 @@ def test_second_request_reuses_the_system_prefix_and_matches_no_cache(tiny, syst
     first, second = messages(system, "What time is it?"), messages(system, "Tell me a joke.")
     boundary = system_end(processor, second)
     assert (boundary > WINDOW) == (system is LONG_SYSTEM)
-    store = PromptCache()
-    cold, _ = run(model, processor, first, prompt_cache=store)
+    store = PrefixCache()
+    cold, _ = run(model, processor, first, prefix_cache=store)
     assert cold.cached_tokens == 0 and len(store) == 2  # system prefix and whole prompt
-    warm, warm_logits = run(model, processor, second, prompt_cache=store)
-    plain, plain_logits = run(model, processor, second, use_prompt_cache=False)
+    warm, warm_logits = run(model, processor, second, prefix_cache=store)
+    plain, plain_logits = run(model, processor, second, use_prefix_cache=False)
     assert warm.cached_tokens == boundary
     assert warm.tokens == plain.tokens
     for a, b in zip(warm_logits, plain_logits, strict=True):
@@ -68,10 +74,10 @@ def test_second_request_reuses_the_system_prefix_and_matches_no_cache(tiny, syst
 def test_reuse_is_bit_exact_against_the_same_chunking(tiny):
     model, processor = tiny.model, tiny.processor
     prompt = messages(LONG_SYSTEM, "Tell me a joke.")
-    store = PromptCache()
-    cold, cold_logits = run(model, processor, prompt, prompt_cache=store)
+    store = PrefixCache()
+    cold, cold_logits = run(model, processor, prompt, prefix_cache=store)
     store._entries.pop(next(reversed(store._entries)))  # drop the whole-prompt snapshot, keep the system one
-    warm, warm_logits = run(model, processor, prompt, prompt_cache=store)
+    warm, warm_logits = run(model, processor, prompt, prefix_cache=store)
     assert warm.cached_tokens == system_end(processor, prompt)
     assert cold.tokens == warm.tokens
     assert all(np.array_equal(a, b) for a, b in zip(cold_logits, warm_logits, strict=True))
@@ -79,14 +85,14 @@ def test_reuse_is_bit_exact_against_the_same_chunking(tiny):
 
 def test_next_chat_turn_reuses_the_whole_previous_prompt(tiny):
     model, processor = tiny.model, tiny.processor
-    store = PromptCache()
+    store = PrefixCache()
     first = processor(messages(LONG_SYSTEM, "Hello there."))["input_ids"]
     extended = np.concatenate(
         [first, np.array(processor.tokenizer.encode("Hi!<turn|>\n", add_special_tokens=False))[None]], 1
     )
-    generate(model, processor, {"input_ids": first}, max_tokens=2, prompt_cache=store)
-    again, logits = run(model, processor, {"input_ids": extended}, prompt_cache=store)
-    plain, plain_logits = run(model, processor, {"input_ids": extended}, use_prompt_cache=False)
+    generate(model, processor, {"input_ids": first}, max_tokens=2, prefix_cache=store)
+    again, logits = run(model, processor, {"input_ids": extended}, prefix_cache=store)
+    plain, plain_logits = run(model, processor, {"input_ids": extended}, use_prefix_cache=False)
     assert again.cached_tokens == first.shape[1]
     assert again.tokens == plain.tokens
     np.testing.assert_allclose(logits[0], plain_logits[0], atol=1e-4)
@@ -95,13 +101,13 @@ def test_next_chat_turn_reuses_the_whole_previous_prompt(tiny):
 def test_disk_round_trip_gives_identical_output(tiny, tmp_path):
     path, model, processor = tiny.path, tiny.model, tiny.processor
     prompt = messages(LONG_SYSTEM, "Tell me a joke.")
-    writer = PromptCache.for_checkpoint(path, folder=tmp_path)
-    run(model, processor, messages(LONG_SYSTEM, "What time is it?"), prompt_cache=writer)
+    writer = PrefixCache.for_checkpoint(path, folder=tmp_path)
+    run(model, processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=writer)
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1 and not list(tmp_path.glob(".partial-*"))
-    reader = PromptCache.for_checkpoint(path, folder=tmp_path)  # a fresh process: empty memory
-    warm, warm_logits = run(model, processor, prompt, prompt_cache=reader)
-    plain, plain_logits = run(model, processor, prompt, use_prompt_cache=False)
+    reader = PrefixCache.for_checkpoint(path, folder=tmp_path)  # a fresh process: empty memory
+    warm, warm_logits = run(model, processor, prompt, prefix_cache=reader)
+    plain, plain_logits = run(model, processor, prompt, use_prefix_cache=False)
     assert warm.cached_tokens == system_end(processor, prompt)
     assert warm.tokens == plain.tokens
     np.testing.assert_allclose(warm_logits[0], plain_logits[0], atol=1e-4)
@@ -112,20 +118,20 @@ def test_restored_cache_is_independent_of_the_stored_snapshot(tiny):
     cache = model.make_cache()
     ids = mx.array(np.arange(3, 3 + 2 * WINDOW)[None])
     model(ids, cache=cache)
-    layers = snapshot_cache(cache)
-    before = [np.array(a) for layer in layers for a in layer.arrays]
+    layers = snapshot(cache)
+    before = [np.array(a) for a in arrays(layers)]
     model(mx.array([[5, 6]]), cache=cache)  # the live cache moves on
-    restored = restore_cache(layers)
+    restored = snapshot(layers)
     model(mx.array([[7, 8, 9]]), cache=restored)  # so does a restored one
-    after = [np.array(a) for layer in layers for a in layer.arrays]
+    after = [np.array(a) for a in arrays(layers)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-    assert restored[0].offset == 2 * WINDOW + 3 and restored[0].keys is not layers[0].arrays[0]
+    assert restored[0].offset == 2 * WINDOW + 3 and restored[0].keys is not layers[0].keys
 
 
 def _state(model, length: int, name: str) -> PrefixState:
     cache = model.make_cache()
     model(mx.array(np.arange(3, 3 + length)[None]), cache=cache)
-    return PrefixState(name, np.arange(3, 3 + length, dtype=np.int32), snapshot_cache(cache))
+    return PrefixState(name, np.arange(3, 3 + length, dtype=np.int32), snapshot(cache))
 
 
 def test_memory_store_is_bounded_in_bytes_least_recently_used_out(tiny):
@@ -133,7 +139,7 @@ def test_memory_store_is_bounded_in_bytes_least_recently_used_out(tiny):
     a, b, c = (_state(model, 10, n) for n in "abc")
     keys = PrefixKeys(np.arange(3, 20), model="m")
     a.name = keys.name(10)
-    store = PromptCache(max_bytes=2 * a.nbytes)
+    store = PrefixCache(max_bytes=2 * a.nbytes)
     store.store(a)
     store.store(b)
     assert store.lookup(keys) is a  # a is now the most recently used
@@ -145,7 +151,7 @@ def test_memory_store_is_bounded_in_bytes_least_recently_used_out(tiny):
 def test_longest_stored_prefix_shorter_than_the_prompt_wins(tiny):
     model = tiny.model
     keys = PrefixKeys(np.arange(3, 23), model="m")
-    store = PromptCache()
+    store = PrefixCache()
     for length in (5, 12, 20):
         store.store(_state(model, length, keys.name(length)))
     assert store.lookup(keys).length == 12  # 20 is the whole prompt: nothing would be left to run
@@ -175,17 +181,21 @@ def test_saved_prefix_is_checked_on_load(tiny, tmp_path):
     assert loaded.length == 12 and loaded.name == "n"
     assert all(
         np.array_equal(np.array(x), np.array(y))
-        for la, lb in zip(state.layers, loaded.layers, strict=True)
-        for x, y in zip(la.arrays, lb.arrays, strict=True)
+        for x, y in zip(arrays(state.layers), arrays(loaded.layers), strict=True)
     )
-    with pytest.raises(PromptCacheError, match="another model"):
+    assert [(type(c), c.offset) for c in loaded.layers] == [(type(c), c.offset) for c in state.layers]
+    with pytest.raises(PrefixCacheError, match="another model"):
         load_prefix(file, "not-this-model")
-    with pytest.raises(PromptCacheError, match="not a prefix"):
+    with pytest.raises(PrefixCacheError, match="not a prefix"):
         load_prefix(file, identity, np.arange(4, 30))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(file.read_bytes()[:100])
-    with pytest.raises(PromptCacheError, match="unreadable"):
+    with pytest.raises(PrefixCacheError, match="unreadable"):
         load_prefix(broken, identity)
+    earlier = tmp_path / "version-1.safetensors"  # the format before caches were stored by their state
+    mx.save_safetensors(str(earlier), {"token_ids": mx.arange(12)}, metadata={"format_version": "1"})
+    with pytest.raises(PrefixCacheError, match="format '1', this version reads '2'"):
+        load_prefix(earlier, identity)
 
 
 def test_disk_store_caps_its_size_oldest_first(tiny, tmp_path):
@@ -220,14 +230,14 @@ def test_prefill_chunks_end_at_snapshot_boundaries():
 
 def test_default_store_is_sized_for_the_model(tiny):
     model = tiny.model
-    store = default_prompt_cache(model)
-    assert store is default_prompt_cache(model)  # one store per model
+    store = default_prefix_cache(model)
+    assert store is default_prefix_cache(model)  # one store per model
     assert store.max_bytes == prefix_cache_bytes(model.nbytes)
     assert model.nbytes == sum(w.nbytes for _, w in tree_flatten(model.parameters())) > 0
 
 
 def test_bad_bounds_are_refused():
     with pytest.raises(ValueError, match="positive"):
-        PromptCache(max_bytes=0)
+        PrefixCache(max_bytes=0)
     with pytest.raises(ValueError, match="positive"):
         DiskPrefixStore("/tmp/x", "id", max_bytes=-1)

@@ -12,9 +12,13 @@ A prefix is named by everything that determines its KV state:
 - the attention variant: a key-span bias (audio emphasis) changes the state of every position after
   the span start, so a prefix reaching past it is named with the bias, one ending before it is not.
 
-`PromptCache` keeps snapshots in memory (bounded in bytes, least recently used out) and, optionally,
-persists some of them through a `DiskPrefixStore` (safetensors files keyed by model identity and
-prefix name, checked on load, size-capped, oldest out).
+`PrefixCache` keeps snapshots in memory (bounded in bytes, least recently used out) and, optionally,
+persists some of them through its `DiskPrefixStore`, the disk part of the cache (safetensors files
+keyed by model identity and prefix name, checked on load, size-capped, oldest out). `plan_prefix`
+decides, for one prompt, what to restore and where prefill takes snapshots.
+
+Not to be confused with mlx-lm's `prompt_cache`, which is what this module calls a model's cache: the
+list of per-layer caches (`Model.make_cache()`).
 """
 
 from __future__ import annotations
@@ -24,22 +28,29 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
-from .budgets import PREFIX_CACHE_MAX_BYTES
-from .cache import LayerCache, SharedKVCache, SlidingWindowCache
-from .kernels import SpanBias
+from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
+from .cache import LAYER_CACHES, LayerCache, same_layout, snapshot
+from .checkpoint import model_identity
+from .emphasis import SpanBias
+from .model import Model
+from .prefill import SnapshotCallback
+from .processing.chat import TURN_START
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+# Version 2: each layer's cache is stored as its `state` (arrays and scalars, offset included) under
+# its class name; version 1 files are refused, and removed when met.
+FORMAT_VERSION = "2"
 DEFAULT_DISK_BYTES = 16 << 30
 SUFFIX = ".safetensors"
 
@@ -49,26 +60,17 @@ def default_folder() -> Path:
     return Path(os.environ.get("MLX_UNIFIED_CACHE_DIR", "~/.cache/mlx-unified")).expanduser() / "prefixes"
 
 
-class PromptCacheError(ValueError):
+class PrefixCacheError(ValueError):
     """A persisted prefix does not belong to this model or these tokens, or is unreadable."""
-
-
-@dataclass(frozen=True)
-class LayerState:
-    """One layer's cache at a prefix length: its kind, its arrays (copies) and its integer metadata."""
-
-    kind: str  # "sliding" (window, offset), "shared" (offset,) or "kv" (offset,)
-    arrays: tuple[mx.array, ...]
-    meta: tuple[int, ...]
 
 
 @dataclass
 class PrefixState:
-    """The whole model's cache after the first `length` tokens of a prompt."""
+    """The whole model's cache after the first `length` tokens of a prompt (a `cache.snapshot`)."""
 
     name: str  # PrefixKeys.name(length): what the state depends on
     token_ids: np.ndarray  # int32 [length]
-    layers: list[LayerState]
+    layers: list[LayerCache]
 
     @property
     def length(self) -> int:
@@ -76,72 +78,7 @@ class PrefixState:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for layer in self.layers for a in layer.arrays)
-
-
-def _copy(a: mx.array) -> mx.array:
-    # A new buffer: caches write into their arrays in place, a stored snapshot must not see that.
-    return mx.array(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).view(a.dtype)
-
-
-def snapshot_cache(cache: Sequence[LayerCache]) -> list[LayerState]:
-    """Copies of every layer's state now (evaluated, independent of the live cache)."""
-    layers = []
-    for c in cache:
-        if isinstance(c, SlidingWindowCache):
-            n = c.size()
-            arrays = () if c.keys is None else (c.keys[:, :, :n], c.values[:, :, :n])
-            layers.append(LayerState("sliding", tuple(_copy(a) for a in arrays), (c.window, c.offset)))
-        elif isinstance(c, SharedKVCache):
-            arrays = () if c.values is None else (c.values[:, :, : c.offset],)
-            layers.append(LayerState("shared", tuple(_copy(a) for a in arrays), (c.offset,)))
-        elif isinstance(c, KVCache):
-            arrays = () if c.keys is None else (c.keys[:, :, : c.offset], c.values[:, :, : c.offset])
-            layers.append(LayerState("kv", tuple(_copy(a) for a in arrays), (c.offset,)))
-        else:
-            raise TypeError(f"cannot snapshot a {type(c).__name__}")
-    mx.eval([layer.arrays for layer in layers])
-    return layers
-
-
-def restore_cache(layers: Sequence[LayerState]) -> list[LayerCache]:
-    """Fresh caches holding copies of a snapshot, so the stored snapshot stays untouched."""
-    cache: list[LayerCache] = []
-    copies = [tuple(_copy(a) for a in layer.arrays) for layer in layers]
-    mx.eval(copies)
-    for layer, arrays in zip(layers, copies, strict=True):
-        if layer.kind == "sliding":
-            c = SlidingWindowCache(layer.meta[0])
-            if arrays:
-                c.keys, c.values = arrays
-            c.offset = layer.meta[1]
-        elif layer.kind == "shared":
-            c = SharedKVCache()
-            if arrays:
-                (c.values,) = arrays
-            c.offset = layer.meta[0]
-        elif layer.kind == "kv":
-            c = KVCache()
-            if arrays:
-                c.keys, c.values = arrays
-            c.offset = layer.meta[0]
-        else:
-            raise PromptCacheError(f"unknown layer state kind {layer.kind!r}")
-        cache.append(c)
-    return cache
-
-
-def matches_model(layers: Sequence[LayerState], cache: Sequence[LayerCache]) -> bool:
-    """Whether a snapshot has the layer kinds (and windows) of a fresh cache of the model."""
-    kinds = {SlidingWindowCache: "sliding", SharedKVCache: "shared", KVCache: "kv"}
-    if len(layers) != len(cache):
-        return False
-    for layer, c in zip(layers, cache, strict=True):
-        if kinds.get(type(c)) != layer.kind:
-            return False
-        if layer.kind == "sliding" and layer.meta[0] != c.window:
-            return False
-    return True
+        return sum(layer.nbytes for layer in self.layers)
 
 
 class PrefixKeys:
@@ -188,33 +125,31 @@ class PrefixKeys:
         return self._names[length]
 
 
-def model_identity(checkpoint: str | Path) -> str:
-    """A hash of a checkpoint's config.json and its weight files' names and sizes."""
-    folder = Path(checkpoint)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise PromptCacheError(f"{folder}: no config.json, cannot identify the model")
-    digest = hashlib.sha256(config.read_bytes())
-    for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(f"|{weights.name}:{weights.stat().st_size}".encode())
-    return digest.hexdigest()
-
-
 def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
-    """Write a prefix state as safetensors (arrays + metadata), atomically: a temp file, then rename."""
+    """Write a prefix state as safetensors (arrays + metadata), atomically: a temp file, then rename.
+
+    Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, the other
+    entries (offset, window) stay in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"token_ids": mx.array(state.token_ids)}
+    layers = []
     for i, layer in enumerate(state.layers):
-        for j, a in enumerate(layer.arrays):
-            arrays[f"layer.{i}.{j}"] = a
+        entries = []
+        for j, item in enumerate(layer.state):
+            if isinstance(item, mx.array):
+                arrays[f"layer.{i}.{j}"] = item
+                entries.append({"tensor": f"layer.{i}.{j}"})
+            else:
+                entries.append(item)
+        layers.append([type(layer).__name__, entries])
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_identity": identity,
         "name": state.name,
         "length": str(state.length),
         "token_ids_sha256": hashlib.sha256(state.token_ids.astype(np.int32).tobytes()).hexdigest(),
-        "layers": json.dumps([[layer.kind, len(layer.arrays), list(layer.meta)] for layer in state.layers]),
+        "layers": json.dumps(layers),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=SUFFIX)
     os.close(fd)
@@ -238,34 +173,38 @@ def load_prefix(
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
     except (OSError, RuntimeError, ValueError) as e:
-        raise PromptCacheError(f"{path}: unreadable prefix cache file ({e})") from e
+        raise PrefixCacheError(f"{path}: unreadable prefix cache file ({e})") from e
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise PromptCacheError(
+        raise PrefixCacheError(
             f"{path}: prefix cache format {metadata.get('format_version')!r}, this version reads {FORMAT_VERSION!r}"
         )
     if metadata.get("model_identity") != identity:
-        raise PromptCacheError(f"{path}: prefix was computed by another model (identity differs); not used")
+        raise PrefixCacheError(f"{path}: prefix was computed by another model (identity differs); not used")
     stored = np.asarray(arrays["token_ids"]).astype(np.int32)
     if hashlib.sha256(stored.tobytes()).hexdigest() != metadata.get("token_ids_sha256") or len(stored) != int(
         metadata.get("length", -1)
     ):
-        raise PromptCacheError(f"{path}: token ids do not match their recorded hash; file is damaged")
+        raise PrefixCacheError(f"{path}: token ids do not match their recorded hash; file is damaged")
     if token_ids is not None:
         wanted = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         if len(wanted) < len(stored) or not np.array_equal(wanted[: len(stored)], stored):
-            raise PromptCacheError(
+            raise PrefixCacheError(
                 f"{path}: the stored {len(stored)} token ids are not a prefix of this prompt"
             )
     layers = []
-    for i, (kind, count, meta) in enumerate(json.loads(metadata["layers"])):
-        layers.append(LayerState(kind, tuple(arrays[f"layer.{i}.{j}"] for j in range(count)), tuple(meta)))
-    mx.eval([layer.arrays for layer in layers])
+    for kind, entries in json.loads(metadata["layers"]):
+        if kind not in LAYER_CACHES:
+            raise PrefixCacheError(f"{path}: unknown layer cache {kind!r}")
+        state = tuple(arrays[e["tensor"]] if isinstance(e, dict) else e for e in entries)
+        layers.append(LAYER_CACHES[kind].from_state(state))
+    mx.eval([layer.state for layer in layers])
     return PrefixState(metadata["name"], stored, layers)
 
 
 class DiskPrefixStore:
-    """Prefix states of one model in a folder, one safetensors file per prefix name, size-capped
-    (least recently used out: a file's modification time is refreshed when it is read)."""
+    """The disk part of a `PrefixCache`: prefix states of one model in a folder, one safetensors file per
+    prefix name, size-capped (least recently used out: a file's modification time is refreshed when it
+    is read)."""
 
     def __init__(self, folder: str | Path, identity: str, max_bytes: int = DEFAULT_DISK_BYTES) -> None:
         if max_bytes <= 0:
@@ -289,7 +228,7 @@ class DiskPrefixStore:
             return None
         try:
             state = load_prefix(path, self.identity, token_ids)
-        except PromptCacheError as e:
+        except PrefixCacheError as e:
             log.warning("%s; removing it", e)
             path.unlink(missing_ok=True)
             return None
@@ -324,9 +263,9 @@ class DiskPrefixStore:
             oldest.unlink(missing_ok=True)
 
 
-class PromptCache:
+class PrefixCache:
     """Snapshots of prompt prefixes in memory (bounded in bytes, least recently used out), with an
-    optional disk store behind it. One PromptCache serves one model."""
+    optional disk store behind it. One PrefixCache serves one model."""
 
     def __init__(
         self,
@@ -349,7 +288,7 @@ class PromptCache:
         max_bytes: int = PREFIX_CACHE_MAX_BYTES,
         folder: str | Path | None = None,
         disk_bytes: int = DEFAULT_DISK_BYTES,
-    ) -> PromptCache:
+    ) -> PrefixCache:
         """An in-memory cache persisting system-prompt prefixes under `folder` (default: `default_folder()`),
         shared by processes."""
         return cls(max_bytes, DiskPrefixStore.for_checkpoint(checkpoint, folder, disk_bytes))
@@ -407,6 +346,22 @@ class PromptCache:
             total -= evicted.nbytes
 
 
+# One default prefix cache per live model, dropped with the model (`weakref.finalize`): a model is an
+# MLX module, a dict, so it cannot key a WeakKeyDictionary.
+_DEFAULT_CACHES: dict[int, PrefixCache] = {}
+
+
+def default_prefix_cache(model: Model) -> PrefixCache:
+    """The in-memory prefix cache that `stream_generate` uses for `model` when given none: made on first
+    use, sized to the memory left beside the weights (`budgets.prefix_cache_bytes`), kept while the
+    model lives."""
+    key = id(model)
+    if key not in _DEFAULT_CACHES:
+        _DEFAULT_CACHES[key] = PrefixCache(prefix_cache_bytes(model.nbytes))
+        weakref.finalize(model, _DEFAULT_CACHES.pop, key, None)
+    return _DEFAULT_CACHES[key]
+
+
 def last_user_turn_start(token_ids: np.ndarray, turn_start_id: int, user_ids: Sequence[int]) -> int | None:
     """Position of the last `<|turn>user` in a prompt: everything before it (system prompt, earlier
     turns) is the part that repeats across requests."""
@@ -423,3 +378,53 @@ def media_rows(h: mx.array, positions: np.ndarray) -> np.ndarray:
     if len(positions) == 0:
         return np.zeros((0, h.shape[-1]), np.float32)
     return np.asarray(h[0][mx.array(positions.astype(np.int32))].astype(mx.float32))
+
+
+@dataclass
+class PrefixPlan:
+    """How one prompt uses the prefix cache: the model's cache to start from (fresh, or a restored
+    prefix of `reused` tokens), and where prefill takes snapshots (`on_snapshot` stores them)."""
+
+    prompt_cache: list[LayerCache]
+    snapshot_at: tuple[int, ...]
+    on_snapshot: SnapshotCallback | None
+    reused: int
+
+
+def plan_prefix(
+    model: Model,
+    tokenizer: Any,
+    prefix_cache: PrefixCache | None,
+    input_ids: np.ndarray,
+    embeddings: mx.array,
+    key_bias: SpanBias | None,
+) -> PrefixPlan:
+    """Restore the longest stored prefix of this prompt, and take snapshots at the end of its system
+    part (persisted: it repeats across requests and runs) and at its end (the next chat turn extends it).
+    Without a prefix cache, or for a batch, a fresh cache and no snapshots."""
+    fresh = model.make_cache()
+    if prefix_cache is None or input_ids.shape[0] != 1:
+        return PrefixPlan(fresh, (), None, 0)
+    ids = input_ids[0]
+    media = np.nonzero(np.isin(ids, model.config.media_token_ids))[0]
+    keys = PrefixKeys(
+        ids,
+        model=prefix_cache.identity or f"model-object-{id(model)}",
+        media_positions=media,
+        media_rows=media_rows(embeddings, media),
+        key_bias=key_bias,
+    )
+    turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
+    user = tokenizer.encode("user", add_special_tokens=False)
+    system_end = last_user_turn_start(ids, turn_start, user) if isinstance(turn_start, int) else None
+    hit = prefix_cache.lookup(keys, disk_lengths=() if system_end is None else (system_end,))
+    cache, reused = fresh, 0
+    if hit is not None and same_layout(hit.layers, fresh):
+        cache, reused = snapshot(hit.layers), hit.length
+    boundaries = tuple(b for b in (system_end, len(ids)) if b is not None and b > reused)
+
+    def on_snapshot(end: int, live: list[LayerCache]) -> None:
+        state = PrefixState(keys.name(end), ids[:end].copy(), snapshot(live))
+        prefix_cache.store(state, persist=end == system_end)
+
+    return PrefixPlan(cache, boundaries, on_snapshot, reused)
