@@ -30,6 +30,7 @@ from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import released_config
 from mlx_unified.convert.estimate import estimate
 from mlx_unified.convert.safetensors_stream import OutputTensor, ShardWriter
+from mlx_unified.testing import TINY_TEXT
 from mlx_unified.testing.tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,23 +46,17 @@ WRITE_CHUNK_VALUES = 1 << 24
 
 
 def released_hf_config() -> Gemma4UnifiedConfig:
+    """The released 12B's config as the reference writes it: the text settings a tiny checkpoint spells
+    out (`TINY_TEXT`), at their released values (`released_config()`)."""
+    text, vision = released_config().text, released_config().vision
     config = Gemma4UnifiedConfig(
-        text_config=dict(
-            hidden_size=3840,
-            intermediate_size=15360,
-            num_hidden_layers=48,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=256,
-            global_head_dim=512,
-            num_global_key_value_heads=1,
-            attention_k_eq_v=True,
-            vocab_size=262144,
-            sliding_window=1024,
-            final_logit_softcapping=30.0,
+        text_config={**{name: getattr(text, name) for name in TINY_TEXT}, "vocab_size": text.vocab_size},
+        vision_config=dict(
+            mm_embed_dim=vision.mm_embed_dim,
+            output_proj_dims=vision.output_proj_dims,
+            mm_posemb_size=vision.mm_posemb_size,
         ),
-        vision_config=dict(mm_embed_dim=3840, output_proj_dims=3840, mm_posemb_size=1120),
-        audio_config=dict(audio_embed_dim=640),
+        audio_config=dict(audio_embed_dim=released_config().audio.audio_embed_dim),
     )
     config.architectures = ["Gemma4UnifiedForConditionalGeneration"]
     config.dtype = "bfloat16"

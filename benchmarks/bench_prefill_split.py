@@ -10,7 +10,7 @@ projections and its three MLP products, and the tied head on the last position. 
 - the shared products alone: those linear layers of our model, with its weights, on random inputs of
   the pass's shapes, evaluated together;
 - our attention calls alone: MLX's fused attention over every query block our prefill computes
-  (`Attention._prefill_attention` on random queries and keys), without the norms, RoPE or residuals.
+  (`attention.prefill_attention` on random queries and keys), without the norms, RoPE or residuals.
 
 The ratio a prefill could reach if everything but the shared products took no time is
 mlx-vlm's prefill time over the shared time: a ceiling for `prefill ours / mlx-vlm` on that backend.
@@ -32,7 +32,7 @@ import mlx.nn as nn
 import numpy as np
 from bench_generate import RESULTS, load_both, machine_description, machine_name, run_mlx_vlm, run_ours
 
-from mlx_unified.attention import AttentionContext
+from mlx_unified.attention import AttentionContext, prefill_attention
 
 
 def decoder_linears(layers) -> list[nn.Linear]:
@@ -88,7 +88,7 @@ def time_attention(model, prompt_tokens: int, rounds: int) -> float:
         ctx = AttentionContext(0, None)
         # keys stand for the values too: the cost is the same, and K=V layers do share them
         pairs = zip(layers, inputs, strict=True)
-        return [attn._prefill_attention(q, k, k, ctx, 0, None) for attn, (q, k) in pairs]
+        return [prefill_attention(q, k, k, ctx, 0, attn.sliding_window, None) for attn, (q, k) in pairs]
 
     return median_seconds(calls, rounds)
 

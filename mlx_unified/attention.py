@@ -1,12 +1,13 @@
-"""Hybrid self-attention: sliding-window layers and global layers (with K=V sharing).
+"""Attention outside the decode kernels: what one forward call's layers share, and prefill attention by
+query blocks.
 
-On Metal, decoding (a few new tokens) goes through the custom kernels of `mlx_unified.kernels`,
-which read the caches in place: the global K=V kernel derives keys from the single cached tensor,
-the sliding kernel reads the ring buffer without a mask (on the CPU, their references do the same).
-Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attention` (every backend has it), one
-block of queries at a time over only the keys that block may see: MLX fuses prefill attention only
-for head dims up to 128 on Metal, so for this model's 256- and 512-dim heads, as on CUDA and the CPU,
-it computes every score of a [queries x keys] product, masked ones included.
+Decoding (a few new tokens) reads the caches in place through the custom kernels of
+`mlx_unified.kernels` when `decode_in_place()`: the global K=V kernel derives keys from the single
+cached tensor, the sliding kernel reads the ring buffer without a mask (on the CPU, their references do
+the same). Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attention` (every backend has
+it), one block of queries at a time over only the keys that block may see: MLX fuses prefill attention
+only for head dims up to 128 on Metal, so for this model's 256- and 512-dim heads, as on CUDA and the
+CPU, it computes every score of a [queries x keys] product, masked ones included.
 """
 
 from __future__ import annotations
@@ -15,22 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
 from .attention_blocks import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
-from .cache import LayerCache, SharedKVCache, SlidingWindowCache
-from .config import LayerShape, RopeConfig, TextConfig
 from .emphasis import SpanBias
-from .kernels import (
-    RopeSpec,
-    global_kv_attention,
-    kernels_enabled,
-    norm_rope,
-    sliding_window_attention,
-)
-from .kernels.rope_tables import rope_fused
+from .kernels import kernels_enabled
 from .masks import attention_mask, unsplit_spans
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
@@ -43,8 +33,8 @@ DECODE_MAX_TOKENS = 8
 def decode_in_place() -> bool:
     """Whether decoding reads the caches in place through `global_kv_attention` and
     `sliding_window_attention`: their Metal kernels, or on the CPU their float32 references, which
-    beat MLX's bf16 attention there (decode 1.14x mlx-vlm against 0.91x on the scaled benchmark).
-    Elsewhere (CUDA) MLX's fused attention over the derived keys is the faster path."""
+    beat MLX's bf16 attention there. Elsewhere (CUDA) MLX's fused attention over the derived keys is
+    the faster path."""
     return kernels_enabled() or mx.default_device().type == mx.DeviceType.cpu
 
 
@@ -86,136 +76,49 @@ class AttentionContext:
         return self.spans[size]
 
 
-def rope_spec(rope: RopeConfig, head_dim: int) -> RopeSpec:
-    if rope.rope_type == "default":
-        return RopeSpec(rope.theta)
-    return RopeSpec(rope.theta, 2 * int(rope.partial_rotary_factor * head_dim // 2))
-
-
-def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    """The reference's RMSNorm: weight used as is (not 1 + weight). MLX's fused kernel accumulates in
-    float32 like the reference; in bf16 it may round the product once more (one ulp)."""
-    return mx.fast.rms_norm(x, None if weight is None else weight.astype(x.dtype), eps)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: TextConfig, shape: LayerShape):
-        super().__init__()
-        self.shape = shape
-        self.num_heads = config.num_attention_heads
-        self.eps = config.rms_norm_eps
-        self.sliding_window = config.sliding_window if shape.is_sliding else None
-        dim, heads, kv_dim = config.hidden_size, config.num_attention_heads, shape.num_kv_heads * shape.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(dim, heads * shape.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=bias)
-        if not shape.k_eq_v:
-            self.v_proj = nn.Linear(dim, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * shape.head_dim, dim, bias=bias)
-        self.q_norm = RMSNorm(shape.head_dim, self.eps)
-        self.k_norm = RMSNorm(shape.head_dim, self.eps)
-        self.rope = rope_spec(config.rope_parameters[shape.layer_type], shape.head_dim)
-
-    def _heads(self, x: mx.array, n: int) -> mx.array:
-        B, L, _ = x.shape
-        return x.reshape(B, L, n, self.shape.head_dim)
-
-    def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
-        B, L, _ = x.shape
-        n_kv, offset = self.shape.num_kv_heads, ctx.offset
-        queries = norm_rope(self._heads(self.q_proj(x), self.num_heads), self.q_norm.weight, offset, rope=self.rope)
-        raw = self._heads(self.k_proj(x), n_kv)
-        decoding = cache is not None and L <= DECODE_MAX_TOKENS and ctx.block_ids is None and decode_in_place()
-        if self.shape.k_eq_v:
-            out = self._shared_kv(queries, raw, ctx, cache, decoding)
-        else:
-            keys = norm_rope(raw, self.k_norm.weight, offset, rope=self.rope)
-            values = norm_rope(self._heads(self.v_proj(x), n_kv), None, offset, rope=None)
-            out = self._separate_kv(queries, keys, values, ctx, cache, decoding and L == 1)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def _shared_kv(self, queries, raw, ctx: AttentionContext, cache: SharedKVCache | None, decoding: bool):
-        """One tensor is the values and, scaled by k_norm's weight and rotated, the keys."""
-        L = queries.shape[2]
-        shared = norm_rope(raw, None, ctx.offset, rope=None)  # v_norm: RMSNorm without weight
-        if cache is not None:
-            shared = cache.update_and_fetch(shared)
-        if decoding:
-            return global_kv_attention(
-                queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
-            )
-        key_start = ctx.offset + L - shared.shape[2]
-        keys = rope_fused(shared * self.k_norm.weight.astype(shared.dtype), key_start, self.rope)
-        return self._prefill_attention(queries, keys, shared, ctx, key_start, ctx.key_bias)
-
-    def _separate_kv(self, queries, keys, values, ctx: AttentionContext, cache: LayerCache | None, decoding: bool):
-        L = queries.shape[2]
-        key_start = ctx.offset
-        if isinstance(cache, SlidingWindowCache):
-            keys, values, key_start = cache.update_and_fetch(keys, values)
-            if decoding:
-                return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
-        elif cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-            key_start = ctx.offset + L - keys.shape[2]
-        key_bias = None if self.shape.is_sliding else ctx.key_bias  # emphasis acts on global layers only
-        return self._prefill_attention(queries, keys, values, ctx, key_start, key_bias)
-
-    def _prefill_attention(
-        self, queries: mx.array, keys: mx.array, values: mx.array, ctx: AttentionContext, key_start: int,
-        key_bias: SpanBias | None,
-    ) -> mx.array:
-        """Attention of this call's queries over keys/values at absolute positions key_start.. (the last
-        key is the last query's), one block of queries at a time: each block reads only the keys it may
-        see, its sliding window or, on global layers, the keys up to its last query. One product over
-        all queries and keys computes and then masks away the rest: on a 2048-token pass of the CPU
-        benchmark model, 3.6 s against 0.34 s for a sliding layer, 5.0 s against 2.9 s for a global one.
-        Blocks are sized so that what they mask away stays small (`attention_blocks.sliding_query_block`,
-        `attention_blocks.query_block`); global blocks also keep their scores within ctx.score_bytes."""
-        L, window = queries.shape[2], self.sliding_window
+def prefill_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    ctx: AttentionContext,
+    key_start: int,
+    window: int | None,
+    key_bias: SpanBias | None,
+) -> mx.array:
+    """Attention of this call's queries [B, H, L, D] over keys/values at absolute positions key_start..
+    (the last key is the last query's), one block of queries at a time: each block reads only the keys
+    it may see, its sliding `window` or, on global layers (`window` None), the keys up to its last
+    query. One product over all queries and keys would compute and then mask away the rest. Blocks are
+    sized so that what they mask away stays small (`attention_blocks.sliding_query_block`,
+    `attention_blocks.query_block`); global blocks also keep their scores within ctx.score_bytes."""
+    heads, length = queries.shape[1], queries.shape[2]
+    if ctx.observer is not None:
+        spans = [(0, length)]  # diagnostics see the whole call at once: one block over every key
+    elif window is None:
+        spans = ctx.query_spans(length, query_block(heads, keys.shape[2], ctx.score_bytes, length))
+    else:
+        spans = ctx.query_spans(length, sliding_query_block(window))
+    # Each evaluation in turn waits for the device: a short pass, whose blocks together hold no
+    # more scores than one full block, need not.
+    in_turn = window is None and len(spans) > 1 and not global_blocks_together(
+        heads, length, keys.shape[2], ctx.score_bytes
+    )
+    outputs = []
+    for first, stop in spans:
+        query_start = ctx.offset + first
+        lo = key_start if window is None else max(key_start, query_start - window + 1)
+        hi = ctx.offset + stop  # blocks never split a vision block: no key past its last query
+        mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, keys.dtype)
+        k_slice = slice(lo - key_start, hi - key_start)
+        block_queries, block_keys = queries[:, :, first:stop], keys[:, :, k_slice]
         if ctx.observer is not None:
-            spans = [(0, L)]  # diagnostics see the whole call at once: one block over every key
-        elif window is None:
-            spans = ctx.query_spans(L, query_block(self.num_heads, keys.shape[2], ctx.score_bytes, L))
-        else:
-            spans = ctx.query_spans(L, sliding_query_block(window))
-        # Each evaluation in turn waits for the device: a short pass, whose blocks together hold no
-        # more scores than one full block, need not.
-        in_turn = window is None and len(spans) > 1 and not global_blocks_together(
-            self.num_heads, L, keys.shape[2], ctx.score_bytes
+            ctx.observer(window is not None, block_queries, block_keys, lo, mask)
+        out = mx.fast.scaled_dot_product_attention(
+            block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
         )
-        outputs = []
-        for first, stop in spans:
-            query_start = ctx.offset + first
-            lo = key_start if window is None else max(key_start, query_start - window + 1)
-            hi = ctx.offset + stop  # blocks never split a vision block: no key past its last query
-            mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, keys.dtype)
-            k_slice = slice(lo - key_start, hi - key_start)
-            block_queries, block_keys = queries[:, :, first:stop], keys[:, :, k_slice]
-            if ctx.observer is not None:
-                ctx.observer(window is not None, block_queries, block_keys, lo, mask)
-            out = mx.fast.scaled_dot_product_attention(
-                block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
-            )
-            if in_turn:
-                # Left lazy, every block's scores are alive at once (the whole pass's, 2.1 GB for the
-                # 12B at 32K); evaluated in turn, one block's (at 8K on the CPU: 78 MB against 503 MB,
-                # as fast). mx.depends or async_eval still kept about four blocks' (272 MB).
-                mx.eval(out)
-            outputs.append(out)
-        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
-
-    def make_cache(self) -> LayerCache:
-        if self.shape.is_sliding:
-            return SlidingWindowCache(self.sliding_window)
-        return SharedKVCache() if self.shape.k_eq_v else KVCache()
+        if in_turn:
+            # Left lazy, every block's scores are alive at once; evaluated in turn, one block's
+            # (mx.depends or async_eval still kept several blocks' alive).
+            mx.eval(out)
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)

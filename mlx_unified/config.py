@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -24,21 +24,32 @@ class ConfigError(ValueError):
     """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
 
 
-@dataclass
-class RopeConfig:
-    rope_type: str  # "default" or "proportional"
+# A layer type's RoPE as the checkpoint spells it (`rope_parameters`), when it does not.
+DEFAULT_ROPE_PARAMETERS = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    GLOBAL: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25},
+}
+
+
+class RopeSpec(NamedTuple):
+    """Rotate-half RoPE: pairs (i, i + D/2), angle = position * theta^(-2i/D) for i < rotated_dims/2.
+
+    `rotated_dims=None` rotates the whole head (default RoPE); the proportional RoPE of the global
+    layers keeps the whole head_dim and zeroes the frequencies past the rotated fraction (128 of 512
+    dims), so those pairs pass through unrotated. The kernels' frequency tables are
+    `kernels.rope_tables.inv_freq`.
+    """
+
     theta: float
-    partial_rotary_factor: float = 1.0
+    rotated_dims: int | None = None
 
-    def inv_freq(self, head_dim: int) -> list[float]:
-        """Inverse frequencies for rotate-half pairs (i, i + head_dim/2), as the reference computes them.
 
-        Proportional RoPE keeps the whole head_dim and zeroes the frequencies past the rotated fraction,
-        so those pairs pass through unrotated.
-        """
-        half = head_dim // 2
-        rotated = half if self.rope_type == "default" else int(self.partial_rotary_factor * head_dim // 2)
-        return [self.theta ** (-(2 * i) / head_dim) if i < rotated else 0.0 for i in range(half)]
+def rope_spec(parameters: dict[str, Any], head_dim: int) -> RopeSpec:
+    """The RoPE of one `rope_parameters` entry for a layer of `head_dim`, as the reference computes it."""
+    theta = float(parameters.get("rope_theta", 10_000.0))
+    if parameters.get("rope_type", "default") == "default":
+        return RopeSpec(theta)
+    return RopeSpec(theta, 2 * int(float(parameters.get("partial_rotary_factor", 1.0)) * head_dim // 2))
 
 
 @dataclass
@@ -47,6 +58,7 @@ class LayerShape:
     head_dim: int
     num_kv_heads: int
     k_eq_v: bool  # no v_proj: values are the raw k_proj output
+    rope: RopeSpec
 
     @property
     def is_sliding(self) -> bool:
@@ -73,7 +85,7 @@ class TextConfig:
     attention_k_eq_v: bool = True
     attention_bias: bool = False
     use_bidirectional_attention: str | None = "vision"
-    rope_parameters: dict[str, RopeConfig] = field(default_factory=dict)
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
     eos_token_id: int | list[int] = 1
@@ -93,14 +105,10 @@ class TextConfig:
         for kind in self.layer_types:
             if kind not in (SLIDING, GLOBAL):
                 raise ConfigError(f"unsupported layer type {kind!r}")
-        defaults = {
-            SLIDING: RopeConfig("default", 10_000.0),
-            GLOBAL: RopeConfig("proportional", 1_000_000.0, 0.25),
-        }
-        self.rope_parameters = {**defaults, **self.rope_parameters}
+        self.rope_parameters = {**DEFAULT_ROPE_PARAMETERS, **self.rope_parameters}
         for kind, rope in self.rope_parameters.items():
-            if rope.rope_type not in ("default", "proportional"):
-                raise ConfigError(f"unsupported rope_type {rope.rope_type!r} for {kind}")
+            if rope.get("rope_type", "default") not in ("default", "proportional"):
+                raise ConfigError(f"unsupported rope_type {rope['rope_type']!r} for {kind}")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
             raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
         if self.use_bidirectional_attention not in (None, "vision"):
@@ -121,7 +129,8 @@ class TextConfig:
             # As in the reference: the global KV-head override applies to K=V models only.
             if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
                 kv_heads = self.num_global_key_value_heads
-        return LayerShape(kind, head_dim, kv_heads, self.attention_k_eq_v and kind == GLOBAL)
+        rope = rope_spec(self.rope_parameters[kind], head_dim)
+        return LayerShape(kind, head_dim, kv_heads, self.attention_k_eq_v and kind == GLOBAL, rope)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -230,15 +239,7 @@ def _text_config(data: dict[str, Any]) -> TextConfig:
     if values.get("per_layer_config") is not None:
         values["per_layer_config"] = {int(k): dict(v) for k, v in values["per_layer_config"].items()}
     rope = values.pop("rope_parameters", None) or {}
-    values["rope_parameters"] = {
-        kind: RopeConfig(
-            params.get("rope_type", "default"),
-            float(params.get("rope_theta", 10_000.0)),
-            float(params.get("partial_rotary_factor", 1.0)),
-        )
-        for kind, params in rope.items()
-        if params is not None
-    }
+    values["rope_parameters"] = {kind: dict(params) for kind, params in rope.items() if params is not None}
     if values.get("tie_word_embeddings") is False:
         raise ConfigError("untied output embeddings are not a Gemma 4 unified architecture")
     return _pick(TextConfig, values)

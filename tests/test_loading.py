@@ -14,6 +14,7 @@ from transformers import Gemma4UnifiedForConditionalGeneration
 import mlx_unified
 from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, resolve
 from mlx_unified.config import GLOBAL, SLIDING, ConfigError, ModelConfig, load_config
+from mlx_unified.kernels.rope_tables import inv_freq
 from mlx_unified.testing import tiny_checkpoint
 from mlx_unified.testing.reference import build_reference_checkpoint, reference_logits
 
@@ -55,8 +56,8 @@ def test_released_12b_config_defaults():
     assert text.layer(5) == text.layer(47)
     assert (text.layer(5).head_dim, text.layer(5).num_kv_heads, text.layer(5).k_eq_v) == (512, 1, True)
     assert (text.layer(0).head_dim, text.layer(0).num_kv_heads) == (256, 8)
-    inv_freq = text.rope_parameters[GLOBAL].inv_freq(512)
-    assert sum(f > 0 for f in inv_freq) == 64 and inv_freq[0] == 1.0
+    freq = np.array(inv_freq(text.layer(5).rope, 512))
+    assert (freq > 0).sum() == 64 and freq[0] == 1.0
 
 
 @pytest.mark.parametrize("model_type", ["gemma4", "llama", None])

@@ -193,7 +193,7 @@ def test_geglu_is_bit_identical_to_the_reference_in_bf16(activation):
     import torch
     from transformers.activations import ACT2FN
 
-    from mlx_unified.decoder import geglu_erf, geglu_tanh
+    from mlx_unified.model import geglu_erf, geglu_tanh
 
     rng = np.random.default_rng(14)
     gate, up = (rng.normal(0, 3, (64, 1024)).astype(np.float32) for _ in range(2))

@@ -13,8 +13,6 @@ import mlx.core as mx
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.dispatch import KernelFactory
 
-EPS = 1e-6
-
 SOURCE = """
 constexpr int PER_LANE = (C + 31) / 32;
 const uint lane = thread_index_in_simdgroup;
@@ -40,13 +38,13 @@ def _kernel(factory: KernelFactory):
     return factory(name="mlxu_audio_norm", input_names=["frames", "eps"], output_names=["out"], source=SOURCE)
 
 
-def audio_norm_kernel(factory: KernelFactory, frames: mx.array) -> mx.array:
+def audio_norm_kernel(factory: KernelFactory, frames: mx.array, eps: float = 1e-6) -> mx.array:
     """The kernel path of `audio_norm`, built with `factory` (Metal or the emulator)."""
     samples = frames.shape[-1]
     rows = frames.size // samples
     per_group = next(n for n in (8, 4, 2, 1) if rows % n == 0)
     (out,) = _kernel(factory)(
-        inputs=[frames, mx.array([EPS], dtype=mx.float32)],
+        inputs=[frames, mx.array([eps], dtype=mx.float32)],
         template=[("T", frames.dtype), ("C", samples)],
         grid=(32, rows, 1),
         threadgroup=(32, per_group, 1),
@@ -56,19 +54,19 @@ def audio_norm_kernel(factory: KernelFactory, frames: mx.array) -> mx.array:
     return out
 
 
-def audio_norm_reference(frames: mx.array) -> mx.array:
+def audio_norm_reference(frames: mx.array, eps: float = 1e-6) -> mx.array:
     """Pure-MLX reference of `audio_norm`."""
     x = frames.astype(mx.float32)
-    return (x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + EPS)).astype(frames.dtype)
+    return (x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)).astype(frames.dtype)
 
 
-def audio_norm(frames: mx.array) -> mx.array:
-    """RMSNorm without weight (eps 1e-6) over the last axis of `frames [..., 640]`, frames' dtype.
+def audio_norm(frames: mx.array, eps: float = 1e-6) -> mx.array:
+    """RMSNorm without weight over the last axis of `frames [..., 640]`, frames' dtype.
     Metal kernel when enabled, else the reference.
     """
     return dispatch.run(
         "audio_norm",
         (frames.dtype, frames.shape[-1]),
-        lambda: audio_norm_kernel(dispatch.metal_factory(), frames),
-        lambda: audio_norm_reference(frames),
+        lambda: audio_norm_kernel(dispatch.metal_factory(), frames, eps),
+        lambda: audio_norm_reference(frames, eps),
     )

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-
-class RopeSpec(NamedTuple):
-    """Rotate-half RoPE: pairs (i, i + D/2), angle = position * theta^(-2i/D) for i < rotated_dims/2.
-
-    `rotated_dims=None` rotates the whole head (default RoPE); the proportional RoPE of the global
-    layers rotates 128 of 512 dims, the other frequencies being zero (identity).
-    """
-
-    theta: float
-    rotated_dims: int | None = None
-
+from mlx_unified.config import RopeSpec
 
 DEFAULT_ROPE = RopeSpec(theta=10_000.0)
 PROPORTIONAL_ROPE = RopeSpec(theta=1_000_000.0, rotated_dims=128)

@@ -18,7 +18,6 @@ from mlx_unified.kernels.dispatch import KernelFactory
 
 THREADS = 256
 LAYER_NORM_EPS = 1e-5
-RMS_NORM_EPS = 1e-6
 
 SOURCE = """
 constexpr int PER_THREAD = (C + THREADS - 1) / THREADS;
@@ -110,12 +109,13 @@ def vision_tail_kernel(
     pos_embedding: mx.array,
     pos_norm_weight: mx.array,
     pos_norm_bias: mx.array,
+    rms_eps: float = 1e-6,
 ) -> mx.array:
     """The kernel path of `vision_tail`, built with `factory` (Metal or the emulator)."""
     _check(x, positions, pos_embedding)
     channels = x.shape[-1]
     rows = x.size // channels
-    eps = mx.array([LAYER_NORM_EPS, RMS_NORM_EPS], dtype=mx.float32)
+    eps = mx.array([LAYER_NORM_EPS, rms_eps], dtype=mx.float32)
     (out,) = _kernel(factory)(
         inputs=[x, positions.astype(mx.int32), ln_weight, ln_bias, pos_embedding, pos_norm_weight,
                 pos_norm_bias, eps],
@@ -142,6 +142,7 @@ def vision_tail_reference(
     pos_embedding: mx.array,
     pos_norm_weight: mx.array,
     pos_norm_bias: mx.array,
+    rms_eps: float = 1e-6,
 ) -> mx.array:
     """Pure-MLX reference of `vision_tail`."""
     _check(x, positions, pos_embedding)
@@ -153,7 +154,7 @@ def vision_tail_reference(
         lookup = table[mx.where(valid, coord, 0), axis]
         h = h + mx.where(valid[..., None], lookup, 0.0)
     h = _layer_norm(h, pos_norm_weight, pos_norm_bias)
-    h = h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + RMS_NORM_EPS)
+    h = h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + rms_eps)
     return h.astype(x.dtype)
 
 
@@ -165,12 +166,14 @@ def vision_tail(
     pos_embedding: mx.array,
     pos_norm_weight: mx.array,
     pos_norm_bias: mx.array,
+    rms_eps: float = 1e-6,
 ) -> mx.array:
     """`x [..., C]` (patch_dense output), `positions [..., 2]` (x, y; negative = padding),
-    `pos_embedding [rows, 2, C]` -> RMSNorm(LayerNorm(LayerNorm(x) + pos)) `[..., C]` in x's dtype.
-    Metal kernel when enabled, else the reference.
+    `pos_embedding [rows, 2, C]` -> RMSNorm(LayerNorm(LayerNorm(x) + pos)) `[..., C]` in x's dtype
+    (the LayerNorms' eps is nn.LayerNorm's, the RMSNorm's the vision config's). Metal kernel when
+    enabled, else the reference.
     """
-    args = (x, positions, ln_weight, ln_bias, pos_embedding, pos_norm_weight, pos_norm_bias)
+    args = (x, positions, ln_weight, ln_bias, pos_embedding, pos_norm_weight, pos_norm_bias, rms_eps)
     return dispatch.run(
         "vision_tail",
         (x.dtype, x.shape[-1], pos_embedding.dtype),
