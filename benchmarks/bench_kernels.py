@@ -140,8 +140,8 @@ def main() -> None:
     if mx.metal.is_available():
         report["timings"] = metal_timings()
     else:
-        from mlx_unified.kernels.emulator import metal_kernel
         from mlx_unified.kernels.selfcheck import run_selfcheck
+        from mlx_unified.testing.metal_emulator import metal_kernel
 
         print("No Metal here: checking every kernel on the CPU emulator (no speed figures).")
         start = time.perf_counter()

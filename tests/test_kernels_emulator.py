@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_unified.kernels.emulator import EmulatorError, metal_kernel
-from mlx_unified.kernels.emulator.signature import (
+from mlx_unified.testing.metal_emulator import EmulatorError, metal_kernel
+from mlx_unified.testing.metal_emulator.signature import (
     input_infos,
     kernel_name,
     used_attributes,

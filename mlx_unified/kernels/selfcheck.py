@@ -14,8 +14,8 @@ import time
 
 import mlx.core as mx
 
-from mlx_unified.kernels.cases import all_cases, check
 from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.testing.kernel_cases import all_cases, check
 
 
 def run_selfcheck(factory: KernelFactory, out=sys.stdout) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate", action="store_true", help="run the kernels on the CPU emulator")
     args = parser.parse_args(argv)
     if args.emulate:
-        from mlx_unified.kernels.emulator import metal_kernel
+        from mlx_unified.testing.metal_emulator import metal_kernel
 
         factory: KernelFactory = metal_kernel
     elif mx.metal.is_available():

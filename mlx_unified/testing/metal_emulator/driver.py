@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_unified.kernels.emulator import signature
+from mlx_unified.testing.metal_emulator import signature
 
 INCLUDE_DIR = Path(__file__).parent / "include"
 COMPILE_FLAGS = ("-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wno-attributes")
