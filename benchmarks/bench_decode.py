@@ -16,14 +16,20 @@ step is where the two can differ. Writes benchmarks/results/decode-steps.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import mlx.core as mx
-from bench_generate import RESULTS, fill_caches, load_both, machine_description, machine_name
+from bench_generate import (
+    RESULTS,
+    checkpoint_parser,
+    fill_caches,
+    load_both,
+    machine_description,
+    machine_name,
+)
 from bench_prefill_split import time_shared
 
 
@@ -55,8 +61,7 @@ def bench_context(ours, theirs, context: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser = checkpoint_parser(__doc__)
     parser.add_argument("--contexts", default="512,3072,8192,32768")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()

@@ -21,6 +21,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,24 +30,13 @@ import numpy as np
 import mlx_unified
 from mlx_unified.config import ModelConfig, released_config
 from mlx_unified.generation import stream_generate
-from mlx_unified.testing import tiny_checkpoint
+from mlx_unified.testing import scaled_text, tiny_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 # A scaled model with the released proportions: 5:1 sliding/global, K=V global layers with one KV
 # head of twice the head dim, 16 query heads, GeGLU 4x, the full 262144-token vocabulary.
 # The window is scaled with the prompt: 128 of a 2048-token prompt, as 1024 is of a 16K prompt.
-SCALED_SHAPES = dict(
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=6,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=32,
-    global_head_dim=64,
-    num_global_key_value_heads=1,
-    sliding_window=128,
-    vocab_size=262144,
-)
+SCALED_SHAPES = scaled_text(hidden=256, heads=16, head_dim=32, window=128, vocab_size=262144)
 KV_CONTEXTS = (8192, 32768, 131072, 262144)
 
 
@@ -224,9 +214,15 @@ def load_both(path: Path) -> tuple:
     return mlx_unified.load_model(path), vlm_load_model(path)
 
 
+def checkpoint_parser(doc: str, **checkpoint: Any) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as help, then the checkpoint folder it runs on."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", **checkpoint)
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?")
+    parser = checkpoint_parser(__doc__, nargs="?")
     parser.add_argument("--make-checkpoint", metavar="DIR")
     parser.add_argument("--released-shapes", action="store_true", help="with --make-checkpoint: the 12B shapes")
     parser.add_argument("--layers", type=int, default=48, help="with --released-shapes: decoder layers")

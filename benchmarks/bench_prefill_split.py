@@ -21,7 +21,6 @@ Writes benchmarks/results/prefill-split-<prompt tokens>.json (e.g. prefill-split
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -30,7 +29,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from bench_generate import RESULTS, load_both, machine_description, machine_name, run_mlx_vlm, run_ours
+from bench_generate import (
+    RESULTS,
+    checkpoint_parser,
+    load_both,
+    machine_description,
+    machine_name,
+    run_mlx_vlm,
+    run_ours,
+)
 
 from mlx_unified.attention import AttentionContext, prefill_attention
 
@@ -120,8 +127,7 @@ def bench_length(ours, theirs, tokenizer, prompt_tokens: int, rounds: int) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser = checkpoint_parser(__doc__)
     parser.add_argument("--prompt-tokens", default="256,512,2048")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -27,6 +27,7 @@ from mlx_unified.convert import convert
 from mlx_unified.convert.estimate import parameter_count
 from mlx_unified.convert.recipes import supported_modes
 from mlx_unified.loading import load_model
+from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import (
     build_reference_checkpoint,
     compare,
@@ -39,15 +40,7 @@ RESULTS = Path(__file__).parent / "results" / "quant_quality.json"
 # The reference's tiny shapes, with an MLP width that groups of 64 divide, so every Linear is quantized.
 CHECKPOINTS = {
     "tiny-4-layers": dict(intermediate_size=128),
-    "small-6-layers": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        head_dim=32,
-        global_head_dim=64,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    ),
+    "small-6-layers": scaled_text(hidden=128, heads=4, head_dim=32, window=8, intermediate_size=256),
 }
 # label -> convert() keyword arguments
 CONVERSIONS: dict[str, dict[str, Any]] = {

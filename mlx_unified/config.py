@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
 
 
+def default_layer_types(num_layers: int) -> list[str]:
+    """The reference's default pattern: 5 sliding layers then 1 global, the last layer always global."""
+    return [*(SLIDING if (i + 1) % 6 else GLOBAL for i in range(num_layers - 1)), GLOBAL]
+
+
 # A layer type's RoPE as the checkpoint spells it (`rope_parameters`), when it does not.
 DEFAULT_ROPE_PARAMETERS = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -94,8 +99,7 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         if not self.layer_types:
-            # The reference's default pattern: 5 sliding layers then 1 global.
-            self.layer_types = [SLIDING if (i + 1) % 6 else GLOBAL for i in range(self.num_hidden_layers)]
+            self.layer_types = default_layer_types(self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"

@@ -362,26 +362,14 @@ class Model(nn.Module):
         self,
         input_ids: mx.array,
         *,
-        pixel_values: mx.array | None = None,
-        image_position_ids: mx.array | None = None,
-        input_features: mx.array | None = None,
-        input_features_mask: mx.array | None = None,
         mm_token_type_ids: mx.array | None = None,
         cache: list[LayerCache] | None = None,
         logits_to_keep: int = 0,
-        pixel_values_videos: mx.array | None = None,
-        video_position_ids: mx.array | None = None,
+        **media: mx.array | None,
     ) -> mx.array:
-        """Logits [B, L_kept, vocab]; `logits_to_keep` 0 = every position, N = the last N."""
-        h = self.embed(
-            input_ids,
-            pixel_values=pixel_values,
-            image_position_ids=image_position_ids,
-            pixel_values_videos=pixel_values_videos,
-            video_position_ids=video_position_ids,
-            input_features=input_features,
-            input_features_mask=input_features_mask,
-        )
+        """Logits [B, L_kept, vocab]; `logits_to_keep` 0 = every position, N = the last N. `media`: the
+        processor's arrays by the reference's names (`MEDIA_KEYS`), as `embed` takes them."""
+        h = self.embed(input_ids, **media)
         return self.forward_embeddings(
             h, cache=cache, mm_token_type_ids=mm_token_type_ids, logits_to_keep=logits_to_keep
         )

@@ -12,6 +12,7 @@ from mlx_unified.budgets import GIB, gpu_budget_bytes, memory_budget_bytes, pref
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
 from mlx_unified.convert.estimate import estimate, kv_bytes, longest_context, parse_size, plan, recommend
+from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint
 
 HIDDEN, MLP, VOCAB, LAYERS = 3840, 15360, 262144, 48
@@ -54,18 +55,8 @@ def test_4bit_estimate_matches_the_formula():
 def test_estimate_equals_what_a_conversion_writes(tmp_path):
     """A scaled checkpoint (5:1 pattern, K=V globals, bf16) converted at 4 bits, group 64."""
     source = tmp_path / "src"
-    build_reference_checkpoint(
-        source,
-        dtype=torch.bfloat16,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        head_dim=64,
-        global_head_dim=128,
-        vocab_size=4096,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    )
+    shapes = scaled_text(hidden=256, heads=4, head_dim=64, window=8, vocab_size=4096)
+    build_reference_checkpoint(source, dtype=torch.bfloat16, **shapes)
     out = convert(source, tmp_path / "out", quantize=True, q_bits=4, q_group_size=64)
     predicted = estimate(load_config(source), bits=4, group_size=64)["weights_bytes"]
     index = json.loads((out / "model.safetensors.index.json").read_text())

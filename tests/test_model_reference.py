@@ -8,6 +8,7 @@ import pytest
 
 import mlx_unified
 from mlx_unified import attention
+from mlx_unified.config import default_layer_types
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.prefill import prefill
 from mlx_unified.testing.reference import (
@@ -19,19 +20,14 @@ from mlx_unified.testing.reference import (
     reference_logits,
 )
 
-SIX_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+SIX_LAYERS = default_layer_types(6)
 SHAPES = {
     # window 8 shorter than every prompt; GQA 2; K=V global layers with proportional RoPE
     "kv_shared": dict(),
     # odd head count, GQA 3, window 5, the 5:1 pattern
     "odd_heads": dict(
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        head_dim=8,
-        global_head_dim=16,
-        sliding_window=5,
-        num_hidden_layers=6,
-        layer_types=SIX_LAYERS,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=8, global_head_dim=16, sliding_window=5,
+        num_hidden_layers=6, layer_types=SIX_LAYERS,
     ),
     # no K=V: global layers keep v_proj and a K-and-V cache; GQA 4
     "separate_kv": dict(num_attention_heads=8, num_key_value_heads=2, attention_k_eq_v=False, head_dim=8),

@@ -14,6 +14,7 @@ from functools import cache
 import mlx.core as mx
 
 from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.kernels.metal_source import int_params
 
 # The first pass's per-row steps, shared by the global and sliding kernels. `acc` holds this lane's
 # DPL dims of one query row; `write_partial` leaves what `combine_partials` below merges.
@@ -42,13 +43,8 @@ inline void write_partial(
 """
 
 # One simdgroup per query row; lane t owns dims t, t + 32, ... so reads of `acc` are coalesced.
-SOURCE = """
+SOURCE = int_params("n_chunks", "rows", "L", "G", "n_kv") + """
 constexpr int DPL = D / 32;
-const int n_chunks = params[0];
-const int rows = params[1];
-const int L = params[2];
-const int G = params[3];
-const int n_kv = params[4];
 const uint lane = thread_position_in_grid.x;
 const int r = thread_position_in_grid.y;
 const int bh = thread_position_in_grid.z;

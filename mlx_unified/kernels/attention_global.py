@@ -25,6 +25,7 @@ from mlx_unified.emphasis import SpanBias
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.kernels.metal_source import ROTATE_PAIR_HEADER, int_params
 from mlx_unified.kernels.rope_tables import (
     PROPORTIONAL_ROPE,
     RopeSpec,
@@ -37,17 +38,9 @@ from mlx_unified.kernels.rope_tables import (
 MAX_CHUNKS = 64
 
 
-SOURCE = """
+SOURCE = int_params("length", "L", "chunk", "G", "n_kv", "bias_start", "bias_stop", "pairs") + """
 constexpr int DPL = D / 32;   // dims per lane
 constexpr int HALF = DPL / 2; // the RoPE partner of slot i is slot i + HALF
-const int length = params[0];
-const int L = params[1];
-const int chunk = params[2];
-const int G = params[3];
-const int n_kv = params[4];
-const int bias_start = params[5];
-const int bias_stop = params[6];
-const int pairs = params[7];
 const float bias_value = bias[0];
 const int capacity = values_shape[2];
 const int rows = G * L;
@@ -94,16 +87,7 @@ for (int j = c * chunk; j < j_end; ++j) {
     key[k] = v[k] * wk[k];
   }
   for (int k = 0; k < HALF; ++k) {
-    if ((int)(lane + 32 * k) < pairs) {
-      // precise: angles reach ~2.6e5 rad at 256K context, beyond fast-math range reduction.
-      const float angle = (float)j * freq[k];
-      const float cs = metal::precise::cos(angle);
-      const float sn = metal::precise::sin(angle);
-      const float x1 = key[k];
-      const float x2 = key[k + HALF];
-      key[k] = x1 * cs - x2 * sn;
-      key[k + HALF] = x2 * cs + x1 * sn;
-    }
+    if ((int)(lane + 32 * k) < pairs) rotate_pair<HALF>(key, k, (float)j * freq[k]);
   }
   const float key_bias = (j >= bias_start && j < bias_stop) ? bias_value : 0.0f;
   for (int i = 0; i < ROWS; ++i) {
@@ -130,7 +114,7 @@ def _kernel(factory: KernelFactory):
         input_names=["queries", "values", "k_norm_weight", "inv_freq", "params", "bias"],
         output_names=["part_acc", "part_m", "part_l"],
         source=SOURCE,
-        header=PARTIALS_HEADER,
+        header=PARTIALS_HEADER + ROTATE_PAIR_HEADER,
     )
 
 

@@ -20,17 +20,12 @@ import mlx.core as mx
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.kernels.metal_source import int_params
 
 MAX_CHUNKS = 32
 
-SOURCE = """
+SOURCE = int_params("offset", "L", "chunk", "G", "n_kv", "window") + """
 constexpr int DPL = D / 32;
-const int offset = params[0];
-const int L = params[1];
-const int chunk = params[2];
-const int G = params[3];
-const int n_kv = params[4];
-const int window = params[5];
 const int capacity = keys_shape[2];
 const int rows = G * L;
 const int n_chunks = threadgroups_per_grid.x;

@@ -17,16 +17,19 @@ import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.dispatch import KernelFactory
-from mlx_unified.kernels.rope_tables import RopeSpec, inv_freq, rope_fused, rope_reference, rotated_pairs
+from mlx_unified.kernels.metal_source import ROTATE_PAIR_HEADER, int_params
+from mlx_unified.kernels.rope_tables import (
+    RopeSpec,
+    inv_freq,
+    rope_fused,
+    rope_reference,
+    rotated_pairs,
+)
 
 # One simdgroup per head row; lane t owns dims t, t + 32, ... so a RoPE pair is in one lane.
-SOURCE = """
+SOURCE = int_params("L", "H", "offset", "pairs") + """
 constexpr int DPL = D / 32;
 constexpr int HALF = DPL / 2;
-const int L = params[0];
-const int H = params[1];
-const int offset = params[2];
-const int pairs = params[3];
 const float eps = eps_value[0];
 const uint lane = thread_index_in_simdgroup;
 const int row = thread_position_in_grid.y;  // (b, l, h) row-major, as the input is laid out
@@ -50,16 +53,7 @@ for (int k = 0; k < DPL; ++k) {
 if (ROPE) {
   const float position = (float)(offset + l);
   for (int k = 0; k < HALF; ++k) {
-    if ((int)(lane + 32 * k) < pairs) {
-      // precise: angles reach ~2.6e5 rad at 256K context, beyond fast-math range reduction.
-      const float angle = position * freq[lane + 32 * k];
-      const float cs = metal::precise::cos(angle);
-      const float sn = metal::precise::sin(angle);
-      const float x1 = v[k];
-      const float x2 = v[k + HALF];
-      v[k] = x1 * cs - x2 * sn;
-      v[k + HALF] = x2 * cs + x1 * sn;
-    }
+    if ((int)(lane + 32 * k) < pairs) rotate_pair<HALF>(v, k, position * freq[lane + 32 * k]);
   }
 }
 device T* dst = out + (((size_t)b * H + h) * L + l) * D;
@@ -74,6 +68,7 @@ def _kernel(factory: KernelFactory):
         input_names=["x", "weight", "freq", "params", "eps_value"],
         output_names=["out"],
         source=SOURCE,
+        header=ROTATE_PAIR_HEADER,
     )
 
 

@@ -13,8 +13,8 @@ from functools import cache
 import mlx.core as mx
 
 from mlx_unified.kernels import dispatch
-from mlx_unified.kernels.block_reduce import BLOCK_SUM_HEADER
 from mlx_unified.kernels.dispatch import KernelFactory
+from mlx_unified.kernels.metal_source import BLOCK_SUM_HEADER
 
 THREADS = 256
 LAYER_NORM_EPS = 1e-5

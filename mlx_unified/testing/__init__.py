@@ -15,39 +15,44 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint import tensor_shapes
-from ..config import RANDOM_WEIGHTS_FLAG, ModelConfig
+from ..config import DEFAULT_ROPE_PARAMETERS, RANDOM_WEIGHTS_FLAG, ModelConfig, default_layer_types
 from .tokenizer import write_tokenizer
 
-TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    global_head_dim=32,
-    num_global_key_value_heads=1,
-    attention_k_eq_v=True,
-    sliding_window=32,
-    final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh",
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    use_bidirectional_attention="vision",
-    rope_parameters={
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-    },
-)
+
+def scaled_text(*, hidden: int, heads: int, head_dim: int, window: int, layers: int = 6, **overrides: Any) -> dict:
+    """text_config settings of the released model at a smaller size, its proportions and settings
+    kept: the MLP 4x hidden, half as many KV heads as query heads, global layers (every sixth, and the
+    last) with one KV head of twice the head dim shared by keys and values."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "layer_types": default_layer_types(layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "head_dim": head_dim,
+        "global_head_dim": 2 * head_dim,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "sliding_window": window,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "use_bidirectional_attention": "vision",
+        "rope_parameters": DEFAULT_ROPE_PARAMETERS,
+        **overrides,
+    }
+
+
+# The tiny checkpoint's text model (an MLP of twice the hidden size).
+TINY_TEXT = scaled_text(hidden=64, heads=4, head_dim=16, window=32, intermediate_size=128)
 
 
 def tiny_config(special: dict[str, int], vocab_size: int, **text_overrides: Any) -> dict:
     text = dict(TINY_TEXT, vocab_size=vocab_size, model_type="gemma4_unified_text")
     text.update(text_overrides)
-    layers = text["num_hidden_layers"]
-    # The released 5 sliding : 1 global pattern, last layer global.
-    types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
-    text["layer_types"] = [*types[:-1], "full_attention"]
+    text["layer_types"] = default_layer_types(text["num_hidden_layers"])
     text.update(
         pad_token_id=special["pad_token_id"], eos_token_id=special["eos_token_id"], bos_token_id=special["bos_token_id"]
     )

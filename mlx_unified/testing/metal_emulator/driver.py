@@ -365,14 +365,5 @@ class EmulatedKernel:
         return [from_numpy(o, d) for o, d in zip(outputs, output_dtypes, strict=True)]
 
 
-def metal_kernel(
-    name: str,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
-    source: str,
-    header: str = "",
-    ensure_row_contiguous: bool = True,
-    atomic_outputs: bool = False,
-) -> EmulatedKernel:
-    """Drop-in for `mx.fast.metal_kernel` that runs on the CPU emulator."""
-    return EmulatedKernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs)
+# Drop-in for `mx.fast.metal_kernel` that runs on the CPU emulator: the class takes the same arguments.
+metal_kernel = EmulatedKernel
