@@ -11,11 +11,12 @@ _PUBLIC = {
     "ConfigError": "config",
     "ModelConfig": "config",
     "load_config": "config",
-    "ModelLoadError": "loading",
+    "ModelLoadError": "checkpoint",
     "load": "loading",
     "load_model": "loading",
     "Model": "model",
     "generate": "generation",
+    "generate_step": "generation",
     "stream_generate": "generation",
 }
 

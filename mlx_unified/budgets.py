@@ -52,21 +52,13 @@ def _spare(weights_bytes: int, budget_bytes: int | None, share: int, low: int, h
 
 def prefill_score_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
     """Bound on one prefill attention block's scores (`attention_blocks.query_block`): a quarter of what
-    the memory budget leaves beside the weights, kept between 128 MiB and 4 GiB.
-
-    For the 4-bit 12B (6.74 GB of weights) this is 1.18 GB on a 16 GiB Mac (global-layer blocks of 256
-    queries up to a 32K context, 140 at 128K) and 0.46 GB on a 12 GiB Mac (219 at 32K, 54 at 128K);
-    with 4 GiB, blocks stay at 256 queries up to the 256K context.
-    """
+    the memory budget leaves beside the weights, kept between 128 MiB and 4 GiB, so that a long context
+    on a small Mac shrinks the global layers' query blocks instead of swapping."""
     return _spare(weights_bytes, budget_bytes, 4, PREFILL_SCORE_MIN_BYTES, PREFILL_SCORE_MAX_BYTES)
 
 
 def prefix_cache_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
     """Default bound of the in-memory prefix cache: half of what the memory budget leaves beside the
-    weights, kept between 256 MiB and 4 GiB.
-
-    A fixed 4 GiB would push a 12 or 16 GB Mac into swap. The 4-bit 12B (6.7 GB of weights) gets 2.4 GB
-    on a 16 GiB Mac (11.45 GB budget) and 0.9 GB on a 12 GiB Mac (8.59 GB); one snapshot of a
-    21K-token prompt is 0.51 GB (`convert.estimate.kv_bytes(released_config(), 21000)`).
-    """
+    weights, kept between 256 MiB and 4 GiB (a fixed 4 GiB would push a 12 or 16 GB Mac into swap;
+    `tests/test_memory.py` checks that several long-system-prompt snapshots fit on a 16 GB Mac)."""
     return _spare(weights_bytes, budget_bytes, 2, PREFIX_CACHE_MIN_BYTES, PREFIX_CACHE_MAX_BYTES)
