@@ -1,7 +1,11 @@
-"""A small random checkpoint in the released layout, for smoke runs and tests with no download.
+"""Test machinery that ships: a small random checkpoint in the released layout, for smoke runs and
+tests with no download (`tiny_checkpoint`, shapes from `scaled_text`), the reference harness
+(`testing.reference`), the kernels' random cases (`testing.kernel_cases`) and the CPU emulator of Metal
+kernels (`testing.metal_emulator`).
 
-Its weights are RANDOM: the model it loads writes meaningless text. `config.json` carries
-`"mlx_unified_random_weights": true`, and the loader, the CLI and the app say so whenever it is used.
+A tiny checkpoint's weights are RANDOM: the model it loads writes meaningless text. `config.json`
+carries `"mlx_unified_random_weights": true`, and the loader, the CLI and the app say so whenever it is
+used.
 """
 
 from __future__ import annotations
