@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, ModelConfig, load_config
 from .conversation import (
@@ -33,11 +33,12 @@ from .conversation import (
     stream_reply,
     user_message,
 )
-from .generation import ProgressCallback
-from .loading import ModelLoadError, load, resolve
-from .memory import prefix_store_bytes
-from .processing import SUPPORTED_BUDGETS, MediaError
-from .prompt_cache import PromptCache
+from .errors import InputError
+from .processing.limits import SUPPORTED_BUDGETS
+
+if TYPE_CHECKING:
+    from .generation import ProgressCallback
+    from .prompt_cache import PromptCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
 ERROR_TITLE = "⚠️ Could not answer"
@@ -88,6 +89,10 @@ class ModelSlot:
         self.prompt_cache: PromptCache | None = None
 
     def load(self, name: str) -> None:
+        from .loading import load, resolve
+        from .memory import prefix_store_bytes
+        from .prompt_cache import PromptCache
+
         path = resolve(name)
         model, processor = load(path)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
@@ -324,7 +329,7 @@ def respond(
 
     try:
         if slot.model is None:
-            raise ModelLoadError("no model loaded: pick one above and press Load")
+            raise InputError("no model loaded: pick one above and press Load")
         with slot.lock:
             media: Media = load_attachments(files)
             earlier = history_messages(history)
@@ -373,7 +378,7 @@ def respond(
         for note in notes:
             note["metadata"]["status"] = "done"
         yield [*notes, {"role": "assistant", "content": reply or EMPTY_REPLY}, _stats_note(stats)]
-    except (MediaError, ModelLoadError, ConfigError, ValueError) as e:
+    except (InputError, ValueError) as e:
         # Bad input of one turn: say so in the chat; the next turn starts clean. Uploads live under
         # Gradio's cache folder: the message names them as the user does, by file name.
         error = str(e)
@@ -411,7 +416,7 @@ def build_app(
         progress(0, desc=f"Loading {name}")
         try:
             slot.load(name)
-        except (ModelLoadError, ConfigError) as e:
+        except InputError as e:
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
@@ -510,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
         try:
             slot.load(args.model)
-        except (ModelLoadError, ConfigError) as e:
+        except InputError as e:
             print(f"mlx-unified-app: error: {e}", file=sys.stderr)
             return 2
         if slot.random_weights:

@@ -24,7 +24,7 @@ from .processing import (
     system_turn,
     user_turn,
 )
-from .processing.audio import MAX_CLIP_SECONDS
+from .processing.limits import MAX_CLIP_SECONDS
 
 RANDOM_WEIGHTS_WARNING = (
     "this checkpoint holds RANDOM weights (a test checkpoint made by mlx_unified.testing): "

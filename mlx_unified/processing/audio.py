@@ -15,11 +15,7 @@ import soundfile
 import soxr
 
 from .errors import MediaError, readable_source
-
-SAMPLING_RATE = 16_000
-SAMPLES_PER_TOKEN = 640
-MAX_CLIP_SECONDS = 30
-MAX_CLIP_TOKENS = MAX_CLIP_SECONDS * SAMPLING_RATE // SAMPLES_PER_TOKEN  # 750
+from .limits import SAMPLES_PER_TOKEN, SAMPLING_RATE
 
 AudioSource = str | Path | bytes | np.ndarray | tuple
 

@@ -16,18 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from .audio import (
+from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
+from .errors import MediaError
+from .image import check_budget, image_num_tokens, image_size, preprocess_image
+from .limits import (
+    DEFAULT_BUDGET,
+    DEFAULT_FPS,
+    DEFAULT_FRAME_BUDGET,
     MAX_CLIP_SECONDS,
     MAX_CLIP_TOKENS,
     SAMPLING_RATE,
-    audio_num_tokens,
-    describe_source,
-    frame_audio,
-    load_audio,
 )
-from .errors import MediaError
-from .image import DEFAULT_BUDGET, check_budget, image_num_tokens, image_size, preprocess_image
-from .video import DEFAULT_FPS, DEFAULT_FRAME_BUDGET, frame_num_tokens, load_video, plan_video, video_prompt
+from .video import frame_num_tokens, load_video, plan_video, video_prompt
 from .video import preprocess_video as preprocess_video_frames
 
 MEDIA_TYPES = ("image", "audio", "video")

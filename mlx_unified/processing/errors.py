@@ -3,8 +3,10 @@
 import io
 from pathlib import Path
 
+from ..errors import InputError
 
-class MediaError(ValueError):
+
+class MediaError(InputError):
     """A media input that cannot be used: missing, empty, corrupt, unsupported or out of limits.
 
     The message names the file (or says what kind of in-memory input it was).

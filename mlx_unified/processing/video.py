@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLING_RATE, describe_source, load_audio
+from .audio import describe_source, load_audio
 from .errors import MediaError, readable_source
 from .image import MODEL_PATCH, check_budget, patchify, target_size
-
-DEFAULT_FPS = 1.0
-DEFAULT_FRAME_BUDGET = 70
-MAX_VIDEO_SECONDS = 60.0
+from .limits import DEFAULT_FPS, DEFAULT_FRAME_BUDGET, MAX_VIDEO_SECONDS, SAMPLING_RATE
 
 VideoSource = str | Path | bytes
 
