@@ -226,3 +226,15 @@ def test_audio_emphasis_flag(tiny, media):
     refused = generate("--model", str(tiny), "--prompt", "x", "--audio-emphasis", "0")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_long_recording_in_a_chat_leaves_later_turns_answerable(tiny, tmp_path):
+    long_wav = write_wav(tmp_path / "long.wav", seconds=40.0)
+    result = generate(
+        "--model", str(tiny), "--chat", "--max-tokens", "3",
+        stdin=f"/audio {long_wav}\nTranscribe this.\nAnd summarize it.\nThanks.\n/quit\n",
+    )  # fmt: skip
+    assert_reply(result)
+    assert "error:" not in result.stderr
+    assert result.stderr.count("[audio segment ") == 2  # the recording, answered in two clips
+    assert result.stderr.count("time to first token") == 3  # and every later turn, the clips in its history
