@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .errors import InputError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 # The float dtypes a checkpoint is loaded or converted to, by MLX's names (as config.json spells them).
@@ -26,7 +27,7 @@ _RENAMES = [
 ]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A checkpoint cannot be loaded: missing or unreadable files, missing or unexpected weights."""
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .errors import InputError
+
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 SUPPORTED_MODEL_TYPE = "gemma4_unified"
@@ -20,7 +22,7 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
 
 

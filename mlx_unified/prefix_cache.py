@@ -42,6 +42,7 @@ from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
 from .cache import LAYER_CACHES, LayerCache, same_layout, snapshot
 from .checkpoint import model_identity
 from .emphasis import SpanBias
+from .errors import InputError
 from .model import Model
 from .prefill import SnapshotCallback
 from .processing.chat import TURN_START
@@ -60,7 +61,7 @@ def default_folder() -> Path:
     return Path(os.environ.get("MLX_UNIFIED_CACHE_DIR", "~/.cache/mlx-unified")).expanduser() / "prefixes"
 
 
-class PrefixCacheError(ValueError):
+class PrefixCacheError(InputError):
     """A persisted prefix does not belong to this model or these tokens, or is unreadable."""
 
 

@@ -38,13 +38,14 @@ from mlx_unified.convert.safetensors_stream import (
     dtype_tag,
     read_header,
 )
+from mlx_unified.errors import InputError
 
 SUPPORTED_ARCHITECTURES = {"Gemma4UnifiedForConditionalGeneration"}
 # Output shards stay under 5 GB (decimal, with room for the header), like mlx-lm's and the hub's.
 MAX_SHARD_BYTES = 5 * GB - (1 << 20)
 
 
-class ConvertError(Exception):
+class ConvertError(InputError):
     """A conversion cannot be done; the message says why in one line."""
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_unified.convert.safetensors_stream import OutputTensor, dtype_tag
+from mlx_unified.errors import InputError
 
 
-class QuantizationError(ValueError):
+class QuantizationError(InputError):
     """Quantization settings MLX cannot apply (bits, group size, mode or recipe)."""
 
 
