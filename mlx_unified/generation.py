@@ -121,6 +121,8 @@ def generate_step(
         on_snapshot=on_snapshot,
     )
     token, logprobs = sample(logits)
+    # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
+    mx.eval(token)
     for generated in range(1, max(max_tokens, 1) + 1):
         upcoming = step(token) if generated < max_tokens else None
         if upcoming is not None:

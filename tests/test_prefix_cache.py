@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import mlx.core as mx
@@ -10,11 +11,13 @@ import pytest
 from logits_log import run_logged
 from mlx.utils import tree_flatten
 
+from mlx_unified import prefix_cache as prefix_cache_module
 from mlx_unified.budgets import prefix_cache_bytes
 from mlx_unified.cache import snapshot
 from mlx_unified.checkpoint import model_identity
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.generation import generate
+from mlx_unified.model import Model
 from mlx_unified.prefill import prefill_chunks
 from mlx_unified.prefix_cache import (
     DiskPrefixStore,
@@ -234,6 +237,16 @@ def test_default_store_is_sized_for_the_model(tiny):
     assert store is default_prefix_cache(model)  # one store per model
     assert store.max_bytes == prefix_cache_bytes(model.nbytes)
     assert model.nbytes == sum(w.nbytes for _, w in tree_flatten(model.parameters())) > 0
+
+
+def test_a_default_store_lives_as_long_as_its_model(tiny):
+    other = Model(tiny.model.config)  # another model object: a store of its own, not an attribute of it
+    assert default_prefix_cache(other) is not default_prefix_cache(tiny.model)
+    assert "prefix" not in " ".join(vars(other))
+    key = id(other)
+    del other
+    gc.collect()
+    assert key not in prefix_cache_module._DEFAULT_CACHES
 
 
 def test_bad_bounds_are_refused():
