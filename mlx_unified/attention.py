@@ -155,8 +155,13 @@ class Attention(nn.Module):
                 queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
             )
         key_start = ctx.offset + L - shared.shape[2]
-        keys = rope_fused(shared * self.k_norm.weight.astype(shared.dtype), key_start, self.rope)
+        keys = self.shared_keys(shared, key_start)
         return self._prefill_attention(queries, keys, shared, ctx, key_start, ctx.key_bias)
+
+    def shared_keys(self, shared: mx.array, start: int) -> mx.array:
+        """The keys of a K=V layer from its one tensor (positions start..): rope(k_norm.weight * v), which
+        is the reference's rope(k_norm(raw)) since v = v_norm(raw) and both norms divide by the same RMS."""
+        return rope_fused(shared * self.k_norm.weight.astype(shared.dtype), start, self.rope)
 
     def _separate_kv(self, queries, keys, values, ctx: AttentionContext, cache: LayerCache | None, decoding: bool):
         L = queries.shape[2]

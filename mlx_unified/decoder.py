@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
@@ -44,10 +45,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, index: int):
+    def __init__(self, config: TextConfig, index: int, self_attn: nn.Module | None = None):
+        """self_attn: the attention block, by default the layer's own (the drafter's reads the target's
+        keys and values instead)."""
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, config.layer(index))
+        self.self_attn = Attention(config, config.layer(index)) if self_attn is None else self_attn
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -56,7 +59,11 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cache))
+        return self.residual(x, lambda normed: self.self_attn(normed, ctx, cache))
+
+    def residual(self, x: mx.array, attend: Callable[[mx.array], mx.array]) -> mx.array:
+        """The layer around its attention: `attend` maps the normed input to the attention output."""
+        h = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         # The reference scales the whole residual stream, residual included.
         return h * self.layer_scalar.astype(h.dtype)
@@ -81,6 +88,10 @@ class TextModel(nn.Module):
         return h
 
     def logits(self, h: mx.array) -> mx.array:
-        logits = self.embed_tokens.as_linear(self.norm(h))
+        return self.head(self.norm(h))
+
+    def head(self, normed: mx.array) -> mx.array:
+        """Soft-capped logits of hidden states after the final norm."""
+        logits = self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits

@@ -139,12 +139,15 @@ class Model(nn.Module):
         key_bias: SpanBias | None = None,
         observer: AttentionObserver | None = None,
         score_bytes: int = PREFILL_SCORE_BYTES,
-    ) -> mx.array:
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
         key_bias: additive score bias on a key span of global layers (audio emphasis); observer: see
         `AttentionContext.observer`; score_bytes: bound on one attention block's scores.
+        return_hidden: return (logits, hidden) with the kept positions' hidden states after the final
+        norm, which the drafter reads (the reference's `hidden_states[-1]`).
         """
         offset = 0 if cache is None else cache[0].offset
         blocks = None
@@ -152,7 +155,10 @@ class Model(nn.Module):
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
         h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer, score_bytes), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
-        return self.language_model.logits(kept)
+        if not return_hidden:
+            return self.language_model.logits(kept)
+        normed = self.language_model.norm(kept)
+        return self.language_model.head(normed), normed
 
     def embed_inputs(self, input_ids: mx.array, inputs: dict[str, Any]) -> mx.array:
         """`embed` with the media arrays of a processor output dict (keys with the reference's names)."""

@@ -1,0 +1,40 @@
+"""Loading a drafter: the released layout (transformers' names) or mlx-vlm's (the same names, quantized).
+
+Both store the module tree of `Drafter` (`model.embed_tokens`, `model.layers.N.*`, `model.norm`,
+`pre_projection`, `post_projection`, `masked_embedding.{centroids,token_ordering}`); the released one
+may also hold the tied `lm_head.weight`, and keeps `token_ordering` in int64. mlx-vlm's adds the
+quantized modules' `.scales`/`.biases` and a `quantization` section (defaults and per-module overrides
+keyed by these paths), which the target's loader already reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..loading import check_dtype, install_weights, read_weights, resolve
+from .config import load_drafter_config
+from .model import Drafter
+
+
+def drafter_weight_name(name: str) -> str | None:
+    """Our name of a stored drafter tensor: the same, but the tied head (dropped)."""
+    return None if name == "lm_head.weight" else name
+
+
+def load_drafter(path_or_hub_id: str | Path, dtype: str | None = None, lazy: bool = False) -> Drafter:
+    """The drafter of a local folder or a hub id. dtype: bfloat16 (default), float16 or float32;
+    lazy: leave the weights unread until first use."""
+    path = resolve(path_or_hub_id)
+    config = load_drafter_config(path)
+    check_dtype(dtype)
+    drafter = Drafter(config)
+    weights = read_weights(path, rename=drafter_weight_name)
+    if "masked_embedding.token_ordering" in weights:
+        weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)
+    install_weights(drafter, path, weights, config.quantization, dtype)
+    if not lazy:
+        mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter
