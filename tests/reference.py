@@ -152,11 +152,24 @@ def reference_logits(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def reference_greedy(model, inputs: dict[str, np.ndarray], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from the reference's own `generate` (its cache and masks)."""
-    with torch.no_grad():
+def reference_greedy(
+    model: Gemma4UnifiedForConditionalGeneration,
+    inputs: dict[str, np.ndarray],
+    max_new_tokens: int,
+    drafter: Gemma4UnifiedAssistantForCausalLM | None = None,
+    num_draft_tokens: int = 3,
+) -> list[int]:
+    """Greedy tokens from the reference's own `generate` (its cache and masks); with a drafter, its
+    assisted generation (`assistant_model=drafter`: transformers' MTP candidate generator drafting
+    `num_draft_tokens` tokens a round, verified in one target pass)."""
+    assisted = {}
+    if drafter is not None:
+        drafter.generation_config.num_assistant_tokens = num_draft_tokens
+        assisted = {"assistant_model": drafter}
+    with torch.no_grad(), shared_kv_patch():
         out = model.generate(
             **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()},
+            **assisted,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
@@ -236,7 +249,6 @@ def build_reference_drafter(
     if centroids:
         vocab = drafter.config.get_text_config().vocab_size
         drafter.masked_embedding.token_ordering.copy_(torch.randperm(vocab, generator=generator))
-    drafter.generation_config.num_assistant_tokens = 3
     return drafter
 
 
@@ -281,29 +293,6 @@ def reference_token_embedding(target: Gemma4UnifiedForConditionalGeneration, tok
     """The target's input embedding of one token [1, 1, hidden] (scaled), as the drafter is fed it."""
     with torch.no_grad():
         return target.get_input_embeddings()(torch.tensor([[token]])).numpy()
-
-
-def reference_assisted_greedy(
-    target: Gemma4UnifiedForConditionalGeneration,
-    drafter: Gemma4UnifiedAssistantForCausalLM,
-    inputs: dict[str, np.ndarray],
-    max_new_tokens: int,
-    num_draft_tokens: int = 3,
-) -> list[int]:
-    """Greedy tokens from the reference's `generate(..., assistant_model=drafter)` (its MTP candidate
-    generator: `num_draft_tokens` drafts per round, verified in one target pass)."""
-    drafter.generation_config.num_assistant_tokens = num_draft_tokens
-    with torch.no_grad(), shared_kv_patch():
-        out = target.generate(
-            **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()},
-            assistant_model=drafter,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def text_prompt(rng, length):

@@ -189,3 +189,44 @@ def test_a_target_checkpoint_is_not_a_drafter(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_unified", "text_config": {}}))
     with pytest.raises(ConfigError, match=r"config\.json: model_type 'gemma4_unified'"):
         load_drafter(tmp_path)
+
+
+@pytest.mark.parametrize("centroids", [False, True])
+def test_saved_drafter_loads_in_transformers_and_mlx_vlm(reference, step_inputs, tmp_path, centroids):
+    """`save_drafter` writes the released layout: transformers' Gemma4UnifiedAssistantForCausalLM and
+    mlx-vlm's drafter loader read it (the training benchmark's drafter is written so), and the
+    reference then computes what ours does."""
+    import torch
+    from mlx_vlm.utils import load_model as vlm_load_model
+    from reference import shared_kv_patch
+    from transformers import Gemma4UnifiedAssistantForCausalLM
+
+    from mlx_unified.drafter import Drafter, DrafterConfig, save_drafter
+
+    target, _, _ = reference
+    t = target.config.text_config
+    text = dict(
+        model_type="gemma4_unified_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, num_kv_shared_layers=2, hidden_size_per_layer_input=0, vocab_size=t.vocab_size,
+        sliding_window=t.sliding_window, layer_types=["sliding_attention", "full_attention"],
+    )
+    config = DrafterConfig.from_dict(
+        dict(model_type="gemma4_unified_assistant", backbone_hidden_size=t.hidden_size, text_config=text,
+             use_ordered_embeddings=centroids, num_centroids=16, centroid_intermediate_top_k=4)
+    )
+    drafter = Drafter(config)
+    if centroids:
+        drafter.masked_embedding.token_ordering = mx.array(np.random.default_rng(0).permutation(t.vocab_size), mx.int32)
+    mx.eval(drafter.parameters())
+    save_drafter(drafter, tmp_path)
+    with shared_kv_patch():
+        ref = Gemma4UnifiedAssistantForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ref_logits, ref_projected = reference_drafter_step(ref, *step_inputs)
+    logits, projected = ours_step(drafter, step_inputs)
+    assert relative_error(logits, ref_logits) < 1e-4
+    assert relative_error(projected, ref_projected) < 1e-4
+    vlm = vlm_load_model(tmp_path)
+    ours = dict(nn.utils.tree_flatten(drafter.parameters()))
+    for name, value in nn.utils.tree_flatten(vlm.parameters()):
+        assert mx.array_equal(ours[name], value).item(), name

@@ -1,7 +1,7 @@
 """Gemma 4's multi-token-prediction drafter (`gemma4_unified_assistant`): configuration, module, loading."""
 
 from .config import DRAFTER_MODEL_TYPE, DrafterConfig, DrafterMismatchError, load_drafter_config
-from .loading import drafter_weight_name, load_drafter
+from .loading import drafter_weight_name, load_drafter, save_drafter
 from .model import CentroidHead, Drafter, KeyValues
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "drafter_weight_name",
     "load_drafter",
     "load_drafter_config",
+    "save_drafter",
 ]

@@ -9,13 +9,17 @@ keyed by these paths), which the target's loader already reads.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..loading import check_dtype, install_weights, read_weights, resolve
 from .config import load_drafter_config
 from .model import Drafter
+
+DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
 
 
 def drafter_weight_name(name: str) -> str | None:
@@ -38,3 +42,15 @@ def load_drafter(path_or_hub_id: str | Path, dtype: str | None = None, lazy: boo
         mx.eval(drafter.parameters())
     drafter.eval()
     return drafter
+
+
+def save_drafter(drafter: Drafter, path: str | Path) -> Path:
+    """Write `drafter` in the released layout: `config.json` (its config as read or built, `dtype` set to
+    the weights') and `model.safetensors` under the module names, which transformers and mlx-vlm read."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(drafter.config.raw, dtype=DTYPE_NAMES[drafter.dtype])
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    weights = dict(nn.utils.tree_flatten(drafter.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    return path

@@ -121,11 +121,6 @@ class Drafter(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.norm.weight.dtype
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the loaded weights (quantized tensors count their scales and biases)."""
-        return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.parameters()))
-
     def __call__(
         self, token_embedding: mx.array, hidden: mx.array, target: dict[str, KeyValues], position: int
     ) -> tuple[mx.array, mx.array]:
