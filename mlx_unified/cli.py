@@ -2,35 +2,27 @@
 
 The reply streams to stdout; progress, statistics and warnings go to stderr, so stdout can be piped.
 Exit codes: 0 done, 2 bad arguments or media (one line on stderr), 1 anything else.
+Only the argument parser is loaded up front: `--help` and refused arguments answer without loading MLX,
+mlx-lm or transformers, which the functions that need them import.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import ConfigError
-from .conversation import (
-    RANDOM_WEIGHTS_WARNING,
-    Media,
-    ReplyStats,
-    SegmentStart,
-    assistant_message,
-    has_random_weights,
-    load_media,
-    stream_reply,
-    user_message,
-)
-from .generation import prefill_progress_bar
-from .loading import ModelLoadError, load, resolve
-from .memory import prefix_store_bytes
-from .processing import SUPPORTED_BUDGETS, MediaError
-from .prompt_cache import PromptCache, PromptCacheError
+from .errors import InputError
+from .processing.limits import SUPPORTED_BUDGETS
+
+if TYPE_CHECKING:
+    from .conversation import Media
+    from .prompt_cache import PromptCache
 
 PROG = "mlx-unified-generate"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -40,7 +32,7 @@ CHAT_HELP = (
 )
 
 
-class BadInput(ValueError):
+class BadInput(InputError):
     """A refused argument or file: reported as one line, exit code 2."""
 
 
@@ -71,6 +63,23 @@ def probability(text: str) -> float:
     return value
 
 
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {text}")
+    return value
+
+
+def utf8_text(text: str | None, name: str) -> str | None:
+    """`text` when it is valid UTF-8; the interpreter passes other bytes on as lone surrogates."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInput(f"{name}: not valid UTF-8 text (byte {e.start})") from None
+    return text
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
@@ -90,7 +99,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     parser.add_argument("--min-p", type=probability, default=0.0, help="min-p sampling threshold (0: off)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--seed", type=seed_value, help="random seed for sampling (0 to 2**64 - 1)")
     parser.add_argument(
         "--image-tokens",
         type=int,
@@ -140,6 +149,9 @@ def read_system_prompt(path: Path) -> str:
 
 def load_model(name: str) -> tuple[Any, Any, Path]:
     """(model, processor, folder), telling on stderr what happens: download (the hub's progress bars), load."""
+    from .conversation import RANDOM_WEIGHTS_WARNING, has_random_weights
+    from .loading import load, resolve
+
     if not Path(name).expanduser().exists():
         print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
     path = resolve(name)
@@ -154,6 +166,8 @@ def load_model(name: str) -> tuple[Any, Any, Path]:
 
 def generation_settings(args: argparse.Namespace, prompt_cache: PromptCache | None) -> dict[str, Any]:
     """stream_generate's arguments; `prompt_cache` persists system-prompt prefixes across runs."""
+    from .generation import prefill_progress_bar
+
     return {
         "max_tokens": args.max_tokens,
         "temperature": args.temp,
@@ -182,6 +196,8 @@ def answer(
     prompt_cache: PromptCache | None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
+    from .conversation import ReplyStats, SegmentStart, stream_reply
+
     stats = ReplyStats()
     pieces: list[str] = []
     for event in stream_reply(
@@ -221,6 +237,9 @@ def chat(
     prompt_cache: PromptCache | None,
 ) -> None:
     """Read turns from stdin until /quit or end of input; a refused turn is reported and skipped."""
+    from .conversation import Media, assistant_message, load_media, user_message
+    from .processing import MediaError
+
     print(CHAT_HELP, file=sys.stderr, flush=True)
     history: list[dict] = []
     attached: dict[str, list[str]] = {"image": [], "audio": [], "video": []}
@@ -229,10 +248,14 @@ def chat(
     while True:
         if pending_text is None:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
                 return
-            line = line.strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                print(f"error: that line is not valid UTF-8 text (byte {e.start}); type it again", file=sys.stderr, flush=True)
+                continue
             command, _, argument = line.partition(" ")
             if command in ("/quit", "/exit"):
                 return
@@ -267,10 +290,18 @@ def chat(
 
 
 def run(argv: Sequence[str] | None) -> int:
+    if sys.stdout is None:
+        raise BadInput("standard output is closed: there is nowhere to write the reply")
     args = build_parser().parse_args(argv)
+    for name in ("prompt", "system", "task_reminder"):
+        utf8_text(getattr(args, name), f"--{name.replace('_', '-')}")
     if not args.chat and args.prompt is None:
         raise BadInput(f"--prompt is required (or use --chat) (see {PROG} --help)")
     system = read_system_prompt(args.system_file) if args.system_file else args.system
+    from .conversation import load_media
+    from .memory import prefix_store_bytes
+    from .prompt_cache import PromptCache
+
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
     model, processor, folder = load_model(args.model)
@@ -290,11 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (also raised as SystemExit by the script wrappers)."""
     try:
         return run(argv)
-    except (BadInput, MediaError, ModelLoadError, ConfigError, PromptCacheError) as e:
+    except InputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's last flush from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
 
 

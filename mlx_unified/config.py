@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 SUPPORTED_MODEL_TYPE = "gemma4_unified"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_unified.config import ConfigError, ModelConfig, load_config
+from mlx_unified.errors import InputError
 from mlx_unified.loading import ModelLoadError, hf_to_mlx_name, resolve, weight_files
 from mlx_unified.memory import (
     GB,
@@ -87,7 +88,7 @@ COPIED_FILES = (
 DISK_MARGIN_BYTES = 64 << 20
 
 
-class ConvertError(Exception):
+class ConvertError(InputError):
     """A conversion cannot be done; the message says why in one line."""
 
 

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from .config import ConfigError, ModelConfig, load_config
+from .errors import InputError
 from .model import Model
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _RENAMES = [
 ]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A checkpoint cannot be loaded: missing or unreadable files, missing or unexpected weights."""
 
 

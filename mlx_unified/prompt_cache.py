@@ -34,6 +34,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .cache import LayerCache, SharedKVCache, SlidingWindowCache
+from .errors import InputError
 from .kernels import SpanBias
 from .memory import PREFIX_STORE_MAX_BYTES
 
@@ -49,7 +50,7 @@ def default_folder() -> Path:
     return Path(os.environ.get("MLX_UNIFIED_CACHE_DIR", "~/.cache/mlx-unified")).expanduser() / "prefixes"
 
 
-class PromptCacheError(ValueError):
+class PromptCacheError(InputError):
     """A persisted prefix does not belong to this model or these tokens, or is unreadable."""
 
 

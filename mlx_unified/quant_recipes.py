@@ -17,10 +17,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_unified.errors import InputError
 from mlx_unified.safetensors_stream import OutputTensor, dtype_tag
 
 
-class QuantizationError(ValueError):
+class QuantizationError(InputError):
     """Quantization settings MLX cannot apply (bits, group size, mode or recipe)."""
 
 

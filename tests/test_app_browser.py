@@ -1,8 +1,10 @@
-"""The app in a real browser: `app.py` on a tiny checkpoint, driven by Playwright in Debian's headless Chromium."""
+"""The app in a real browser: `app.py` on a tiny checkpoint, driven by Playwright in headless Chromium (the
+system's on Linux, Playwright's own on a Mac: `scripts/setup.sh` installs either)."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +20,6 @@ from mlx_unified.testing import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -29,6 +30,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 DONE = re.compile(r"s to first token")
+
+
+def chromium_path(playwright) -> str:
+    """The system's Chromium (Debian's package), else the one `playwright install chromium` fetched."""
+    for candidate in (shutil.which("chromium"), shutil.which("chromium-browser"), playwright.chromium.executable_path):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.fail("the browser test needs Chromium: run scripts/setup.sh (apt-get install chromium on Debian)")
 
 
 def free_port() -> int:
@@ -87,9 +96,8 @@ def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_pat
     wav = write_wav(tmp_path / "hello.wav")
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
     ARTIFACTS.mkdir(exist_ok=True)
-    assert CHROMIUM.exists(), "the browser test needs Debian's chromium (apt-get install chromium)"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium_path(p), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1300})
         page.goto(app_url)
         page.locator("#chat").wait_for(timeout=60_000)

@@ -126,11 +126,22 @@ def test_greedy_tokens_match_reference_generate(pair, kind):
     assert tokens == expected
 
 
+def bf16_ulp(values: np.ndarray) -> np.ndarray:
+    """The spacing of bfloat16 numbers at |values| (8 significant bits)."""
+    exponent = np.floor(np.log2(np.maximum(np.abs(values), np.float32(2.0**-126))))
+    return np.float32(2.0) ** (exponent - 7)
+
+
 @pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu"])
-def test_geglu_is_bit_identical_to_the_reference_in_bf16(activation):
-    """The MLP's act(gate) * up in bf16, as the released weights run: the products equal the
-    reference's bit for bit (PyTorch computes the activation in float32 and rounds it once), but for
-    gates below about -5, where the reference's float32 tanh has saturated to -1 (0 against ~1e-7)."""
+def test_geglu_rounds_once_like_the_reference_in_bf16(activation):
+    """The MLP's act(gate) * up in bf16, as the released weights run: the activation is computed in
+    float32 and rounded once, as PyTorch does. Bit identity is not portable: each library's float32
+    erf/tanh is its own vectorised approximation (MLX JIT-compiles it for the CPU it runs on), within
+    about 2 float32 ulps of |gate| of the exact value. So: (a) every product is within the bound that
+    error allows (one bf16 ulp of the activation may flip, then the product rounds); (b) where the gate
+    is above -3, at most 1% of products differ, by at most 2 bf16 ulps. MLX's bf16 gelu, which rounds
+    each step, differs in 29%; an exactly rounded float32 activation, standing in for another CPU's
+    approximation, in 0.08% (tanh form)."""
     import torch
     from transformers.activations import ACT2FN
 
@@ -139,12 +150,20 @@ def test_geglu_is_bit_identical_to_the_reference_in_bf16(activation):
     rng = np.random.default_rng(14)
     gate, up = (rng.normal(0, 3, (64, 1024)).astype(np.float32) for _ in range(2))
     to_torch = lambda a: torch.tensor(a).to(torch.bfloat16)  # noqa: E731
-    expected = (ACT2FN[activation](to_torch(gate)) * to_torch(up)).float().numpy()
+    act_ref = ACT2FN[activation](to_torch(gate).float())  # float32, as PyTorch computes it in bf16
+    expected = (act_ref.to(torch.bfloat16) * to_torch(up)).float().numpy()
+    assert np.array_equal(expected, (ACT2FN[activation](to_torch(gate)) * to_torch(up)).float().numpy())
     geglu = geglu_tanh if activation == "gelu_pytorch_tanh" else geglu_erf
     got = geglu(mx.array(gate).astype(mx.bfloat16), mx.array(up).astype(mx.bfloat16))
     assert got.dtype == mx.bfloat16
     got = np.array(got.astype(mx.float32))
-    bulk = gate > -4.5  # large positive gates match exactly too: gelu(x) is x there
+    gate_bf16 = to_torch(gate).float().numpy()
+    up_bf16 = to_torch(up).float().numpy()
+    act_error = 4 * 2.0**-23 * np.abs(gate_bf16)  # both libraries' float32 activation errors
+    bound = np.abs(up_bf16) * (act_error + bf16_ulp(act_ref.numpy())) + bf16_ulp(expected)
+    assert (np.abs(got - expected) <= bound).all()
+    bulk = gate_bf16 > -3
     assert bulk.mean() > 0.8
-    assert np.array_equal(got[bulk], expected[bulk])
-    assert (np.abs(got - expected) <= 2e-7 * (1 + np.abs(up))).all()  # |gelu| < 2e-7 there
+    differ = bulk & (got != expected)
+    assert differ.mean() <= 1e-2
+    assert (np.abs(got - expected)[differ] <= 2 * bf16_ulp(expected[differ])).all()

@@ -16,9 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .audio import describe_source
 from .errors import MediaError, readable_source
+from .limits import DEFAULT_BUDGET, SUPPORTED_BUDGETS
 
-SUPPORTED_BUDGETS = (70, 140, 280, 560, 1120)
-DEFAULT_BUDGET = 280
 TEACHER_PATCH = 16
 POOLING_KERNEL = 3
 MODEL_PATCH = TEACHER_PATCH * POOLING_KERNEL  # 48

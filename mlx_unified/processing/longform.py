@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .audio import MAX_CLIP_SECONDS, SAMPLING_RATE
 from .errors import MediaError
+from .limits import MAX_CLIP_SECONDS, SAMPLING_RATE
 
 VAD_FRAME_SECONDS = 0.03
 # webrtcvad aggressiveness 0..3; 2 rejects breath and room noise in pauses without eating soft consonants.
