@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TextConfig, parse_text_config, read_config_json
+from ..errors import InputError
 
 DRAFTER_MODEL_TYPE = "gemma4_unified_assistant"
 
 
-class DrafterMismatchError(ValueError):
+class DrafterMismatchError(InputError):
     """A drafter that was not made for this target: the shapes it reads from the target differ."""
 
 
