@@ -1,4 +1,5 @@
-"""Random checkpoints built with the reference implementation (transformers' gemma4_unified), and its outputs.
+"""Random checkpoints built with the reference implementation (transformers' gemma4_unified and its MTP
+drafter, gemma4_unified_assistant), their outputs, and the prompts the tests feed both implementations.
 
 Every parameter is drawn at random (norm weights around 1, layer_scalar in [0.5, 1.5], a random position
 table), so no part of the model passes a test by being the identity.

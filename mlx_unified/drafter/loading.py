@@ -15,11 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..loading import check_dtype, install_weights, read_weights, resolve
+from ..loading import DTYPES, check_dtype, install_weights, read_weights, resolve
 from .config import load_drafter_config
 from .model import Drafter
-
-DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
 
 
 def drafter_weight_name(name: str) -> str | None:
@@ -49,7 +47,7 @@ def save_drafter(drafter: Drafter, path: str | Path) -> Path:
     the weights') and `model.safetensors` under the module names, which transformers and mlx-vlm read."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = dict(drafter.config.raw, dtype=DTYPE_NAMES[drafter.dtype])
+    config = dict(drafter.config.raw, dtype=next(name for name, dtype in DTYPES.items() if dtype == drafter.dtype))
     (path / "config.json").write_text(json.dumps(config, indent=2))
     weights = dict(nn.utils.tree_flatten(drafter.parameters()))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
