@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from .model import Model
 log = logging.getLogger(__name__)
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint under our names (lazily loaded by MLX)."""
+def read_weights(path: Path, rename: Callable[[str], str | None] = hf_to_mlx_name) -> dict[str, mx.array]:
+    """All tensors of a checkpoint under our names (lazily loaded by MLX); `rename` maps a stored name
+    to ours, None to drop it."""
     weights: dict[str, mx.array] = {}
     for file in weight_files(path):
         try:
@@ -26,13 +28,13 @@ def read_weights(path: Path) -> dict[str, mx.array]:
         except (RuntimeError, ValueError, OSError) as e:
             raise ModelLoadError(f"{file}: unreadable or truncated safetensors ({e})") from e
         for name, value in shard.items():
-            mapped = hf_to_mlx_name(name)
+            mapped = rename(name)
             if mapped is not None:
                 weights[mapped] = value
     return weights
 
 
-def _quantize(model: Model, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
+def _quantize(model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
     """Turn into quantized modules exactly those stored quantized (their `.scales` are present)."""
     defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
 
@@ -52,18 +54,14 @@ def _read_in(model: Model, progress: bool) -> None:
         mx.eval(group.parameters())
 
 
-def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, progress: bool = False) -> Model:
-    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32;
-    lazy: leave the weights unread until first use; progress: a progress bar while reading them."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a checkpoint folder")
-    config = load_config(path)
-    target = float_dtype(dtype or "bfloat16")
-    model = Model(config)
-    weights = read_weights(path)
-    if config.quantization:
-        _quantize(model, config.quantization, weights)
+def install_weights(
+    model: nn.Module, path: Path, weights: dict[str, mx.array], quantization: dict[str, Any] | None, dtype: Any
+) -> None:
+    """Load `weights` (our names) into `model`: the modules stored quantized become quantized, every
+    parameter must be present and nothing else (else a ModelLoadError naming `path`), floating tensors
+    are cast to `dtype` (an MLX float dtype)."""
+    if quantization:
+        _quantize(model, quantization, weights)
     expected = {name for name, _ in nn.utils.tree_flatten(model.parameters())}
     missing = sorted(expected - weights.keys())
     unexpected = sorted(weights.keys() - expected)
@@ -74,9 +72,24 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
         if unexpected:
             parts.append(f"unexpected weights: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
         raise ModelLoadError(f"{path}: " + "; ".join(parts))
-    model.load_weights(
-        [(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
-    )
+    try:
+        model.load_weights(
+            [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
+        )
+    except ValueError as e:  # a tensor of the wrong shape
+        raise ModelLoadError(f"{path}: {e}") from e
+
+
+def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, progress: bool = False) -> Model:
+    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32;
+    lazy: leave the weights unread until first use; progress: a progress bar while reading them."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a checkpoint folder")
+    config = load_config(path)
+    target = float_dtype(dtype or "bfloat16")
+    model = Model(config)
+    install_weights(model, path, read_weights(path), config.quantization, target)
     if config.random_weights:
         log.warning("%s: %s", path, RANDOM_WEIGHTS_WARNING)
     if not lazy:

@@ -10,6 +10,7 @@ attention from `kernels/`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -121,8 +122,13 @@ class Attention(nn.Module):
                 queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
             )
         key_start = ctx.offset + L - shared.shape[2]
-        keys = rope_fused(shared * self.k_norm.weight.astype(shared.dtype), key_start, self.rope)
+        keys = self.shared_keys(shared, key_start)
         return prefill_attention(queries, keys, shared, ctx, key_start, None, ctx.key_bias)
+
+    def shared_keys(self, shared: mx.array, start: int) -> mx.array:
+        """The keys of a K=V layer from its one tensor (positions start..): rope(k_norm.weight * v), which
+        is the reference's rope(k_norm(raw)) since v = v_norm(raw) and both norms divide by the same RMS."""
+        return rope_fused(shared * self.k_norm.weight.astype(shared.dtype), start, self.rope)
 
     def _separate_kv(
         self,
@@ -180,10 +186,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, index: int):
+    def __init__(self, config: TextConfig, index: int, self_attn: nn.Module | None = None):
+        """self_attn: the attention block, by default the layer's own (the drafter's reads the target's
+        keys and values instead)."""
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, config.layer(index))
+        self.self_attn = Attention(config, config.layer(index)) if self_attn is None else self_attn
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -192,7 +200,11 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cache))
+        return self.residual(x, lambda normed: self.self_attn(normed, ctx, cache))
+
+    def residual(self, x: mx.array, attend: Callable[[mx.array], mx.array]) -> mx.array:
+        """The layer around its attention: `attend` maps the normed input to the attention output."""
+        h = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         # The reference scales the whole residual stream, residual included.
         return h * self.layer_scalar.astype(h.dtype)
@@ -225,7 +237,11 @@ class TextModel(nn.Module):
         return h
 
     def logits(self, h: mx.array) -> mx.array:
-        logits = self.embed_tokens.as_linear(self.norm(h))
+        return self.head(self.norm(h))
+
+    def head(self, normed: mx.array) -> mx.array:
+        """Soft-capped logits of hidden states after the final norm."""
+        logits = self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits
 
@@ -343,12 +359,15 @@ class Model(nn.Module):
         key_bias: SpanBias | None = None,
         observer: AttentionObserver | None = None,
         score_bytes: int = PREFILL_SCORE_BYTES,
-    ) -> mx.array:
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
         key_bias: additive score bias on a key span of global layers (audio emphasis); observer: see
         `AttentionContext.observer`; score_bytes: bound on one attention block's scores.
+        return_hidden: return (logits, hidden) with the kept positions' hidden states after the final
+        norm, which the drafter reads (the reference's `hidden_states[-1]`).
         """
         offset = 0 if cache is None else cache[0].offset
         blocks = None
@@ -356,7 +375,10 @@ class Model(nn.Module):
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
         h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer, score_bytes), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
-        return self.language_model.logits(kept)
+        if not return_hidden:
+            return self.language_model.logits(kept)
+        normed = self.language_model.norm(kept)
+        return self.language_model.head(normed), normed
 
     def __call__(
         self,
