@@ -195,7 +195,7 @@ def check_runtime_path(drafter: Drafter, model: Model, sequences: np.ndarray, dr
         for i in (0, drafts.shape[2] // 2, drafts.shape[2] - 1):
             q = PROMPT_TOKENS + i
             cache = model.make_cache()
-            cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window + 1)
+            cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window, text.sliding_window + 1)
             prefix = model.embed_text(mx.array(sequences[row : row + 1, :q]))
             _, hidden = model.forward_embeddings(prefix, cache=cache, logits_to_keep=1, return_hidden=True)
             last = mx.array(sequences[row, q : q + 1])

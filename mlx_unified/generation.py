@@ -17,11 +17,20 @@ from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sam
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LayerCache
+from .drafter import Drafter
 from .emphasis import SpanBias, audio_emphasis_bias
 from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
 from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
 from .processing import TURN_END, build_messages
+from .speculative import (
+    AUTO_MAX_DRAFTS,
+    Speculation,
+    SpeculativeStats,
+    parse_num_draft_tokens,
+    prepare_cache,
+    speculative_decode,
+)
 
 # sampler(logprobs [B, vocab]) -> tokens [B]; processor(tokens so far, logits [B, vocab]) -> logits.
 Sampler = Callable[[mx.array], mx.array]
@@ -79,6 +88,9 @@ def generate_step(
     embeddings: mx.array | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
+    draft_model: Drafter | None = None,
+    num_draft_tokens: int | str = "auto",
+    draft_stats: SpeculativeStats | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [vocab]) for the prompt `inputs` (the processor's arrays, batch 1): the
     first after a chunked prefill (`prefill.prefill`), then one per decode step, max(max_tokens, 1) in
@@ -91,9 +103,20 @@ def generate_step(
     not move (the yielded logprobs are then computed only if the caller evaluates them).
     key_bias: the global layers' score bias (audio emphasis). embeddings: the prompt's, when already
     computed. snapshot_at / on_snapshot: where prefill ends a chunk to hand its cache out.
+
+    draft_model: an MTP drafter (`drafter.load_drafter`) for speculative decoding (`speculative`):
+    the same tokens as without it when greedy, the same distribution when sampling (mlx-unified's
+    `sampling.make_sampler` samplers by the rejection rule, any other sampler by matching its own
+    samples). num_draft_tokens: "auto" (chosen round by round, down to plain decoding) or a fixed
+    count. draft_stats: filled in with the rounds, drafts and acceptances.
     """
     input_ids = np.asarray(inputs["input_ids"])
     cache = model.make_cache() if prompt_cache is None else prompt_cache
+    drafts = None
+    if draft_model is not None:
+        draft_model.config.check_target(model.config.text)
+        drafts = parse_num_draft_tokens(num_draft_tokens)
+        prepare_cache(cache, AUTO_MAX_DRAFTS if drafts is None else drafts)
     history = mx.array(input_ids[0].astype(np.int32))
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -119,10 +142,23 @@ def generate_step(
         key_bias=key_bias,
         snapshot_at=snapshot_at,
         on_snapshot=on_snapshot,
+        return_hidden=draft_model is not None,
     )
+    if draft_model is not None:
+        logits, hidden = logits
     token, logprobs = sample(logits)
     # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
     mx.eval(token)
+    if draft_model is not None:
+        speculation = Speculation(
+            model, draft_model, cache, token, hidden[:, -1], history,
+            sampler=sampler, logits_processors=logits_processors, key_bias=key_bias,
+        )
+        first = (int(token.item()), logprobs)
+        yield from speculative_decode(
+            speculation, first, max_tokens=max_tokens, num_draft_tokens=drafts, stats=draft_stats
+        )
+        return
     for generated in range(1, max(max_tokens, 1) + 1):
         upcoming = step(token) if generated < max_tokens else None
         if upcoming is not None:

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         else:
             keys = self._norm_rope(self.k_proj(x), n_kv, self.k_norm.weight, offset, rope=True)
             values = self._norm_rope(self.v_proj(x), n_kv, None, offset, rope=False)
-            out = self._separate_kv(queries, keys, values, ctx, cache, decoding and L == 1)
+            out = self._separate_kv(queries, keys, values, ctx, cache, decoding)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _shared_kv(
@@ -142,9 +142,12 @@ class Attention(nn.Module):
         L = queries.shape[2]
         key_start = ctx.offset
         if isinstance(cache, SlidingWindowCache):
-            keys, values, key_start = cache.update_and_fetch(keys, values)
-            if decoding:
+            # The kernel reads the ring in place when it keeps every key these queries see: one
+            # token, or the few of a speculative verification in a ring with spare slots.
+            if decoding and L <= cache.capacity - cache.window + 1:
+                cache.append(keys, values)
                 return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
+            keys, values, key_start = cache.update_and_fetch(keys, values)
         elif cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - keys.shape[2]

@@ -116,7 +116,7 @@ def test_target_gives_the_reference_hidden_state_and_shared_kv(target, kind):
     text = model.config.text
     for extra_slots in (0, 1):
         cache = model.make_cache()
-        cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window + extra_slots)
+        cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window, text.sliding_window + extra_slots)
         arrays = {k: mx.array(v) for k, v in inputs.items()}
         h = model.embed_inputs(arrays["input_ids"], arrays)
         logits, hidden = model.forward_embeddings(
@@ -154,7 +154,7 @@ def test_drafts_from_our_target_match_the_reference(target, drafters, head):
     inputs = text_prompt(np.random.default_rng(22), 21)
     text = model.config.text
     cache = model.make_cache()
-    cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window + 1)
+    cache[text.last_layer(SLIDING)] = SlidingWindowCache(text.sliding_window, text.sliding_window + 1)
     logits, hidden = model.forward_embeddings(
         model.embed_text(mx.array(inputs["input_ids"])), cache=cache, logits_to_keep=1, return_hidden=True
     )

@@ -107,9 +107,11 @@ def shared_kv_patch() -> Iterator[None]:
         Gemma4UnifiedTextConfig.kv_sharing_modes = original
 
 
-def _randomize(model: torch.nn.Module, layers: torch.nn.ModuleList, generator: torch.Generator) -> None:
+def _randomize(
+    model: torch.nn.Module, layers: torch.nn.ModuleList, generator: torch.Generator, embed_std: float = 0.5
+) -> None:
     """Every parameter at random: norm weights around 1, biases small, matrices at 1/sqrt(fan_in)
-    (embeddings and the position table at 0.5), each layer_scalar in [0.5, 1.5]."""
+    (the position table at 0.5, the embeddings at embed_std), each layer_scalar in [0.5, 1.5]."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name or name.endswith("_ln1.weight") or name.endswith(
@@ -120,23 +122,31 @@ def _randomize(model: torch.nn.Module, layers: torch.nn.ModuleList, generator: t
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:
                 fan_in = param.shape[-1] if param.ndim > 1 else 1
-                std = 0.5 if "pos_embedding" in name or "embed_tokens" in name else fan_in**-0.5
+                std = 0.5 if "pos_embedding" in name else embed_std if "embed_tokens" in name else fan_in**-0.5
                 param.copy_(std * torch.randn(param.shape, generator=generator))
         for layer in layers:
             layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=generator))
 
 
-def build_reference_model(seed: int = 0, **text_overrides: Any) -> Gemma4UnifiedForConditionalGeneration:
+def build_reference_model(
+    seed: int = 0, embed_std: float = 0.5, **text_overrides: Any
+) -> Gemma4UnifiedForConditionalGeneration:
+    """A random reference model. With the default embeddings (std 0.5) the embedding dominates every
+    position, and greedy decoding repeats one token; with embed_std 0.07 the layers decide, and from a
+    tenth to a half of the greedy tokens repeat the one before (a test of speculative decoding needs
+    both accepted and rejected drafts)."""
     torch.manual_seed(seed)
     with shared_kv_patch():
         model = Gemma4UnifiedForConditionalGeneration(reference_config(**text_overrides)).eval()
-    _randomize(model, model.model.language_model.layers, torch.Generator().manual_seed(seed + 1))
+    _randomize(model, model.model.language_model.layers, torch.Generator().manual_seed(seed + 1), embed_std)
     return model
 
 
-def build_reference_checkpoint(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **text_overrides):
+def build_reference_checkpoint(
+    path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, embed_std: float = 0.5, **text_overrides
+):
     """Save a random reference model in the released layout; returns the torch model (float32)."""
-    model = build_reference_model(seed, **text_overrides)
+    model = build_reference_model(seed, embed_std, **text_overrides)
     model.to(dtype).save_pretrained(str(path))
     return model.float()
 
@@ -246,6 +256,26 @@ def build_reference_drafter(
         vocab = drafter.config.get_text_config().vocab_size
         drafter.masked_embedding.token_ordering.copy_(torch.randperm(vocab, generator=generator))
     return drafter
+
+
+def make_copying(drafter: Gemma4UnifiedAssistantForCausalLM, target: Gemma4UnifiedForConditionalGeneration) -> None:
+    """Turn a reference drafter into one that drafts the last token again (a real drafter checkpoint:
+    only its weights are chosen). pre_projection passes the first `hidden` dims of the target's token
+    embedding, every layer adds nothing (o_proj and down_proj zero, layer_scalar 1), the final norm has
+    unit weight, and the tied head is those dims of the target's embeddings: the largest logit is then
+    the token's own, whatever the hidden state. Against a target that repeats tokens part of the
+    time, its drafts are accepted part of the time."""
+    hidden = drafter.config.get_text_config().hidden_size
+    embeddings = target.get_input_embeddings().weight
+    with torch.no_grad():
+        drafter.pre_projection.weight.zero_()
+        drafter.pre_projection.weight[:, :hidden] = torch.eye(hidden)
+        for layer in drafter.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            layer.layer_scalar.fill_(1.0)
+        drafter.model.norm.weight.fill_(1.0)
+        drafter.model.embed_tokens.weight.copy_(embeddings[:, :hidden])
 
 
 def reference_target_outputs(
