@@ -129,7 +129,30 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--text-first", action="store_true", help="put the text before the media in the user turn"
     )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_ID",
+        help="MTP drafter for speculative decoding (gemma4_unified_assistant: a folder or hub id); "
+        "greedy replies are unchanged, sampled ones keep their distribution",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=draft_count,
+        default="auto",
+        metavar="N|auto",
+        help="tokens drafted per round: auto (default) follows the acceptance, down to plain decoding",
+    )
     return parser
+
+
+def draft_count(text: str) -> int | str:
+    from .speculative import DraftLengthError, parse_num_draft_tokens
+
+    try:
+        value = parse_num_draft_tokens(text)
+    except DraftLengthError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "auto" if value is None else value
 
 
 def emphasis(text: str) -> float:
@@ -196,9 +219,24 @@ def load_model(name: str) -> tuple[Any, Any, Path]:
     return model, processor, path
 
 
-def generation_settings(args: argparse.Namespace, prefix_cache: PrefixCache | None) -> dict[str, Any]:
+def load_draft_model(name: str, model: Any) -> Any:
+    """The drafter of --draft-model, checked against the model it drafts for."""
+    from .drafter import load_drafter
+
+    if not Path(name).expanduser().exists():
+        print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
+    drafter = load_drafter(name)
+    drafter.config.check_target(model.config.text)
+    return drafter
+
+
+def generation_settings(
+    args: argparse.Namespace, prefix_cache: PrefixCache | None, draft_model: Any = None
+) -> dict[str, Any]:
     """stream_generate's arguments; `prefix_cache` persists system-prompt prefixes across runs."""
     return {
+        "draft_model": draft_model,
+        "num_draft_tokens": args.num_draft_tokens,
         "max_tokens": args.max_tokens,
         "temperature": args.temp,
         "top_p": args.top_p,
@@ -224,6 +262,7 @@ def answer(
     args: argparse.Namespace,
     system: str | None,
     prefix_cache: PrefixCache | None,
+    draft_model: Any = None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
     from .conversation import ReplyStats, SegmentStart, stream_reply
@@ -238,7 +277,7 @@ def answer(
         media,
         stats,
         system=system,
-        **generation_settings(args, prefix_cache),
+        **generation_settings(args, prefix_cache, draft_model),
     ):
         if isinstance(event, SegmentStart):
             print(f"[{event.label()}]", file=sys.stderr, flush=True)
@@ -265,6 +304,7 @@ def chat(
     system: str | None,
     first_media: Media,
     prefix_cache: PrefixCache | None,
+    draft_model: Any = None,
 ) -> None:
     """Read turns from stdin until /quit or end of input; a refused turn is reported and skipped."""
     from .conversation import Media, assistant_message, load_media, user_message
@@ -306,7 +346,7 @@ def chat(
         try:
             media = load_media(attached["image"], attached["audio"], attached["video"])
             media = pending_media + media
-            reply = answer(model, processor, history, text, media, args, system, prefix_cache)
+            reply = answer(model, processor, history, text, media, args, system, prefix_cache, draft_model)
         except MediaError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
@@ -340,10 +380,11 @@ def run(argv: Sequence[str] | None) -> int:
         if args.no_prefix_cache
         else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
     )
+    draft_model = load_draft_model(args.draft_model, model) if args.draft_model else None
     if args.chat:
-        chat(model, processor, args, system, media, prefix_cache)
+        chat(model, processor, args, system, media, prefix_cache, draft_model)
     else:
-        answer(model, processor, [], args.prompt, media, args, system, prefix_cache)
+        answer(model, processor, [], args.prompt, media, args, system, prefix_cache, draft_model)
     return EXIT_OK
 
 

@@ -1,6 +1,6 @@
 """Generation, in mlx-lm's shape: `generate_step` yields tokens one at a time after a chunked prefill;
 `stream_generate` adds the chat template, the prefix cache, detokenizing and statistics; `generate`
-collects a whole reply. Sampling and logits processors are mlx-lm's."""
+collects a whole reply. Sampling filters and logits processors are mlx-lm's (`sampling` builds the sampler)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LayerCache
@@ -23,6 +23,7 @@ from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
 from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
 from .processing import TURN_END, build_messages
+from .sampling import make_sampler
 from .speculative import (
     AUTO_MAX_DRAFTS,
     Speculation,
@@ -47,6 +48,13 @@ class GenerationStats:
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop", "length" or None while running
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
+    # Speculative decoding (with a draft model): drafts made and accepted so far, the share accepted,
+    # and tokens emitted per verifying target pass (accepted drafts + 1); 0 without drafts.
+    draft_rounds: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
 
 
 @dataclass
@@ -222,6 +230,8 @@ def stream_generate(
     task_reminder: str | None = None,
     prefix_cache: PrefixCache | None = None,
     use_prefix_cache: bool = True,
+    draft_model: Drafter | None = None,
+    num_draft_tokens: int | str = "auto",
 ) -> Iterator[GenerationResponse]:
     """Yield the reply piece by piece. `prompt`: user text (with `system`/`images`/`audios`/`videos`),
     chat messages, or the processor's output dict.
@@ -231,7 +241,9 @@ def stream_generate(
     plain model). media_first / task_reminder: prompt placement, see `prepare_inputs` and
     `processing.build_messages`. prefix_cache: the prefix cache to reuse and fill (default: the model's
     own in-memory one, see `prefix_cache.default_prefix_cache`); use_prefix_cache=False runs the whole
-    prompt and stores nothing. Output is identical with and without the prefix cache."""
+    prompt and stores nothing. Output is identical with and without the prefix cache.
+    draft_model / num_draft_tokens: speculative decoding with an MTP drafter (`load_drafter`), see
+    `generate_step`; the responses then count its drafts and acceptance."""
     if seed is not None:
         mx.random.seed(seed)
     tokenizer = processor.tokenizer
@@ -260,6 +272,7 @@ def stream_generate(
     elif prefix_cache is None:
         prefix_cache = default_prefix_cache(model)
     plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias)
+    drafts = SpeculativeStats()
     tokens = generate_step(
         model,
         inputs,
@@ -273,6 +286,9 @@ def stream_generate(
         embeddings=embeddings,
         snapshot_at=plan.snapshot_at,
         on_snapshot=plan.on_snapshot,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        draft_stats=drafts,
     )
     for generated, (token, _) in enumerate(tokens, start=1):
         if generated == 1:
@@ -295,6 +311,11 @@ def stream_generate(
             peak_memory_gb=peak_memory_gb(),
             finish_reason=finish,
             cached_tokens=plan.reused,
+            draft_rounds=drafts.rounds,
+            draft_tokens=drafts.drafted,
+            accepted_draft_tokens=drafts.accepted,
+            acceptance_rate=drafts.acceptance_rate,
+            mean_accepted_length=drafts.mean_accepted_length,
         )
         if finish:
             return

@@ -196,3 +196,22 @@ def test_port_in_use_is_one_line_and_exit_2(capsys):
         assert main(["--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_draft_model_setting_gives_the_same_reply_and_refuses_a_wrong_drafter(slot, tmp_path):
+    """With a drafter, the greedy reply is the same and the statistics note tells the acceptance; a
+    drafter of another model, or a missing one, is an error note in the chat, and the next turn works."""
+    from mlx_unified.testing import tiny_checkpoint, tiny_drafter
+
+    drafter = tiny_drafter(tmp_path / "drafter", slot.name, copies_last_token=True)
+    plain = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280))[-1]
+    speculative = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, str(drafter), "3"))[-1]
+    assert speculative[-2]["content"] == plain[-2]["content"]
+    assert "of drafts accepted" in speculative[-1]["metadata"]["title"]
+    other = tiny_drafter(tmp_path / "other", tiny_checkpoint(tmp_path / "other-model", hidden_size=32))
+    for name in (str(other), str(tmp_path / "missing")):
+        refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, name, "auto"))[-1]
+        assert refused[-1]["metadata"]["title"] == ERROR_TITLE
+    assert "made for another model" in list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, str(other)))[-1][-1]["content"]
+    again = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, "", "auto"))[-1]
+    assert again[-2]["content"] == plain[-2]["content"]
