@@ -375,12 +375,11 @@ def run(argv: Sequence[str] | None) -> int:
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
     model, processor, folder = load_model(args.model)
-    prefix_cache = (
-        None
-        if args.no_prefix_cache
-        else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
-    )
     draft_model = load_draft_model(args.draft_model, model) if args.draft_model else None
+    weights = model.nbytes + (draft_model.nbytes if draft_model is not None else 0)
+    prefix_cache = (
+        None if args.no_prefix_cache else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(weights))
+    )
     if args.chat:
         chat(model, processor, args, system, media, prefix_cache, draft_model)
     else:

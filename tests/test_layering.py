@@ -7,13 +7,16 @@ import subprocess
 import sys
 
 # What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
-# the config, the user-error base, the runtime memory budgets and the prefill sizes its estimate follows.
+# the config (the drafter's too), the user-error base, the runtime memory budgets and the prefill sizes
+# its estimate follows.
 CONVERTER_MAY_LOAD = {
     "mlx_unified",
     "mlx_unified.attention_blocks",
     "mlx_unified.budgets",
     "mlx_unified.checkpoint",
     "mlx_unified.config",
+    "mlx_unified.drafter",
+    "mlx_unified.drafter.config",
     "mlx_unified.errors",
 }
 

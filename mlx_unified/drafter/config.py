@@ -107,3 +107,34 @@ def load_drafter_config(path: str | Path) -> DrafterConfig:
         return DrafterConfig.from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from e
+
+
+def drafter_tensor_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the drafter in the released (and our) layout, with its shape (CONTRACT.md)."""
+    text = config.text
+    hidden = text.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (text.vocab_size, hidden)}
+    for i in range(text.num_hidden_layers):
+        layer, prefix = text.layer(i), f"model.layers.{i}"
+        width = text.num_attention_heads * layer.head_dim
+        shapes[f"{prefix}.self_attn.q_proj.weight"] = (width, hidden)
+        shapes[f"{prefix}.self_attn.o_proj.weight"] = (hidden, width)
+        shapes[f"{prefix}.self_attn.q_norm.weight"] = (layer.head_dim,)
+        shapes[f"{prefix}.mlp.gate_proj.weight"] = (text.intermediate_size, hidden)
+        shapes[f"{prefix}.mlp.up_proj.weight"] = (text.intermediate_size, hidden)
+        shapes[f"{prefix}.mlp.down_proj.weight"] = (hidden, text.intermediate_size)
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            shapes[f"{prefix}.{norm}_layernorm.weight"] = (hidden,)
+        shapes[f"{prefix}.layer_scalar"] = (1,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["pre_projection.weight"] = (hidden, 2 * config.backbone_hidden_size)
+    shapes["post_projection.weight"] = (config.backbone_hidden_size, hidden)
+    if config.use_ordered_embeddings:
+        shapes["masked_embedding.centroids.weight"] = (config.num_centroids, hidden)
+        shapes["masked_embedding.token_ordering"] = (text.vocab_size,)
+    return shapes
+
+
+def drafter_weight_name(name: str) -> str | None:
+    """Our name of a stored drafter tensor: the same, but the tied head (dropped)."""
+    return None if name == "lm_head.weight" else name

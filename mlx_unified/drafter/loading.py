@@ -17,13 +17,8 @@ import mlx.nn as nn
 
 from ..checkpoint import FLOAT_DTYPES, float_dtype, resolve
 from ..loading import install_weights, read_weights
-from .config import load_drafter_config
+from .config import drafter_weight_name, load_drafter_config
 from .model import Drafter
-
-
-def drafter_weight_name(name: str) -> str | None:
-    """Our name of a stored drafter tensor: the same, but the tied head (dropped)."""
-    return None if name == "lm_head.weight" else name
 
 
 def load_drafter(path_or_hub_id: str | Path, dtype: str | None = None, lazy: bool = False) -> Drafter:

@@ -121,6 +121,11 @@ class Drafter(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.norm.weight.dtype
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the loaded weights (what it adds to the model's in memory)."""
+        return sum(w.nbytes for _, w in nn.utils.tree_flatten(self.parameters()))
+
     def __call__(
         self, token_embedding: mx.array, hidden: mx.array, target: dict[str, KeyValues], position: int
     ) -> tuple[mx.array, mx.array]:
