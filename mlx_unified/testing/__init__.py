@@ -151,10 +151,13 @@ def tiny_checkpoint(path: str | Path, seed: int = 0, *, device_random: bool = Fa
     return path
 
 
-def drafter_config(target: TextConfig, layers: int = 2, **text_overrides: Any) -> DrafterConfig:
+def drafter_config(
+    target: TextConfig, layers: int = 2, centroids: int = 0, **text_overrides: Any
+) -> DrafterConfig:
     """An MTP drafter for a target of these text settings, in the released config layout (transformers
     and mlx-vlm read it too): `layers` layers of the target's width (sliding ones, then one global),
-    attention shapes the target's (it attends over the target's keys), MLP twice the width."""
+    attention shapes the target's (it attends over the target's keys), MLP twice the width; with
+    `centroids`, the released kind of head: that many clusters of the vocabulary, the top 32 scored."""
     sliding, full = target.layer(target.last_layer(SLIDING)), target.layer(target.last_layer(GLOBAL))
     text = dict(
         model_type="gemma4_unified_text",
@@ -183,7 +186,9 @@ def drafter_config(target: TextConfig, layers: int = 2, **text_overrides: Any) -
             architectures=["Gemma4UnifiedAssistantForCausalLM"],
             model_type="gemma4_unified_assistant",
             backbone_hidden_size=target.hidden_size,
-            use_ordered_embeddings=False,
+            use_ordered_embeddings=bool(centroids),
+            num_centroids=centroids or 2048,
+            centroid_intermediate_top_k=min(32, centroids) if centroids else 32,
             tie_word_embeddings=True,
             text_config=text,
             **{RANDOM_WEIGHTS_FLAG: True},
@@ -191,15 +196,20 @@ def drafter_config(target: TextConfig, layers: int = 2, **text_overrides: Any) -
     )
 
 
-def tiny_drafter(path: str | Path, target: str | Path, seed: int = 0, *, copies_last_token: bool = False) -> Path:
+def tiny_drafter(
+    path: str | Path, target: str | Path, seed: int = 0, *, copies_last_token: bool = False, centroids: int = 0
+) -> Path:
     """Write an MTP drafter (bf16, released layout) for the checkpoint at `target` to `path`. Its weights
-    are random (MLX's initialization), so its drafts are almost never accepted; `copies_last_token`
-    chooses them instead so that it drafts the last token again: pre_projection passes the token's
-    embedding, the layers add nothing, the tied head is the target's embeddings. Against a target that
-    repeats tokens, those drafts are accepted where it does."""
+    are random (MLX's initialization; with `centroids`, a random token ordering), so its drafts are
+    almost never accepted; `copies_last_token` chooses them instead so that it drafts the last token
+    again: pre_projection passes the token's embedding, the layers add nothing, the tied head is the
+    target's embeddings. Against a target that repeats tokens, those drafts are accepted where it does."""
     text = load_config(target).text
     mx.random.seed(seed)
-    drafter = Drafter(drafter_config(text))
+    drafter = Drafter(drafter_config(text, centroids=centroids))
+    if centroids:
+        ordering = np.random.default_rng(seed).permutation(text.vocab_size).astype(np.int32)
+        drafter.masked_embedding.token_ordering = mx.array(ordering)
     if copies_last_token:
         hidden = text.hidden_size
         stored = {}
