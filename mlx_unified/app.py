@@ -26,6 +26,7 @@ from .conversation import (
     Media,
     ReplyStats,
     SegmentStart,
+    Thought,
     assistant_message,
     format_memory,
     has_random_weights,
@@ -35,12 +36,14 @@ from .conversation import (
 )
 from .errors import InputError
 from .processing.limits import SUPPORTED_BUDGETS
+from .tool_calls import ToolCall
 
 if TYPE_CHECKING:
     from .generation import ProgressCallback
     from .prompt_cache import PromptCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
+THINKING_TITLE = "💭 Thinking"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
@@ -315,6 +318,7 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prompt_cache: bool = True,
+    enable_thinking: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """The chat function: yields the growing list of assistant messages for this turn."""
     text, files = (
@@ -335,6 +339,7 @@ def respond(
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+            thinking: dict[str, Any] | None = None  # the collapsible block of the thought channel
 
             def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
                 return stream_reply(
@@ -353,6 +358,7 @@ def respond(
                     prompt_cache=slot.prompt_cache,
                     use_prompt_cache=bool(use_prompt_cache),
                     prefill_progress=progress,
+                    enable_thinking=bool(enable_thinking),
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -367,6 +373,13 @@ def respond(
                                 f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
                             )
                             reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, Thought):
+                        if thinking is None:
+                            thinking = _note(THINKING_TITLE, status="pending")
+                            notes.append(thinking)
+                        thinking["content"] += event.text
+                    elif isinstance(event, ToolCall):
+                        notes.append(_note(f"Tool call: {event.name}", json.dumps(event.arguments), status="done"))
                     elif isinstance(event, SegmentStart):
                         for note in notes:
                             note["metadata"]["status"] = "done"
@@ -374,6 +387,8 @@ def respond(
                         reply += "\n" if event.index > 1 else ""
                     elif event is not None:  # None: nothing new, sent again so that Stop can act
                         reply += event
+                        if thinking is not None:
+                            thinking["metadata"]["status"] = "done"
                     yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
@@ -420,9 +435,9 @@ def build_app(
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix):
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think
         )
 
     with gr.Blocks(title="mlx-unified") as page:
@@ -457,6 +472,9 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            thinking_switch = gr.Checkbox(
+                value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -477,6 +495,7 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                thinking_switch,
             ],
             concurrency_limit=1,
             show_progress="full",

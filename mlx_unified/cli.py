@@ -108,6 +108,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--text-first", action="store_true", help="put the text before the media in the user turn"
     )
+    parser.add_argument(
+        "--thinking",
+        "--enable-thinking",
+        dest="thinking",
+        action="store_true",
+        help="Gemma 4's thinking mode: the model thinks before it answers (thoughts shown dimmed)",
+    )
+    parser.add_argument("--hide-thinking", action="store_true", help="with --thinking: do not show the thoughts")
     return parser
 
 
@@ -164,7 +172,37 @@ def generation_settings(args: argparse.Namespace, prompt_cache: PromptCache | No
         "use_prompt_cache": not args.no_prompt_cache,
         "prompt_cache": prompt_cache,
         "prefill_progress": prefill_progress_bar(),
+        "enable_thinking": args.thinking,
     }
+
+
+class ThoughtDisplay:
+    """Thoughts as they stream: dimmed on a terminal; on stderr when stdout is piped (stdout stays the
+    answer); not at all when hidden."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, hidden: bool) -> None:
+        self.hidden = hidden
+        self.terminal = sys.stdout.isatty()
+        self.stream = sys.stdout if self.terminal else sys.stderr
+        self.open = False
+
+    def show(self, text: str) -> None:
+        if self.hidden:
+            return
+        if not self.open and self.terminal:
+            self.stream.write(self.DIM)
+        self.open = True
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the thought before the answer (or the reply) goes on."""
+        if self.open:
+            self.stream.write((self.RESET if self.terminal else "") + "\n\n")
+            self.stream.flush()
+            self.open = False
 
 
 def answer(
@@ -178,10 +216,14 @@ def answer(
     prompt_cache: PromptCache | None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
-    from .conversation import ReplyStats, SegmentStart, stream_reply
+    from .conversation import ReplyStats, SegmentStart, Thought, stream_reply
+    from .tool_calls import ToolCall
 
     stats = ReplyStats()
     pieces: list[str] = []
+    thoughts: list[str] = []
+    calls: list[ToolCall] = []
+    display = ThoughtDisplay(hidden=args.hide_thinking or args.json)
     for event in stream_reply(
         model,
         processor,
@@ -192,6 +234,15 @@ def answer(
         system=system,
         **generation_settings(args, prompt_cache),
     ):
+        if isinstance(event, Thought):
+            thoughts.append(event.text)
+            display.show(event.text)
+            continue
+        display.close()
+        if isinstance(event, ToolCall):
+            calls.append(event)
+            print(f"[tool call] {event.name} {json.dumps(event.arguments)}", file=sys.stderr, flush=True)
+            continue
         if isinstance(event, SegmentStart):
             print(f"[{event.label()}]", file=sys.stderr, flush=True)
             event_text = "\n" if event.index > 1 else ""
@@ -201,9 +252,11 @@ def answer(
         if not args.json:
             sys.stdout.write(event_text)
             sys.stdout.flush()
+    display.close()
     reply = "".join(pieces)
     if args.json:
-        print(json.dumps({"text": reply, **stats.as_dict()}, ensure_ascii=False), flush=True)
+        record = {"text": reply, "reasoning": "".join(thoughts), "tool_calls": [c.as_openai() for c in calls]}
+        print(json.dumps({**record, **stats.as_dict()}, ensure_ascii=False), flush=True)
     else:
         print(flush=True)
     print(stats.summary(), file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError
 from .image import check_budget, image_num_tokens, image_size, preprocess_image
@@ -87,13 +88,22 @@ class Processor:
         return cls(tokenizer, **settings)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, media_first: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text with one placeholder per media item (media before the text of its turn)."""
+        """The prompt text with one placeholder per media item (media before the text of its turn).
+
+        `chat_template_kwargs` go to the checkpoint's template (Gemma 4's reads `enable_thinking` and
+        `tools`); `role: "tool"` results are moved where the template renders them (`fold_tool_results`).
+        """
         return self.tokenizer.apply_chat_template(
-            _template_messages(messages, media_first),
+            _template_messages(fold_tool_results(messages), media_first),
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
         )
 
     def __call__(
@@ -103,8 +113,11 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=True)
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=True
+        )
         input_ids = np.asarray(self._encode(expanded.text), dtype=np.int32)[None]
         token_types = np.zeros_like(input_ids)
         for kind, token_id in self.token_ids.items():
@@ -118,9 +131,12 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> int:
         """Prompt length in tokens, from image and video headers (no pixel decoding)."""
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=False)
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=False
+        )
         return len(self._encode(expanded.text))
 
     def _encode(self, text: str) -> list[int]:
@@ -133,11 +149,12 @@ class Processor:
         image_tokens: int | None,
         add_generation_prompt: bool,
         media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
         decode: bool,
     ) -> _Expanded:
         image_budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(image_budget)
-        text = self.apply_chat_template(messages, add_generation_prompt, media_first)
+        text = self.apply_chat_template(messages, add_generation_prompt, media_first, chat_template_kwargs)
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
         if [self.placeholders[kind] for kind, _ in items] != placeholders:
