@@ -128,6 +128,11 @@ def create_app(service: Service) -> FastAPI:
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), error.status, error.headers)
 
+    @app.exception_handler(InputError)
+    async def input_error(_: Request, error: InputError) -> JSONResponse:
+        failure = from_input_error(error)
+        return JSONResponse(failure.body(), failure.status)
+
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
         error = too_large(service.max_request_bytes)
