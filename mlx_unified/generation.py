@@ -259,7 +259,8 @@ def prepare_inputs(
     content in the order given (text, then media, then e.g. a task reminder). `chat_template_kwargs`
     go to the chat template (they need messages or a text prompt)."""
     if isinstance(prompt, dict):
-        if chat_template_kwargs:
+        # Settings that leave the template as it is (thinking off, no tools) are fine without one.
+        if any(value not in (None, False, [], {}) for value in (chat_template_kwargs or {}).values()):
             raise ParameterError(
                 ", ".join(chat_template_kwargs), "needs chat messages or a text prompt, not ready-made arrays"
             )

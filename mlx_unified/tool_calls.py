@@ -125,6 +125,16 @@ class _Reader:
             if not self.separator("]"):
                 return result
 
+    def until(self, stops: str, missing: str) -> str:
+        """The unquoted text up to the next of `stops`, stripped; `missing` if there is none."""
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in stops:
+            self.pos += 1
+        token = self.text[start : self.pos].strip()
+        if not token:
+            raise self.fail(missing)
+        return token
+
     def separator(self, closing: str) -> bool:
         """True after a ',' (another item follows), False after the closing bracket."""
         char = self.peek()
@@ -139,21 +149,10 @@ class _Reader:
         self.skip_space()
         if self.text.startswith(self.quote, self.pos):
             return self.string()
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] not in ":{}[],":
-            self.pos += 1
-        key = self.text[start : self.pos].strip()
-        if not key:
-            raise self.fail("empty key")
-        return key
+        return self.until(":{}[],", "empty key")
 
     def bare(self) -> Any:
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] not in ",}]":
-            self.pos += 1
-        token = self.text[start : self.pos].strip()
-        if not token:
-            raise self.fail("missing value")
+        token = self.until(",}]", "missing value")
         if token in BARE_VALUES:
             return BARE_VALUES[token]
         try:
@@ -172,7 +171,8 @@ def fold_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     folded: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         role = message.get("role")
-        host = folded[-1] if folded and folded[-1].get("role") == "assistant" and folded[-1].get("tool_calls") else None
+        last = folded[-1] if folded else {}
+        host = last if last.get("role") == "assistant" and last.get("tool_calls") else None
         if role == "tool":
             if host is None:
                 raise ToolMessageError(
@@ -180,7 +180,7 @@ def fold_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 )
             response = {"name": _called_name(host, message, index), "response": _tool_result(message, index)}
             host["tool_responses"] = [*host.get("tool_responses", []), response]
-        elif role == "assistant" and host is not None and host.get("tool_responses") and not _has_text(host) and not message.get("tool_calls"):
+        elif role == "assistant" and _continues(host, message):
             host["content"] = message.get("content")
         elif role == "assistant" and message.get("tool_calls"):
             calls = [_template_call(call, index, number) for number, call in enumerate(message["tool_calls"])]
@@ -190,11 +190,14 @@ def fold_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return folded
 
 
-def _has_text(message: dict[str, Any]) -> bool:
-    content = message.get("content")
+def _continues(host: dict[str, Any] | None, message: dict[str, Any]) -> bool:
+    """An assistant reply that answers from the results of the calls just before it (same model turn)."""
+    if host is None or not host.get("tool_responses") or message.get("tool_calls"):
+        return False
+    content = host.get("content")
     if isinstance(content, list):
-        return any(item.get("text") for item in content if isinstance(item, dict))
-    return bool(content)
+        return not any(item.get("text") for item in content if isinstance(item, dict))
+    return not content
 
 
 def _template_call(call: Any, index: int, number: int) -> dict[str, Any]:

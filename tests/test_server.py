@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import httpx
 import openai
@@ -52,19 +51,10 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(scripted, media, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("server-prefix-cache")
-    previous = os.environ.get("MLX_UNIFIED_CACHE_DIR")
-    os.environ["MLX_UNIFIED_CACHE_DIR"] = str(cache)
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
     flags = ("--media-root", str(media["root"]), "--max-request-mb", str(BODY_LIMIT_MB))
-    try:
-        with ServerProcess(scripted, *flags, log=log) as running:
-            yield running
-    finally:
-        if previous is None:
-            os.environ.pop("MLX_UNIFIED_CACHE_DIR", None)
-        else:
-            os.environ["MLX_UNIFIED_CACHE_DIR"] = previous
+    folder = tmp_path_factory.mktemp("server")
+    with ServerProcess(scripted, *flags, cache_dir=folder / "cache", log=folder / "server.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

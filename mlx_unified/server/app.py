@@ -196,6 +196,7 @@ def create_app(service: Service) -> FastAPI:
         body = await read_json(request)
         check_model(service, body.get("model"))
         chat = parse_chat_request(body, service.defaults, service.model.config.text.vocab_size)
+        queued(service, service.worker.check_room)
         messages = await decoded(convert_messages, chat.messages, service.policy)
         processors = []
         if chat.json_output:
@@ -237,6 +238,7 @@ def create_app(service: Service) -> FastAPI:
         if upload is None or isinstance(upload, str):
             raise bad_request("file: an audio file upload is required", "file")
         response_format, params = form_settings(form, service.defaults)
+        queued(service, service.worker.check_room)
         data = await upload.read()
         from ..processing import load_audio
         from ..processing.limits import SAMPLING_RATE
@@ -287,9 +289,10 @@ async def decoded(function: Any, *args: Any, param: str | None = None) -> Any:
         raise failure from error
 
 
-def submit(service: Service, work: Any) -> Job:
+def queued(service: Service, action: Any, *args: Any) -> Any:
+    """`action(*args)` of the worker (`check_room`, `submit`); a full queue is a 503."""
     try:
-        return service.worker.submit(work)
+        return action(*args)
     except QueueFull as error:
         raise APIError(
             503,
@@ -298,6 +301,10 @@ def submit(service: Service, work: Any) -> Job:
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         ) from error
+
+
+def submit(service: Service, work: Any) -> Job:
+    return queued(service, service.worker.submit, work)
 
 
 async def next_event(job: Job, request: Request) -> Any:

@@ -16,29 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from ..cli import ArgumentParser, BadInput, positive_int
 from ..errors import InputError
 
 PROG = "mlx-unified-server"
 API_KEY_VARIABLE = "MLX_UNIFIED_SERVER_API_KEY"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
-
-
-class BadFlag(InputError):
-    pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise BadFlag(f"{message} (see {self.prog} --help)")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -74,7 +58,7 @@ def build_parser() -> ArgumentParser:
         default=os.environ.get(API_KEY_VARIABLE),
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}; none: no key asked)",
     )
-    parser.add_argument("--max-tokens", type=_positive, default=512, help="default max_tokens of a request (512)")
+    parser.add_argument("--max-tokens", type=positive_int, default=512, help="default max_tokens of a request (512)")
     parser.add_argument("--temp", type=float, default=0.0, help="default temperature (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="default top_p (1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="default top_k (0: off)")
@@ -85,11 +69,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--chat-template-args", type=_template_args, default={}, metavar="JSON", help="extra chat template variables"
     )
-    parser.add_argument("--prefill-step-size", type=_positive, help="prompt tokens per prefill pass")
+    parser.add_argument("--prefill-step-size", type=positive_int, help="prompt tokens per prefill pass")
     parser.add_argument(
-        "--max-queue", type=_positive, default=8, help="requests that may wait for the model; more get a 503 (8)"
+        "--max-queue", type=positive_int, default=8, help="requests that may wait for the model; more get a 503 (8)"
     )
-    parser.add_argument("--max-request-mb", type=_positive, default=64, help="largest request body in MB (64)")
+    parser.add_argument("--max-request-mb", type=positive_int, default=64, help="largest request body in MB (64)")
     parser.add_argument(
         "--media-root",
         action="append",
@@ -116,12 +100,13 @@ def check_flags(args: argparse.Namespace) -> None:
     ).validate()
     for folder in args.media_root:
         if not folder.expanduser().is_dir():
-            raise BadFlag(f"--media-root {folder}: not a folder")
+            raise BadInput(f"--media-root {folder}: not a folder")
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind((args.host, args.port))
         except OSError as error:
-            raise BadFlag(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from error
+            raise BadInput(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from error
 
 
 def is_loopback(host: str) -> bool:

@@ -72,7 +72,8 @@ def _message(message: Any, where: str, policy: MediaPolicy) -> dict[str, Any]:
     role = message.get("role")
     if role not in ROLES:
         raise bad_request(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-    converted = {key: message[key] for key in ("tool_calls", "tool_call_id", "name") if key in message}
+    passed = ("tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")  # templates may read them
+    converted = {key: message[key] for key in passed if key in message}
     converted["role"] = role
     content = message.get("content")
     if content is None and not (role == "assistant" and message.get("tool_calls")):

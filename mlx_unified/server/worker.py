@@ -118,17 +118,26 @@ class Worker:
         self._thread = threading.Thread(target=self._serve, name="mlx-unified-worker", daemon=True)
         self._thread.start()
 
+    def check_room(self) -> None:
+        """QueueFull (counted as a refusal) if a job submitted now would be refused: a request checks
+        this before decoding its media, so a full queue costs it nothing."""
+        with self._lock:
+            self._refuse_if_full()
+
     def submit(self, work: Callable[[Job], None]) -> Job:
         """Queue `work(job)`; QueueFull when `max_waiting` jobs are already waiting."""
         job = Job(work, asyncio.get_running_loop())
         with self._lock:
-            if self.waiting >= self.max_waiting:
-                self.counters.refused += 1
-                raise QueueFull
+            self._refuse_if_full()
             self.waiting += 1
             self.counters.peak_waiting = max(self.counters.peak_waiting, self.waiting)
         self._jobs.put(job)
         return job
+
+    def _refuse_if_full(self) -> None:
+        if self.waiting >= self.max_waiting:
+            self.counters.refused += 1
+            raise QueueFull
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -24,9 +24,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`with ServerProcess(checkpoint, "--max-queue", "4") as server:` serves until the block ends."""
+    """`with ServerProcess(checkpoint, "--max-queue", "4") as server:` serves until the block ends.
+    `cache_dir`: where its prefix cache persists (MLX_UNIFIED_CACHE_DIR), so a test never writes to the
+    user's ~/.cache; `log`: a file for its output."""
 
-    def __init__(self, checkpoint: str | Path, *flags: str, api_key: str = API_KEY, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *flags: str,
+        cache_dir: str | Path,
+        api_key: str = API_KEY,
+        log: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.api_key = api_key
         self.name = str(checkpoint)
@@ -35,7 +44,8 @@ class ServerProcess:
         command += ["--api-key", api_key, "--log-level", "warning", *flags]
         self.log = log
         output = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ))
+        environment = {**os.environ, "MLX_UNIFIED_CACHE_DIR": str(cache_dir)}
+        self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
         self._output = output
 
     def __enter__(self) -> ServerProcess:
