@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import traceback
@@ -35,6 +36,7 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
+from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
 from .tool_calls import ToolCall
 
@@ -48,6 +50,8 @@ ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
 PREFILL_NOTE_TOKENS = 2048
+# The max-tokens slider's range.
+MAX_TOKENS_SETTING = 8192
 # While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
 HEARTBEAT_S = 0.5
 
@@ -184,12 +188,39 @@ def memory_markdown(name: str | None) -> str:
 # ---------------------------------------------------------------- chat history <-> model messages
 
 
+def uploaded_file(path: Any) -> str | None:
+    """`path`, resolved, when it is a file in Gradio's upload folder (one a user of the page uploaded);
+    else None. Anything else a request names, a file of this machine's included, is never read."""
+    from gradio.utils import get_upload_folder
+
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    root = Path(get_upload_folder()).resolve()
+    return str(resolved) if resolved.is_relative_to(root) and resolved.is_file() else None
+
+
+def _upload(path: Any) -> str:
+    found = uploaded_file(path)
+    if found is None:
+        raise MediaError(f"{Path(str(path)).name}: not a file uploaded to this app")
+    return found
+
+
 def _parts(content: Any) -> tuple[list[str], list[str]]:
-    """(texts, file paths) of one Gradio message's content, in any of the shapes Gradio uses."""
+    """(texts, uploaded file paths) of one Gradio message's content, in any of the shapes Gradio uses.
+
+    Strings are text (Gradio's API sends a text turn as a list of strings); a file is only ever one
+    Gradio stored on upload: a file part naming anything else is refused."""
     if isinstance(content, str):
         return [content], []
     if isinstance(content, (tuple, list)) and content and all(isinstance(x, str) for x in content):
-        return [], [content[0]]  # the (path, alt_text) tuple form
+        upload = uploaded_file(content[0])
+        # The (path, alt_text) tuple form, or plain text.
+        return ([], [upload]) if upload is not None else (list(content), [])
     if isinstance(content, dict):
         content = [content]
     texts, files = [], []
@@ -200,9 +231,9 @@ def _parts(content: Any) -> tuple[list[str], list[str]]:
             if part.get("type") == "text":
                 texts.append(part.get("text", ""))
             elif isinstance(part.get("file"), dict):
-                files.append(part["file"]["path"])
+                files.append(_upload(part["file"].get("path")))
             elif "path" in part:
-                files.append(part["path"])
+                files.append(_upload(part["path"]))
     return texts, files
 
 
@@ -335,7 +366,7 @@ def respond(
         if slot.model is None:
             raise InputError("no model loaded: pick one above and press Load")
         with slot.lock:
-            media: Media = load_attachments(files)
+            media: Media = load_attachments([_upload(path) for path in files])
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
@@ -460,7 +491,7 @@ def build_app(
                 0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
             )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
-            tokens = gr.Slider(1, 8192, value=max_tokens, step=1, label="Max tokens")
+            tokens = gr.Slider(1, MAX_TOKENS_SETTING, value=max_tokens, step=1, label="Max tokens")
             image_tokens = gr.Dropdown(
                 choices=list(SUPPORTED_BUDGETS), value=280, label="Image budget (soft tokens per image)"
             )
@@ -506,6 +537,29 @@ def build_app(
     return page
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
+    return value
+
+
+def max_tokens_setting(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_TOKENS_SETTING:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_TOKENS_SETTING} (the slider's range)")
+    return value
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port another program already serves on."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot serve on {host}:{port} ({e.strerror or e}); pick another --port or --host") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
@@ -514,9 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860, help="port to serve on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens setting")
+    parser.add_argument(
+        "--max-tokens",
+        type=max_tokens_setting,
+        default=512,
+        help=f"initial value of the max-tokens setting (1 to {MAX_TOKENS_SETTING})",
+    )
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
     )
@@ -530,15 +589,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.temperature <= 2.0:
         parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
     slot = ModelSlot()
-    if args.model:
-        print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-        try:
+    try:
+        check_port_free(args.host, args.port)
+        if args.model:
+            print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
             slot.load(args.model)
-        except InputError as e:
-            print(f"mlx-unified-app: error: {e}", file=sys.stderr)
-            return 2
-        if slot.random_weights:
-            print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    except InputError as e:
+        print(f"mlx-unified-app: error: {e}", file=sys.stderr)
+        return 2
+    if slot.random_weights:
+        print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     page = build_app(
         slot,
         args.settings_file or default_settings_file(),
@@ -546,9 +606,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_tokens,
         args.temperature,
     )
-    page.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share
-    )
+    try:
+        page.queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, share=args.share
+        )
+    except OSError as e:  # the port was taken between the check and the launch
+        print(f"mlx-unified-app: error: cannot serve on {args.host}:{args.port} ({e})", file=sys.stderr)
+        return 2
     return 0
 
 

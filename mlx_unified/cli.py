@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +63,23 @@ def probability(text: str) -> float:
     return value
 
 
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {text}")
+    return value
+
+
+def utf8_text(text: str | None, name: str) -> str | None:
+    """`text` when it is valid UTF-8; the interpreter passes other bytes on as lone surrogates."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInput(f"{name}: not valid UTF-8 text (byte {e.start})") from None
+    return text
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
@@ -81,7 +99,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (1.0: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     parser.add_argument("--min-p", type=probability, default=0.0, help="min-p sampling threshold (0: off)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--seed", type=seed_value, help="random seed for sampling (0 to 2**64 - 1)")
     parser.add_argument(
         "--image-tokens",
         type=int,
@@ -283,10 +301,14 @@ def chat(
     while True:
         if pending_text is None:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
                 return
-            line = line.strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                print(f"error: that line is not valid UTF-8 text (byte {e.start}); type it again", file=sys.stderr, flush=True)
+                continue
             command, _, argument = line.partition(" ")
             if command in ("/quit", "/exit"):
                 return
@@ -321,7 +343,11 @@ def chat(
 
 
 def run(argv: Sequence[str] | None) -> int:
+    if sys.stdout is None:
+        raise BadInput("standard output is closed: there is nowhere to write the reply")
     args = build_parser().parse_args(argv)
+    for name in ("prompt", "system", "task_reminder"):
+        utf8_text(getattr(args, name), f"--{name.replace('_', '-')}")
     if not args.chat and args.prompt is None:
         raise BadInput(f"--prompt is required (or use --chat) (see {PROG} --help)")
     system = read_system_prompt(args.system_file) if args.system_file else args.system
@@ -353,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's last flush from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .processing import (
     SAMPLING_RATE,
+    AudioSegment,
     MediaError,
     load_audio,
     load_image,
@@ -41,14 +42,47 @@ def has_random_weights(config_raw: dict[str, Any]) -> bool:
 
 @dataclass
 class Media:
-    """One turn's media, checked and decoded: image and audio arrays, video paths (decoded later)."""
+    """One turn's media, checked and decoded: image and audio arrays, video paths (decoded later).
+
+    A recording longer than one clip is held as the clips it is cut into on speech pauses (`segments`
+    says where each came from): the turn is answered clip by clip, and the conversation keeps the
+    clips, so later turns can still be read (one clip holds at most 30 s)."""
 
     images: list[np.ndarray] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
+    segments: list[AudioSegment] = field(default_factory=list)
 
     def __add__(self, other: Media) -> Media:
-        return Media(self.images + other.images, self.audios + other.audios, self.videos + other.videos)
+        return split_long_audio(
+            Media(
+                self.images + other.images,
+                self.audios + other.audios,
+                self.videos + other.videos,
+                self.segments + other.segments,
+            )
+        )
+
+
+def split_long_audio(media: Media) -> Media:
+    """`media` with a recording longer than one clip cut on speech pauses (see `Media`); as it was when
+    nothing is longer, or when it holds a recording's clips already. Raises MediaError when a long
+    recording is not the turn's only media, or holds no speech."""
+    long_audio = [wave for wave in media.audios if len(wave) > MAX_CLIP_SECONDS * SAMPLING_RATE]
+    if not long_audio and not media.segments:
+        return media
+    alone = not (media.images or media.videos)
+    if media.segments and not long_audio and alone and len(media.audios) == len(media.segments):
+        return media
+    if not (media.segments or len(media.audios) > 1) and alone:
+        segments = segment_audio(long_audio[0])
+        if not segments:
+            raise MediaError("<audio>: no speech found in the recording")
+        return Media(audios=[s.samples for s in segments], segments=segments)
+    raise MediaError(
+        f"<audio>: a recording longer than {MAX_CLIP_SECONDS} s is answered segment by segment "
+        "and must be the only media of its turn"
+    )
 
 
 def load_media(
@@ -65,7 +99,7 @@ def load_media(
     for path in videos:
         plan_video(str(path))
         media.videos.append(str(path))
-    return media
+    return split_long_audio(media)
 
 
 def media_kind(path: str | Path) -> str:
@@ -202,26 +236,19 @@ def stream_reply(
     """The reply to a new user turn, piece by piece: answer text (str), the thought channel (`Thought`)
     and function calls (`ToolCall`), in the order written; `stats` is filled in as it goes.
 
-    A recording longer than one clip (30 s) is cut on pauses (`segment_audio`) and the turn is answered
-    once per segment, in order; a `SegmentStart` precedes each of those answers.
+    A recording longer than one clip (30 s) is cut on pauses (`split_long_audio`) and the turn is
+    answered once per segment, in order; a `SegmentStart` precedes each of those answers. Keep the turn
+    in the history with the same `media`: its clips, not the whole recording.
     """
     from .generation import stream_generate
 
-    long_audio = [wave for wave in media.audios if len(wave) > MAX_CLIP_SECONDS * SAMPLING_RATE]
-    if not long_audio:
+    media = split_long_audio(media)
+    if not media.segments:
         passes = [(media, None)]
-    elif len(media.audios) > 1 or media.images or media.videos:
-        raise MediaError(
-            f"<audio>: a recording longer than {MAX_CLIP_SECONDS} s is answered segment by segment "
-            "and must be the only media of its turn"
-        )
     else:
-        segments = segment_audio(long_audio[0])
-        if not segments:
-            raise MediaError("<audio>: no speech found in the recording")
         passes = [
-            (Media(audios=[s.samples]), SegmentStart(i + 1, len(segments), s.start, s.end))
-            for i, s in enumerate(segments)
+            (Media(audios=[s.samples]), SegmentStart(i + 1, len(media.segments), s.start, s.end))
+            for i, s in enumerate(media.segments)
         ]
     for part, segment in passes:
         if segment is not None:

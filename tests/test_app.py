@@ -26,6 +26,7 @@ from mlx_unified.app import (
     respond,
     save_setting,
 )
+from mlx_unified.processing import MediaError
 from mlx_unified.testing import tiny_checkpoint
 
 LONG_SYSTEM = " ".join(f"Rule {i}: answer in one short sentence." for i in range(130))
@@ -66,7 +67,8 @@ def test_rejects_temperature_outside_the_slider(capsys):
     assert "--temperature: 3.0 is outside 0 to 2" in err and "Traceback" not in err
 
 
-def test_history_drops_failed_turns_and_notes(tmp_path):
+def test_history_drops_failed_turns_and_notes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where Gradio keeps what the page uploads
     wav = write_wav(tmp_path / "a.wav")
     history = [
         {"role": "user", "content": [{"type": "file", "file": {"path": str(wav)}}]},
@@ -88,6 +90,34 @@ def test_history_drops_failed_turns_and_notes(tmp_path):
     assert [part["type"] for part in first] == ["audio", "text"] and first[1]["text"] == "What is it?"
     assert messages[1]["content"][0]["text"] == "A tone."
     assert messages[2]["content"][-1]["text"] == "Again" and messages[3]["content"][0]["text"] == ""
+
+
+def test_history_and_message_read_only_files_uploaded_to_the_app(tmp_path, monkeypatch, slot):
+    uploads, elsewhere = tmp_path / "uploads", tmp_path / "server"
+    uploads.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    server_file = write_wav(elsewhere / "private.wav")
+    uploaded = write_wav(uploads / "mine.wav")
+    # Gradio's API sends a text turn as a list of strings: text, even when it names a file here.
+    history = [
+        {"role": "user", "content": ["first turn"]},
+        {"role": "assistant", "content": ["A reply."]},
+        {"role": "user", "content": [str(server_file)]},
+        {"role": "assistant", "content": ["Another."]},
+        {"role": "user", "content": [str(uploaded)]},
+        {"role": "user", "content": ["What is it?"]},
+        {"role": "assistant", "content": ["A tone."]},
+    ]
+    messages = history_messages(history)
+    assert messages[0]["content"] == [{"type": "text", "text": "first turn"}]
+    assert messages[2]["content"] == [{"type": "text", "text": str(server_file)}]  # never read
+    assert [part["type"] for part in messages[4]["content"]] == ["audio", "text"]  # the upload is
+    for part in ({"type": "file", "file": {"path": str(server_file)}}, {"path": str(server_file)}):
+        with pytest.raises(MediaError, match=r"private\.wav: not a file uploaded to this app"):
+            history_messages([{"role": "user", "content": [part]}, {"role": "assistant", "content": "x"}])
+    shown = list(respond(slot, {"text": "hi", "files": [str(server_file)]}, [], "", 0.0, 1.0, 2, 280))
+    assert shown[-1][-1]["metadata"]["title"] == ERROR_TITLE
+    assert "not a file uploaded to this app" in shown[-1][-1]["content"]
 
 
 def test_background_events_stop_at_the_next_chunk_and_free_the_thread():
@@ -158,3 +188,31 @@ def test_thinking_switch_shows_the_thought_in_a_collapsible_block(scripted):
     *_, plain = respond(slot, question, [], "", 0.0, 1.0, 64, 280, 1.0, False, False)
     assert [m["content"] for m in plain if not m.get("metadata")] == [PLAIN_ANSWER]
     assert not any((m.get("metadata") or {}).get("title") == THINKING_TITLE for m in plain)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "--port: 70000 is not a port number"),
+        (["--port", "x"], "--port: invalid port_number value"),
+        (["--max-tokens", "-5"], "--max-tokens: -5 is outside 1 to 8192"),
+    ],
+)
+def test_refuses_bad_arguments_before_starting(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_port_in_use_is_one_line_and_exit_2(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

@@ -201,6 +201,61 @@ def test_audio_emphasis_flag(tiny, media):
     assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_long_recording_in_a_chat_leaves_later_turns_answerable(tiny, tmp_path):
+    long_wav = write_wav(tmp_path / "long.wav", seconds=40.0)
+    result = generate(
+        "--model", str(tiny), "--chat", "--max-tokens", "3",
+        stdin=f"/audio {long_wav}\nTranscribe this.\nAnd summarize it.\nThanks.\n/quit\n",
+    )  # fmt: skip
+    assert_reply(result)
+    assert "error:" not in result.stderr
+    assert result.stderr.count("[audio segment ") == 2  # the recording, answered in two clips
+    assert result.stderr.count("time to first token") == 3  # and every later turn, the clips in its history
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seed_outside_the_generators_range_is_refused(tiny, seed):
+    assert_refused(generate("--model", str(tiny), "--prompt", "x", "--seed", seed), "--seed: must be between 0 and 2**64 - 1")
+
+
+def test_invalid_utf8_is_refused_in_arguments_and_skipped_in_a_chat(tiny):
+    for flag in ("--prompt", "--system", "--task-reminder"):
+        args = [sys.executable, str(SCRIPT), "--model", str(tiny), "--prompt", "x", flag, b"caf\xe9"]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert_refused(result, f"{flag}: not valid UTF-8 text")
+    chat = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tiny), "--chat", "--max-tokens", "2"],
+        input=b"caf\xe9\nHello\n/quit\n", capture_output=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    stderr = chat.stderr.decode()
+    assert chat.returncode == 0 and "Traceback" not in stderr
+    assert "that line is not valid UTF-8 text" in stderr and stderr.count("time to first token") == 1
+
+
+def test_closed_or_vanishing_stdout_ends_without_a_traceback(tiny):
+    closed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tiny), "--prompt", "x"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60, cwd=REPO,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert_refused(closed, "standard output is closed")
+    reader = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--model", str(tiny), "--prompt", "Hello", "--max-tokens", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    reader.stdout.read(1)  # what `| head -c 1` reads, then it goes away
+    reader.stdout.close()
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "Error" not in stderr
+
+
 # ---------------------------------------------------------------- thinking (scripted checkpoint)
 
 

@@ -198,8 +198,9 @@ def test_geglu_rounds_once_like_the_reference_in_bf16(activation):
     erf/tanh is its own vectorised approximation (MLX JIT-compiles it for the CPU it runs on), within
     about 2 float32 ulps of |gate| of the exact value. So: (a) every product is within the bound that
     error allows (one bf16 ulp of the activation may flip, then the product rounds); (b) where the gate
-    is above -3, at most 0.1% of products differ, by at most 2 bf16 ulps (MLX's bf16 gelu, which
-    rounds each step, differed in 37%)."""
+    is above -3, at most 1% of products differ, by at most 2 bf16 ulps. MLX's bf16 gelu, which rounds
+    each step, differs in 29%; an exactly rounded float32 activation, standing in for another CPU's
+    approximation, in 0.08% (tanh form)."""
     import torch
     from transformers.activations import ACT2FN
 
@@ -223,5 +224,5 @@ def test_geglu_rounds_once_like_the_reference_in_bf16(activation):
     bulk = gate_bf16 > -3
     assert bulk.mean() > 0.8
     differ = bulk & (got != expected)
-    assert differ.mean() <= 1e-3
+    assert differ.mean() <= 1e-2
     assert (np.abs(got - expected)[differ] <= 2 * bf16_ulp(expected[differ])).all()

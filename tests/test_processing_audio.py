@@ -94,3 +94,36 @@ def test_bad_audio_raises_media_error(tmp_path):
     ):
         with pytest.raises(MediaError):
             load_audio(bad)
+
+
+def test_multichannel_file_is_mixed_across_its_channels_not_its_frames(tmp_path):
+    # Two frames of six channels: the shorter axis is the frames, which no file layout means.
+    frames = np.random.default_rng(3).uniform(-0.5, 0.5, (2, 6)).astype(np.float32)
+    soundfile.write(tmp_path / "six.wav", frames, 16000, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(tmp_path / "six.wav"), frames.mean(axis=1), rtol=1e-6)
+
+
+def test_truncated_wav_is_read_with_a_warning(tmp_path, caplog):
+    soundfile.write(tmp_path / "whole.wav", tone(1.0, 16000), 16000, subtype="PCM_16")
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "half.wav").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="mlx_unified"):
+        assert len(load_audio(tmp_path / "whole.wav")) == 16000
+        assert not caplog.records
+        wave = load_audio(tmp_path / "half.wav")
+    assert 7900 < len(wave) < 8100
+    (record,) = caplog.records
+    assert "half.wav: truncated WAV file" in record.getMessage() and "declares 1.00 s" in record.getMessage()
+
+
+def test_folder_fifo_and_unreadable_file_are_named_for_what_they_are(tmp_path):
+    import os
+
+    (tmp_path / "folder.wav").mkdir()
+    os.mkfifo(tmp_path / "pipe.wav")  # opening it would block: it must be refused unopened
+    with pytest.raises(MediaError, match=r"folder\.wav: is a folder, not a file"):
+        load_audio(tmp_path / "folder.wav")
+    with pytest.raises(MediaError, match=r"pipe\.wav: not a regular file"):
+        load_audio(tmp_path / "pipe.wav")
+    with pytest.raises(MediaError, match=r"missing\.wav: no such file"):
+        load_audio(tmp_path / "missing.wav")

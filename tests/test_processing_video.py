@@ -1,5 +1,9 @@
 """Video: 1 fps sampling, frame budget 70, timestamps and token layout as the reference processor lays them."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -95,3 +99,60 @@ def test_bad_videos_raise_media_error(tmp_path):
         load_audio(tmp_path / "silent.mp4")
     with pytest.raises(MediaError, match="budget"):
         preprocess_video(np.zeros((1, 8, 8, 3), np.uint8), 100)
+
+
+def write_stream(path, container_format: str, codec: str, frames: int = 5, options=None) -> None:
+    """A video whose header gives no length: raw H.264, or WebM written as a live stream."""
+    with av.open(str(path), "w", format=container_format, options=options or {}) as container:
+        video = container.add_stream(codec, rate=5)
+        video.height, video.width = 32, 48
+        video.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 40 * i, np.uint8), format="rgb24")
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+
+
+@pytest.mark.parametrize(
+    "name, container_format, codec, options",
+    [("raw.h264", "h264", "libx264", None), ("live.webm", "webm", "libvpx", {"live": "1"})],
+)
+def test_video_without_length_in_its_header_has_its_frames_counted(tmp_path, name, container_format, codec, options):
+    path = tmp_path / name
+    write_stream(path, container_format, codec, options=options)
+    with av.open(str(path)) as container:  # the case: neither a duration nor a frame count
+        stream = container.streams.video[0]
+        assert stream.duration is None and container.duration is None and not stream.frames
+    plan = plan_video(path)
+    assert len(plan.frame_indices) == max(1, int(5 / plan.video_fps))
+    _, frames = load_video(path)
+    assert frames.shape[1:] == (32, 48, 3)
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (pytest's) resident size.
+PEAK_GROWTH = """
+import re, sys
+import av, PIL.Image
+from mlx_unified.processing.video import load_video_patches
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = peak()
+plan, out = load_video_patches(sys.argv[1], 1.0, 70)
+assert out["pixel_values_videos"].shape[0] == len(plan.frame_indices)
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak resident size from /proc")
+def test_video_memory_does_not_grow_with_its_frame_count(tmp_path):
+    # A full-size frame is only ever held while it is resized: 8 large frames peak like 4, but for the
+    # patches they give (holding the frames would add 4 x 50 MB, twice over: the list and its stack).
+    side = 4096
+    frame_bytes = side * side * 3
+    patch_bytes = 70 * 6912 * 4  # one frame's pixel_values_videos at budget 70
+    peaks = {}
+    for count in (4, 8):
+        path = tmp_path / f"{count}.mp4"
+        write_video(path, seconds=count, fps=1, size=(side, side), with_audio=False)
+        out = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(path)], capture_output=True, text=True, check=True)
+        peaks[count] = int(out.stdout)
+    assert peaks[8] - peaks[4] < frame_bytes + 4 * 2 * patch_bytes, peaks

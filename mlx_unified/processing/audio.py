@@ -7,6 +7,7 @@ processing is decoding, down-mixing, resampling and cutting frames (`Gemma4Unifi
 from __future__ import annotations
 
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import MediaError, readable_source
 from .limits import SAMPLES_PER_TOKEN, SAMPLING_RATE
 
 AudioSource = str | Path | bytes | np.ndarray | tuple
+log = logging.getLogger(__name__)
 
 
 def describe_source(source: object) -> str:
@@ -50,7 +52,9 @@ def load_audio(source: AudioSource, sampling_rate: int = SAMPLING_RATE) -> np.nd
         raise MediaError(f"{name}: unsupported audio input type")
     if rate <= 0:
         raise MediaError(f"{name}: invalid sampling rate {rate}")
-    wave = _to_mono_float32(samples, name)
+    # Decoders give (frames, channels); arrays from callers may be either way round.
+    decoded = isinstance(source, (str, Path, bytes, bytearray))
+    wave = _to_mono_float32(samples, name, channel_axis=1 if decoded else None)
     if rate != sampling_rate:
         wave = soxr.resample(wave, rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
     return wave
@@ -73,6 +77,7 @@ def _decode(source: str | Path | bytes | bytearray, name: str) -> tuple[np.ndarr
     data = readable_source(source, name, "audio")
     try:
         samples, rate = soundfile.read(data, dtype="float32", always_2d=True)
+        _warn_if_truncated(data, name)
         return samples, rate
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as sndfile_error:
         if isinstance(data, io.BytesIO):
@@ -106,7 +111,8 @@ def _decode_with_av(data: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]
     return np.concatenate(chunks, axis=1).T, rate
 
 
-def _to_mono_float32(samples: np.ndarray, name: str) -> np.ndarray:
+def _to_mono_float32(samples: np.ndarray, name: str, channel_axis: int | None = None) -> np.ndarray:
+    """Mono float32 samples; `channel_axis` None: the shorter axis of a 2-D array holds the channels."""
     samples = np.asarray(samples)
     if samples.dtype == np.uint8:
         samples = (samples.astype(np.float32) - 128.0) / 128.0
@@ -119,12 +125,49 @@ def _to_mono_float32(samples: np.ndarray, name: str) -> np.ndarray:
     if samples.size == 0:
         raise MediaError(f"{name}: audio has zero length")
     if samples.ndim == 2:
-        # The channel axis is the short one: (samples, channels) from files, (channels, samples) from
-        # some libraries.
-        channel_axis = 1 if samples.shape[1] <= samples.shape[0] else 0
+        if channel_axis is None:
+            # (samples, channels) from most libraries, (channels, samples) from some.
+            channel_axis = 1 if samples.shape[1] <= samples.shape[0] else 0
         samples = samples.mean(axis=channel_axis, dtype=np.float32)
     elif samples.ndim != 1:
         raise MediaError(f"{name}: expected 1-D or 2-D audio, got shape {samples.shape}")
     if not np.isfinite(samples).all():
         raise MediaError(f"{name}: audio contains NaN or infinite samples")
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _warn_if_truncated(data: str | io.BytesIO, name: str) -> None:
+    """Warn when a WAV file holds less audio than its header declares (a cut-off download or copy):
+    libsndfile reads what is there without a word."""
+    if isinstance(data, io.BytesIO):
+        head, size = data.getvalue()[: 1 << 16], len(data.getbuffer())
+    else:
+        with open(data, "rb") as file:
+            head = file.read(1 << 16)
+        size = Path(data).stat().st_size
+    declared = _wav_data_chunk(head)
+    if declared is None:
+        return
+    offset, length, byte_rate = declared
+    if byte_rate and offset + length > size:
+        log.warning(
+            "%s: truncated WAV file: its header declares %.2f s of audio, the file holds %.2f s",
+            name,
+            length / byte_rate,
+            max(size - offset, 0) / byte_rate,
+        )
+
+
+def _wav_data_chunk(head: bytes) -> tuple[int, int, int] | None:
+    """(offset, declared length, bytes per second) of a RIFF WAV's data chunk, from the file's start."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    position, byte_rate = 12, 0
+    while position + 8 <= len(head):
+        chunk, length = head[position : position + 4], int.from_bytes(head[position + 4 : position + 8], "little")
+        if chunk == b"fmt " and position + 16 <= len(head):
+            byte_rate = int.from_bytes(head[position + 16 : position + 20], "little")
+        if chunk == b"data":
+            return position + 8, length, byte_rate
+        position += 8 + length + (length & 1)
+    return None

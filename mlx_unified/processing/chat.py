@@ -18,7 +18,7 @@ import numpy as np
 
 from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
-from .errors import MediaError
+from .errors import MediaError, ProcessorConfigError
 from .image import check_budget, image_num_tokens, image_size, preprocess_image
 from .limits import (
     DEFAULT_BUDGET,
@@ -28,18 +28,26 @@ from .limits import (
     MAX_CLIP_TOKENS,
     SAMPLING_RATE,
 )
-from .video import frame_num_tokens, load_video, plan_video, video_prompt
-from .video import preprocess_video as preprocess_video_frames
+from .video import frame_num_tokens, load_video_patches, plan_video, video_prompt
 
 MEDIA_TYPES = ("image", "audio", "video")
 # `mm_token_type_ids` values, as the reference processor assigns them.
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2, "audio": 3}
 
 
+# Stands in, while the template renders, for message text that holds control-token strings; tokenized
+# apart, with the control tokens read as plain text.
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")
+# Roles whose text comes from people (or tools), never from the model's own markers.
+_TEXT_ROLES = ("system", "developer", "user", "tool")
+
+
 @dataclass
 class _Expanded:
     text: str
     arrays: dict[str, np.ndarray]
+    literal_texts: list[str]  # what each _SENTINEL in `text` stands for
 
 
 class Processor:
@@ -52,7 +60,11 @@ class Processor:
         image_budget: int = DEFAULT_BUDGET,
         video_budget: int = DEFAULT_FRAME_BUDGET,
         video_fps: float = DEFAULT_FPS,
+        parse_control_tokens: bool = False,
     ) -> None:
+        """`parse_control_tokens`: control tokens typed in message text (`<turn|>`, `<|image|>`, ...) act as
+        markers, as in the reference processor; by default they are plain text, so a user cannot forge
+        a turn or a media block."""
         check_budget(image_budget)
         check_budget(video_budget)
         self.tokenizer = tokenizer
@@ -66,26 +78,20 @@ class Processor:
             kind: tokenizer.convert_tokens_to_ids(token) for kind, token in self.placeholders.items()
         }
         self._placeholder_pattern = re.compile("|".join(re.escape(t) for t in self.placeholders.values()))
+        self.control_tokens: tuple[str, ...] = () if parse_control_tokens else _control_tokens(tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Processor:
-        """Read the checkpoint's tokenizer files, chat template and `processor_config.json` budgets."""
-        from transformers import AutoTokenizer
+    def from_pretrained(cls, path: str | Path, **options: Any) -> Processor:
+        """Read the checkpoint's tokenizer files, chat template and `processor_config.json` budgets.
 
+        Raises ProcessorConfigError naming the file when one is missing, unreadable or not Gemma 4's."""
         folder = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        settings: dict[str, Any] = {}
-        config_file = folder / "processor_config.json"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text())
-            image = config.get("image_processor", {})
-            video = config.get("video_processor", {})
-            settings["image_budget"] = image.get(
-                "max_soft_tokens", config.get("image_seq_length", DEFAULT_BUDGET)
-            )
-            settings["video_budget"] = video.get("max_soft_tokens", DEFAULT_FRAME_BUDGET)
-            settings["video_fps"] = video.get("fps") or DEFAULT_FPS
-        return cls(tokenizer, **settings)
+        tokenizer = _load_tokenizer(folder)
+        settings = {**_processor_settings(folder / "processor_config.json"), **options}
+        try:
+            return cls(tokenizer, **settings)
+        except MediaError as e:
+            raise ProcessorConfigError(f"{folder / 'processor_config.json'}: {e}") from e
 
     def apply_chat_template(
         self,
@@ -99,8 +105,19 @@ class Processor:
         `chat_template_kwargs` go to the checkpoint's template (Gemma 4's reads `enable_thinking` and
         `tools`); `role: "tool"` results are moved where the template renders them (`fold_tool_results`).
         """
+        return self._render(messages, add_generation_prompt, media_first, chat_template_kwargs)
+
+    def _render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+        control_tokens: Sequence[str] = (),
+        literal_texts: list[str] | None = None,
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            _template_messages(fold_tool_results(messages), media_first),
+            _template_messages(fold_tool_results(messages), media_first, control_tokens, literal_texts),
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             **(chat_template_kwargs or {}),
@@ -118,7 +135,7 @@ class Processor:
         expanded = self._expand(
             messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=True
         )
-        input_ids = np.asarray(self._encode(expanded.text), dtype=np.int32)[None]
+        input_ids = np.asarray(self._encode(expanded), dtype=np.int32)[None]
         token_types = np.zeros_like(input_ids)
         for kind, token_id in self.token_ids.items():
             token_types[input_ids == token_id] = TOKEN_TYPE[kind]
@@ -137,11 +154,17 @@ class Processor:
         expanded = self._expand(
             messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=False
         )
-        return len(self._encode(expanded.text))
+        return len(self._encode(expanded))
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, expanded: _Expanded) -> list[int]:
         # The template writes `<bos>` itself.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = _SENTINEL_PATTERN.split(expanded.text)
+        ids = self.tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+        for index, template_text in zip(pieces[1::2], pieces[2::2], strict=True):
+            literal = expanded.literal_texts[int(index)]
+            ids += self.tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids += self.tokenizer(template_text, add_special_tokens=False)["input_ids"]
+        return ids
 
     def _expand(
         self,
@@ -154,7 +177,10 @@ class Processor:
     ) -> _Expanded:
         image_budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(image_budget)
-        text = self.apply_chat_template(messages, add_generation_prompt, media_first, chat_template_kwargs)
+        literal_texts: list[str] = []
+        text = self._render(
+            messages, add_generation_prompt, media_first, chat_template_kwargs, self.control_tokens, literal_texts
+        )
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
         if [self.placeholders[kind] for kind, _ in items] != placeholders:
@@ -175,7 +201,7 @@ class Processor:
             collected[kind].append(payload)
         pieces = iter(replacements)
         text = self._placeholder_pattern.sub(lambda _: next(pieces), text)
-        return _Expanded(text, _stack(collected) if decode else {})
+        return _Expanded(text, _stack(collected) if decode else {}, literal_texts)
 
     def _image(self, source: Any, budget: int, decode: bool) -> tuple[str, dict | None]:
         if decode:
@@ -197,8 +223,7 @@ class Processor:
 
     def _video(self, source: Any, decode: bool) -> tuple[str, dict | None]:
         if decode:
-            plan, frames = load_video(source, fps=self.video_fps)
-            payload = preprocess_video_frames(frames, self.video_budget)
+            plan, payload = load_video_patches(source, self.video_fps, self.video_budget)
             count = payload["num_soft_tokens"]
         else:
             plan = plan_video(source, fps=self.video_fps)
@@ -243,21 +268,109 @@ def system_turn(system: str) -> dict[str, Any]:
     return {"role": "system", "content": system}
 
 
-def _template_messages(messages: list[dict], media_first: bool) -> list[dict]:
+# Tokenizer attributes the processor reads: Gemma 4's media, turn and channel markers.
+_REQUIRED_TOKENS = ("image_token", "audio_token", "video_token", "boi_token", "eoi_token", "boa_token", "eoa_token")
+# Either file holds a vocabulary; without one, transformers builds a tokenizer of the special tokens alone.
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in _VOCABULARY_FILES):
+        raise ProcessorConfigError(f"{folder}: no tokenizer.json (or tokenizer.model): the vocabulary is missing")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers and tokenizers raise many kinds for a damaged file
+        raise ProcessorConfigError(
+            f"{folder}: cannot read the tokenizer files (tokenizer.json, tokenizer_config.json): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    missing = [name for name in _REQUIRED_TOKENS if not isinstance(getattr(tokenizer, name, None), str)]
+    if missing:
+        raise ProcessorConfigError(
+            f"{folder / 'tokenizer_config.json'}: not a Gemma 4 unified tokenizer (no {', '.join(missing)})"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ProcessorConfigError(f"{folder}: no chat template (chat_template.jinja)")
+    return tokenizer
+
+
+def _processor_settings(config_file: Path) -> dict[str, Any]:
+    """Image and video budgets and the video frame rate from `processor_config.json`, when there is one."""
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProcessorConfigError(f"{config_file}: unreadable ({e})") from e
+    image = config.get("image_processor", {}) if isinstance(config, dict) else None
+    video = config.get("video_processor", {}) if isinstance(config, dict) else None
+    if not isinstance(image, dict) or not isinstance(video, dict):
+        raise ProcessorConfigError(f"{config_file}: expected a JSON object with image_processor/video_processor objects")
+    settings = {
+        "image_budget": image.get("max_soft_tokens", config.get("image_seq_length", DEFAULT_BUDGET)),
+        "video_budget": video.get("max_soft_tokens", DEFAULT_FRAME_BUDGET),
+        "video_fps": video.get("fps") or DEFAULT_FPS,
+    }
+    fps = settings["video_fps"]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 60:
+        raise ProcessorConfigError(f"{config_file}: video_processor.fps must be a number in (0, 60], got {fps!r}")
+    return settings
+
+
+def _control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The strings the tokenizer reads as special tokens (turn, channel, media, tool markers, ...)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {token.content for token in decoder.values() if getattr(token, "special", False)}
+    specials.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    return tuple(sorted(specials))
+
+
+def _template_messages(
+    messages: list[dict],
+    media_first: bool,
+    control_tokens: Sequence[str] = (),
+    literal_texts: list[str] | None = None,
+) -> list[dict]:
     """Messages for the template: media payloads dropped (the template only needs each item's type);
-    system/developer content as one string, the only form Gemma 4's template renders there."""
+    system/developer content as one string, the only form Gemma 4's template renders there.
+
+    With `literal_texts`, the text of a person's (or tool's) message that holds one of `control_tokens`
+    is replaced by a sentinel and appended there, to be tokenized as plain text (trimmed, as the
+    template trims text)."""
+
+    def literal(text: Any, role: Any) -> Any:
+        if literal_texts is None or role not in _TEXT_ROLES or not isinstance(text, str):
+            return text
+        if not any(token in text for token in control_tokens):
+            return text
+        literal_texts.append(text.strip())
+        return _SENTINEL.format(len(literal_texts) - 1)
+
     rendered = []
     for message in messages:
+        role = message.get("role")
         content = _content_items(message, media_first)
-        if message.get("role") in ("system", "developer") and isinstance(content, list):
+        if role in ("system", "developer") and isinstance(content, list):
             if any(item.get("type") != "text" for item in content):
                 raise MediaError(f"<{message['role']} message>: only text is supported in a system prompt")
             content = "\n".join(item.get("text", "") for item in content)
         if isinstance(content, list):
             content = [
-                {"type": item["type"]} if item.get("type") in MEDIA_TYPES else item for item in content
+                {"type": item["type"]}
+                if item.get("type") in MEDIA_TYPES
+                else {**item, "text": literal(item["text"], role)}
+                if item.get("type") == "text" and "text" in item
+                else item
+                for item in content
             ]
+        else:
+            content = literal(content, role)
         rendered.append({**message, "content": content})
+        if message.get("tool_responses"):  # tool results (see `fold_tool_results`): text from tools
+            responses = [{**r, "response": literal(r.get("response"), "tool")} for r in message["tool_responses"]]
+            rendered[-1]["tool_responses"] = responses
     return rendered
 
 

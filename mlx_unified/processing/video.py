@@ -7,6 +7,7 @@ them (`n = max(1, int(duration * fps))` evenly spaced indices, timestamps `index
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .audio import describe_source, load_audio
 from .errors import MediaError, readable_source
-from .image import MODEL_PATCH, check_budget, patchify, target_size
+from .image import MAX_IMAGE_PIXELS, MODEL_PATCH, check_budget, patchify, target_size
 from .limits import DEFAULT_FPS, DEFAULT_FRAME_BUDGET, MAX_VIDEO_SECONDS, SAMPLING_RATE
 
 VideoSource = str | Path | bytes
@@ -52,44 +53,70 @@ def video_prompt(timestamps: list[float], num_soft_tokens: int, boi: str, video_
 def plan_video(
     source: VideoSource, fps: float = DEFAULT_FPS, max_seconds: float = MAX_VIDEO_SECONDS
 ) -> VideoPlan:
-    """Frame size and the sampled frame indices, read from the container header (no decoding)."""
+    """Frame size and the sampled frame indices, from the container header (no decoding); a stream
+    whose header gives no length (raw H.264, live WebM) has its packets counted."""
     name = describe_source(source)
     with _open(source, name) as container:
         return _plan(container, name, fps, max_seconds)
 
 
-def load_video(
-    source: VideoSource, fps: float = DEFAULT_FPS, max_seconds: float = MAX_VIDEO_SECONDS
-) -> tuple[VideoPlan, np.ndarray]:
-    """Decode the sampled frames: the plan and `[F, H, W, 3]` uint8 RGB frames."""
+def sampled_frames(source: VideoSource, plan: VideoPlan) -> Iterator[np.ndarray]:
+    """The planned frames as `[H, W, 3]` uint8 RGB, decoded one at a time: only the frame being handed
+    out is held at full resolution."""
     name = describe_source(source)
     import av
 
+    wanted = [int(index) for index in plan.frame_indices]
+    given = 0
     with _open(source, name) as container:
-        plan = _plan(container, name, fps, max_seconds)
-        wanted = {int(index): slot for slot, index in enumerate(plan.frame_indices)}
-        frames: list[np.ndarray | None] = [None] * len(wanted)
         last = None
         try:
             for index, frame in enumerate(container.decode(video=0)):
                 last = frame
-                if index in wanted:
-                    frames[wanted[index]] = frame.to_ndarray(format="rgb24")
-                if index >= max(wanted):
-                    break
+                while given < len(wanted) and wanted[given] == index:
+                    yield frame.to_ndarray(format="rgb24")
+                    given += 1
+                if given == len(wanted):
+                    return
         except av.error.FFmpegError as error:
             raise MediaError(f"{name}: cannot decode video ({error})") from error
-    if last is None:
-        raise MediaError(f"{name}: video has no decodable frames")
-    # Headers can overstate the frame count by a frame or two: repeat the last decoded frame.
-    tail = last.to_ndarray(format="rgb24")
-    return plan, np.stack([tail if frame is None else frame for frame in frames])
+        if last is None:
+            raise MediaError(f"{name}: video has no decodable frames")
+        # Headers can overstate the frame count by a frame or two: repeat the last decoded frame.
+        tail = last.to_ndarray(format="rgb24")
+        for _ in range(given, len(wanted)):
+            yield tail
+
+
+def load_video(
+    source: VideoSource, fps: float = DEFAULT_FPS, max_seconds: float = MAX_VIDEO_SECONDS
+) -> tuple[VideoPlan, np.ndarray]:
+    """The plan and the sampled frames, `[F, H, W, 3]` uint8 RGB at full resolution (for model input,
+    `load_video_patches` keeps one full-size frame at a time)."""
+    plan = plan_video(source, fps, max_seconds)
+    return plan, np.stack(list(sampled_frames(source, plan)))
+
+
+def load_video_patches(
+    source: VideoSource,
+    fps: float = DEFAULT_FPS,
+    max_soft_tokens: int = DEFAULT_FRAME_BUDGET,
+    max_seconds: float = MAX_VIDEO_SECONDS,
+) -> tuple[VideoPlan, dict]:
+    """The plan and `preprocess_video`'s arrays, each frame resized and cut into patches as soon as it
+    is decoded, so memory holds one full-resolution frame, whatever the video's size."""
+    check_budget(max_soft_tokens)
+    plan = plan_video(source, fps, max_seconds)
+    return plan, _stack_patches([patchify(frame, max_soft_tokens) for frame in sampled_frames(source, plan)])
 
 
 def preprocess_video(frames: np.ndarray, max_soft_tokens: int = DEFAULT_FRAME_BUDGET) -> dict:
     """`pixel_values_videos [F, budget, 6912]`, `video_position_ids [F, budget, 2]`, `num_soft_tokens`."""
     check_budget(max_soft_tokens)
-    per_frame = [patchify(frame, max_soft_tokens) for frame in frames]
+    return _stack_patches([patchify(frame, max_soft_tokens) for frame in frames])
+
+
+def _stack_patches(per_frame: list[dict]) -> dict:
     return {
         "pixel_values_videos": np.stack([p["pixel_values"] for p in per_frame]),
         "video_position_ids": np.stack([p["image_position_ids"] for p in per_frame]),
@@ -129,12 +156,27 @@ def _plan(container, name: str, fps: float, max_seconds: float) -> VideoPlan:
         duration = stream.frames / video_fps
     total_frames = stream.frames or round(duration * video_fps)
     if total_frames <= 0:
+        # No length in the header (raw H.264, live WebM): count the frames' packets, decoding nothing.
+        total_frames = _count_frames(container, stream, name)
+        duration = total_frames / video_fps
+    if total_frames <= 0:
         raise MediaError(f"{name}: video has no frames")
     if duration > max_seconds + 0.5 / video_fps:
         raise MediaError(f"{name}: video is {duration:.1f} s long, the limit is {max_seconds:g} s")
     height, width = stream.codec_context.height, stream.codec_context.width
     if height <= 0 or width <= 0:
         raise MediaError(f"{name}: video frame size unknown")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise MediaError(f"{name}: frames of {width}x{height} pixels exceed the limit of {MAX_IMAGE_PIXELS:,} pixels")
     num_frames = max(1, int(total_frames / video_fps * fps))
     indices = np.arange(num_frames, dtype=np.int64) * total_frames // num_frames
     return VideoPlan(height=height, width=width, video_fps=video_fps, frame_indices=indices)
+
+
+def _count_frames(container, stream, name: str) -> int:
+    import av
+
+    try:
+        return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.error.FFmpegError as error:
+        raise MediaError(f"{name}: cannot read video packets ({error})") from error
