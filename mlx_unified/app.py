@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import port_number
 from .config import ConfigError, ModelConfig, load_config
 from .conversation import (
     RANDOM_WEIGHTS_WARNING,
@@ -535,13 +536,6 @@ def build_app(
         load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
     return page
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
-    return value
 
 
 def max_tokens_setting(text: str) -> int:

@@ -42,6 +42,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see {self.prog} --help)")
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

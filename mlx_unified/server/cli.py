@@ -17,19 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import ArgumentParser, BadInput, positive_int
+from ..cli import ArgumentParser, BadInput, port_number, positive_int
 from ..errors import InputError
 
 PROG = "mlx-unified-server"
 API_KEY_VARIABLE = "MLX_UNIFIED_SERVER_API_KEY"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text}")
-    return value
 
 
 def _template_args(text: str) -> dict:
@@ -52,7 +45,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model", required=True, help="local checkpoint folder or hub id (owner/name)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_port, default=8080, help="port (8080)")
+    parser.add_argument("--port", type=port_number, default=8080, help="port (8080)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_VARIABLE),
