@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import port_number
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
     ReplyStats,
     SegmentStart,
+    Thought,
     assistant_message,
     format_memory,
     load_attachments,
@@ -35,12 +37,14 @@ from .conversation import (
 from .errors import InputError
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
+from .tool_calls import ToolCall
 
 if TYPE_CHECKING:
     from .prefill import ProgressCallback
     from .prefix_cache import PrefixCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
+THINKING_TITLE = "💭 Thinking"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
@@ -346,6 +350,7 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
+    enable_thinking: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """The chat function: yields the growing list of assistant messages for this turn."""
     text, files = (
@@ -366,6 +371,7 @@ def respond(
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+            thinking: dict[str, Any] | None = None  # the collapsible block of the thought channel
 
             def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
                 return stream_reply(
@@ -384,6 +390,7 @@ def respond(
                     prefix_cache=slot.prefix_cache,
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
+                    enable_thinking=bool(enable_thinking),
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -398,6 +405,13 @@ def respond(
                                 f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
                             )
                             reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, Thought):
+                        if thinking is None:
+                            thinking = _note(THINKING_TITLE, status="pending")
+                            notes.append(thinking)
+                        thinking["content"] += event.text
+                    elif isinstance(event, ToolCall):
+                        notes.append(_note(f"Tool call: {event.name}", json.dumps(event.arguments), status="done"))
                     elif isinstance(event, SegmentStart):
                         for note in notes:
                             note["metadata"]["status"] = "done"
@@ -405,6 +419,8 @@ def respond(
                         reply += "\n" if event.index > 1 else ""
                     elif event is not None:  # None: nothing new, sent again so that Stop can act
                         reply += event
+                        if thinking is not None:
+                            thinking["metadata"]["status"] = "done"
                     yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
@@ -451,9 +467,9 @@ def build_app(
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix):
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think
         )
 
     with gr.Blocks(title="mlx-unified") as page:
@@ -488,6 +504,9 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            thinking_switch = gr.Checkbox(
+                value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -508,6 +527,7 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                thinking_switch,
             ],
             concurrency_limit=1,
             show_progress="full",
@@ -516,13 +536,6 @@ def build_app(
         load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
     return page
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
-    return value
 
 
 def max_tokens_setting(text: str) -> int:

@@ -43,6 +43,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see {self.prog} --help)")
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -129,6 +136,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--text-first", action="store_true", help="put the text before the media in the user turn"
     )
+    parser.add_argument(
+        "--thinking",
+        "--enable-thinking",
+        dest="thinking",
+        action="store_true",
+        help="Gemma 4's thinking mode: the model thinks before it answers (thoughts shown dimmed)",
+    )
+    parser.add_argument("--hide-thinking", action="store_true", help="with --thinking: do not show the thoughts")
     return parser
 
 
@@ -212,7 +227,37 @@ def generation_settings(args: argparse.Namespace, prefix_cache: PrefixCache | No
         "use_prefix_cache": not args.no_prefix_cache,
         "prefix_cache": prefix_cache,
         "prefill_progress": prefill_progress_bar(),
+        "enable_thinking": args.thinking,
     }
+
+
+class ThoughtDisplay:
+    """Thoughts as they stream: dimmed on a terminal; on stderr when stdout is piped (stdout stays the
+    answer); not at all when hidden."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, hidden: bool) -> None:
+        self.hidden = hidden
+        self.terminal = sys.stdout.isatty()
+        self.stream = sys.stdout if self.terminal else sys.stderr
+        self.open = False
+
+    def show(self, text: str) -> None:
+        if self.hidden:
+            return
+        if not self.open and self.terminal:
+            self.stream.write(self.DIM)
+        self.open = True
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the thought before the answer (or the reply) goes on."""
+        if self.open:
+            self.stream.write((self.RESET if self.terminal else "") + "\n\n")
+            self.stream.flush()
+            self.open = False
 
 
 def answer(
@@ -226,10 +271,14 @@ def answer(
     prefix_cache: PrefixCache | None,
 ) -> str:
     """Run one turn: stream it to stdout (or print it as JSON), statistics to stderr; the reply text."""
-    from .conversation import ReplyStats, SegmentStart, stream_reply
+    from .conversation import ReplyStats, SegmentStart, Thought, stream_reply
+    from .tool_calls import ToolCall
 
     stats = ReplyStats()
     pieces: list[str] = []
+    thoughts: list[str] = []
+    calls: list[ToolCall] = []
+    display = ThoughtDisplay(hidden=args.hide_thinking or args.json)
     for event in stream_reply(
         model,
         processor,
@@ -240,6 +289,15 @@ def answer(
         system=system,
         **generation_settings(args, prefix_cache),
     ):
+        if isinstance(event, Thought):
+            thoughts.append(event.text)
+            display.show(event.text)
+            continue
+        display.close()
+        if isinstance(event, ToolCall):
+            calls.append(event)
+            print(f"[tool call] {event.name} {json.dumps(event.arguments)}", file=sys.stderr, flush=True)
+            continue
         if isinstance(event, SegmentStart):
             print(f"[{event.label()}]", file=sys.stderr, flush=True)
             event_text = "\n" if event.index > 1 else ""
@@ -249,9 +307,11 @@ def answer(
         if not args.json:
             sys.stdout.write(event_text)
             sys.stdout.flush()
+    display.close()
     reply = "".join(pieces)
     if args.json:
-        print(json.dumps({"text": reply, **stats.as_dict()}, ensure_ascii=False), flush=True)
+        record = {"text": reply, "reasoning": "".join(thoughts), "tool_calls": [c.as_openai() for c in calls]}
+        print(json.dumps({**record, **stats.as_dict()}, ensure_ascii=False), flush=True)
     else:
         print(flush=True)
     print(stats.summary(), file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TOKEN_TYPES
+from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError, ProcessorConfigError
 from .image import check_budget, image_num_tokens, image_size, preprocess_image
@@ -33,6 +34,8 @@ from .video import frame_num_tokens, load_video_patches, plan_video, video_promp
 MEDIA_TYPES = ("image", "audio", "video")
 # The chat template's turn markers: `<|turn>role\n ... <turn|>`; generation stops at the end of a turn.
 TURN_START, TURN_END = "<|turn>", "<turn|>"
+# A model ends its output with it after a function call (the released generation_config.json stops there).
+TOOL_RESPONSE = "<|tool_response>"
 
 
 # Stands in, while the template renders, for message text that holds control-token strings; tokenized
@@ -94,13 +97,33 @@ class Processor:
             raise ProcessorConfigError(f"{folder / 'processor_config.json'}: {e}") from e
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, media_first: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text with one placeholder per media item (media before the text of its turn)."""
+        """The prompt text with one placeholder per media item (media before the text of its turn).
+
+        `chat_template_kwargs` go to the checkpoint's template (Gemma 4's reads `enable_thinking` and
+        `tools`); `role: "tool"` results are moved where the template renders them (`fold_tool_results`).
+        """
+        return self._render(messages, add_generation_prompt, media_first, chat_template_kwargs)
+
+    def _render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+        control_tokens: Sequence[str] = (),
+        literal_texts: list[str] | None = None,
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            _template_messages(messages, media_first),
+            _template_messages(fold_tool_results(messages), media_first, control_tokens, literal_texts),
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
         )
 
     def __call__(
@@ -110,8 +133,11 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=True)
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=True
+        )
         input_ids = np.asarray(self._encode(expanded), dtype=np.int32)[None]
         token_types = np.zeros_like(input_ids)
         for kind, token_id in self.token_ids.items():
@@ -125,9 +151,12 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> int:
         """Prompt length in tokens, from image and video headers (no pixel decoding)."""
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=False)
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=False
+        )
         return len(self._encode(expanded))
 
     def _encode(self, expanded: _Expanded) -> list[int]:
@@ -146,15 +175,14 @@ class Processor:
         image_tokens: int | None,
         add_generation_prompt: bool,
         media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
         decode: bool,
     ) -> _Expanded:
         image_budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(image_budget)
         literal_texts: list[str] = []
-        text = self.tokenizer.apply_chat_template(
-            _template_messages(messages, media_first, self.control_tokens, literal_texts),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+        text = self._render(
+            messages, add_generation_prompt, media_first, chat_template_kwargs, self.control_tokens, literal_texts
         )
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
@@ -360,6 +388,9 @@ def _template_messages(
         else:
             content = literal(content, role)
         rendered.append({**message, "content": content})
+        if message.get("tool_responses"):  # tool results (see `fold_tool_results`): text from tools
+            responses = [{**r, "response": literal(r.get("response"), "tool")} for r in message["tool_responses"]]
+            rendered[-1]["tool_responses"] = responses
     return rendered
 
 
