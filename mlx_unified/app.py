@@ -35,6 +35,7 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
+from .generation_flags import generation_params
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
 from .tool_calls import ToolCall
@@ -51,6 +52,7 @@ CONTEXT_FOR_ESTIMATE = 8192
 PREFILL_NOTE_TOKENS = 2048
 # The max-tokens slider's range.
 MAX_TOKENS_SETTING = 8192
+MAX_TEMPERATURE_SETTING = 2.0
 # While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
 HEARTBEAT_S = 0.5
 
@@ -489,7 +491,7 @@ def build_app(
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
             temperature_slider = gr.Slider(
-                0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
+                0.0, MAX_TEMPERATURE_SETTING, value=temperature, step=0.05, label="Temperature (0: greedy)"
             )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
             tokens = gr.Slider(1, MAX_TOKENS_SETTING, value=max_tokens, step=1, label="Max tokens")
@@ -538,13 +540,6 @@ def build_app(
     return page
 
 
-def max_tokens_setting(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_TOKENS_SETTING:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_TOKENS_SETTING} (the slider's range)")
-    return value
-
-
 def check_port_free(host: str, port: int) -> None:
     """Refuse, before the model loads, a port another program already serves on."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -566,12 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     parser.add_argument(
         "--max-tokens",
-        type=max_tokens_setting,
+        type=int,
         default=512,
         help=f"initial value of the max-tokens setting (1 to {MAX_TOKENS_SETTING})",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
+        "--temperature",
+        "--temp",
+        dest="temperature",
+        type=float,
+        default=1.0,
+        help=f"initial value of the temperature setting (0: greedy, at most {MAX_TEMPERATURE_SETTING})",
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
     return parser
@@ -580,8 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
+    try:
+        generation_params(args)  # the values every surface accepts
+    except InputError as e:
+        parser.error(str(e))
+    for flag, value, low, high in (
+        ("--max-tokens", args.max_tokens, 1, MAX_TOKENS_SETTING),
+        ("--temperature", args.temperature, 0, MAX_TEMPERATURE_SETTING),
+    ):
+        if value > high:
+            parser.error(f"argument {flag}: {value} is outside {low:g} to {high:g} (the slider's range)")
     slot = ModelSlot()
     try:
         check_port_free(args.host, args.port)

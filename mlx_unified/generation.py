@@ -44,6 +44,11 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop", "length" or None while running
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
+    @property
+    def peak_memory(self) -> float:
+        """mlx-lm's and mlx-vlm's name for `peak_memory_gb` (also in GB)."""
+        return self.peak_memory_gb
+
 
 @dataclass
 class GenerationResponse(GenerationStats):
@@ -51,7 +56,10 @@ class GenerationResponse(GenerationStats):
 
     text: str = ""
     token: int | None = None
-    logprob: float | None = None  # the token's log-probability, when `logprobs` was asked
+    # The log-probabilities [vocab] the token was drawn from (after the logits processors), as mlx-lm's
+    # GenerationResponse has them: lazy, computed only when read (greedy decoding never needs them).
+    logprobs: mx.array | None = None
+    logprob: float | None = None  # the token's log-probability (float32), when `logprobs=True` was asked
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # likeliest (token, logprob)
 
 
@@ -144,15 +152,55 @@ def generate_step(
         token, logprobs = upcoming
 
 
-def stop_token_ids(model: Model, tokenizer: Any) -> set[int]:
+def stop_token_ids(model: Model, tokenizer: Any, extra_eos_tokens: Sequence[str | int] = ()) -> set[int]:
     """eos ids from the config, plus the chat template's end of turn and the token that ends a function
-    call (the released `generation_config.json` lists both)."""
+    call (the released `generation_config.json` lists both), plus `extra_eos_tokens`: tokens (their
+    text, or ids) that also end a reply, as mlx-lm's `--extra-eos-token` adds them."""
     stops = set(model.config.text.eos_token_ids)
     for marker in (TURN_END, TOOL_RESPONSE):
-        token = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(token, int) and token != getattr(tokenizer, "unk_token_id", None):
+        token = _token_id(tokenizer, marker)
+        if token is not None:
             stops.add(token)
+    if isinstance(extra_eos_tokens, (str, int)):
+        extra_eos_tokens = [extra_eos_tokens]
+    vocab_size = model.config.text.vocab_size
+    for extra in extra_eos_tokens:
+        token = extra if _is_id(extra) else _token_id(tokenizer, extra) if isinstance(extra, str) else None
+        if token is None or not 0 <= token < vocab_size:
+            raise ParameterError(
+                "extra_eos_tokens", f"{extra!r} is not a token of this model (give a token's text or its id)"
+            )
+        stops.add(token)
     return stops
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of the token spelled `text` (a number is taken as the id itself); None when there is none."""
+    if text.strip().isdigit():
+        return int(text)
+    token = tokenizer.convert_tokens_to_ids(text)
+    return token if isinstance(token, int) and token != getattr(tokenizer, "unk_token_id", None) else None
+
+
+def prompt_token_ids(prompt: Any) -> list[int] | None:
+    """`prompt` as token ids when it is given as them (a list of ints, or a 1-D or [1, L] integer
+    array, numpy or MLX); None for the other prompt forms."""
+    if isinstance(prompt, mx.array):
+        prompt = np.asarray(prompt)
+    if isinstance(prompt, np.ndarray):
+        one_row = prompt.ndim == 1 or (prompt.ndim == 2 and prompt.shape[0] == 1)
+        if not np.issubdtype(prompt.dtype, np.integer) or not one_row or prompt.size == 0:
+            raise ParameterError(
+                "prompt", f"token ids must be integers of shape [L] or [1, L], got {prompt.dtype} {prompt.shape}"
+            )
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, (list, tuple)) and prompt and all(_is_id(t) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
 
 
 def prepare_inputs(
@@ -161,19 +209,36 @@ def prepare_inputs(
     image_tokens: int | None = None,
     media_first: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
+    templated: bool = False,
     **media: Any,
 ) -> dict[str, Any]:
-    """Arrays for the model from a text prompt, a list of chat messages, or ready-made arrays.
+    """Arrays for the model from a prompt in any of `stream_generate`'s forms: the user's text, chat
+    messages, an already-templated text (`templated=True`), token ids, or ready-made arrays.
 
     `media_first` (default): media items move before the text of their turn; False keeps each turn's
     content in the order given (text, then media, then e.g. a task reminder). `chat_template_kwargs`
-    go to the chat template (they need messages or a text prompt)."""
-    if isinstance(prompt, dict):
+    go to the chat template (they need messages or the user's text). `media`: `build_messages`'s
+    system/images/audios/videos/task_reminder; a templated prompt takes only the media of its
+    placeholders, token ids and arrays none."""
+    ids = prompt_token_ids(prompt)
+    if templated and not isinstance(prompt, str):
+        raise ParameterError("templated", "applies to a prompt given as text")
+    if ids is not None or templated or isinstance(prompt, dict):
+        form = "token ids" if ids is not None else "a templated prompt" if templated else "ready-made arrays"
         # Settings that leave the template as it is (thinking off, no tools) are fine without one.
         if any(value not in (None, False, [], {}) for value in (chat_template_kwargs or {}).values()):
-            raise ParameterError(
-                ", ".join(chat_template_kwargs), "needs chat messages or a text prompt, not ready-made arrays"
-            )
+            raise ParameterError(", ".join(chat_template_kwargs), f"needs chat messages or the user's text, not {form}")
+        allowed = ("images", "audios", "videos") if templated else ()
+        for name, value in media.items():
+            if name not in allowed and value:
+                raise ParameterError(name, f"{form} already hold the whole prompt; put it there")
+    if ids is not None:
+        return processor.encode_ids(ids)
+    if templated:
+        return processor.encode_prompt(
+            prompt, images=media["images"], audios=media["audios"], videos=media["videos"], image_tokens=image_tokens
+        )
+    if isinstance(prompt, dict):
         return prompt
     messages = build_messages(prompt, **media) if isinstance(prompt, str) else prompt
     return processor(
@@ -211,8 +276,9 @@ def token_logprobs(logprobs: mx.array, token: int, top: int) -> tuple[float, lis
 def stream_generate(
     model: Model,
     processor: Any,
-    prompt: str | list[dict[str, Any]] | dict[str, Any],
+    prompt: str | list[dict[str, Any]] | list[int] | np.ndarray | mx.array | dict[str, Any],
     *,
+    templated: bool = False,
     system: str | None = None,
     images: Sequence[Any] = (),
     audios: Sequence[Any] = (),
@@ -232,6 +298,7 @@ def stream_generate(
     logit_bias: dict[int, float] | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] = (),
+    extra_eos_tokens: Sequence[str | int] = (),
     logprobs: bool = False,
     top_logprobs: int = 0,
     prefill_chunk_size: int | None = None,
@@ -247,8 +314,14 @@ def stream_generate(
     prefix_cache: PrefixCache | None = None,
     use_prefix_cache: bool = True,
 ) -> Iterator[GenerationResponse]:
-    """Yield the reply piece by piece. `prompt`: user text (with `system`/`images`/`audios`/`videos`),
-    chat messages, or the processor's output dict.
+    """Yield the reply piece by piece. `prompt` is one of:
+    - the user's text (str), with `system`, `images`, `audios`, `videos`: templated here;
+    - chat messages (a list of {"role", "content"} dicts): templated here;
+    - with `templated=True`, a text already rendered by the chat template (mlx-lm's and mlx-vlm's
+      str prompt, e.g. `processor.apply_chat_template(messages)`), taken as it is: its media
+      placeholders are filled with `images`/`audios`/`videos`, in order;
+    - token ids (a list of ints, or an integer array): the whole prompt, already templated;
+    - the processor's output dict (`processor(messages)`).
 
     audio_emphasis: in (0, 1]; below 1, global layers scale the attention paid outside the audio
     span by this factor (renormalized), see `emphasis.audio_emphasis_bias`. 1 = off (exactly the
@@ -259,9 +332,11 @@ def stream_generate(
     enable_thinking / tools / chat_template_kwargs: rendered by the checkpoint's chat template (see
     `template_settings`); `reply_parser.ReplyParser` splits the streamed text into answer, thought and calls.
     Sampling and penalties: see `GenerationParams` (validated there; `logits_processors` run after
-    the penalties). `stop`: strings that end the reply, left out of it. `logprobs`/`top_logprobs`: each
-    response carries its token's log-probability (after the logits processors) and the likeliest
-    alternatives. The reply also ends where the model's context is full (finish_reason "length")."""
+    the penalties). `stop`: strings that end the reply, left out of it. `extra_eos_tokens`: tokens
+    (their text or ids) that also end it, as the end of turn does. Every response carries the
+    log-probabilities its token was drawn from (`logprobs`, an array over the vocabulary, as mlx-lm's);
+    with `logprobs=True` also its token's log-probability as a float and, with `top_logprobs`, the
+    likeliest alternatives. The reply also ends where the model's context is full (finish_reason "length")."""
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -286,7 +361,7 @@ def stream_generate(
         mx.random.seed(params.seed)
     tokenizer = processor.tokenizer
     detokenizer = TokenizerWrapper(tokenizer).detokenizer
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer, extra_eos_tokens)
     stop_text = StopStrings(params.stop)
     sampler = sampler or params.make_sampler()
     logits_processors = [*params.make_logits_processors(), *(logits_processors or [])]
@@ -295,9 +370,12 @@ def stream_generate(
     media_items = dict(system=system, images=images, audios=audios, videos=videos)
     if task_reminder is not None and isinstance(prompt, str):
         media_items["task_reminder"] = task_reminder
-    inputs = prepare_inputs(processor, prompt, image_tokens, media_first, settings or None, **media_items)
+    inputs = prepare_inputs(processor, prompt, image_tokens, media_first, settings or None, templated, **media_items)
     input_ids = np.asarray(inputs["input_ids"])
     num_prompt = input_ids.shape[1]
+    vocab_size = model.config.text.vocab_size
+    if num_prompt == 0 or input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ParameterError("prompt", f"token ids must be at least one, each in 0..{vocab_size - 1}")
     max_tokens = params.check_prompt(num_prompt, model.config.text.max_position_embeddings)
     key_bias = audio_emphasis_bias(
         input_ids, inputs.get("mm_token_type_ids"), model.config.audio_token_id, audio_emphasis
@@ -345,6 +423,7 @@ def stream_generate(
         yield GenerationResponse(
             text=text,
             token=token,
+            logprobs=logprobs_row,
             logprob=logprob,
             top_logprobs=top,
             prompt_tokens=num_prompt,

@@ -9,9 +9,11 @@ mlx-lm only when a sampler is made, so front ends can validate before loading th
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import InputError
@@ -25,9 +27,14 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 class ParameterError(InputError):
     """A generation parameter out of range or of the wrong type; `param` names it."""
 
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"{param}: {reason}")
         self.param = param
+        self.reason = reason
+
+    def renamed(self, names: Mapping[str, str]) -> ParameterError:
+        """The same refusal naming the parameter as `names` spells it (a front end's flag)."""
+        return type(self)(names.get(self.param, self.param), self.reason)
 
 
 class ContextLengthError(ParameterError):
@@ -42,11 +49,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None, bound: str = "") -> int:
     if not _is_int(value):
         raise ParameterError(name, f"must be an integer, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        bound = bound or (f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}")
         raise ParameterError(name, f"must be {bound}, got {value}")
     return value
 
@@ -98,7 +105,7 @@ class GenerationParams:
         for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
             _integer(name, getattr(self, name), 1)
         if self.seed is not None:
-            _integer("seed", self.seed, 0, SEED_LIMIT - 1)
+            _integer("seed", self.seed, 0, SEED_LIMIT - 1, bound="between 0 and 2**64 - 1")
         if self.prefill_chunk_size is not None:
             _integer("prefill_chunk_size", self.prefill_chunk_size, 1)
         if not isinstance(self.logprobs, bool):
@@ -170,3 +177,33 @@ def _logit_bias(bias: Any, vocab_size: int | None) -> dict[int, float] | None:
             raise ParameterError("logit_bias", f"keys must be token ids >= 0{limit}, got {key!r}")
         checked[token] = _number(f"logit_bias[{key}]", value, *LOGIT_BIAS_RANGE)
     return checked
+
+
+# The sampling settings a checkpoint's generation_config.json may give (mlx-vlm reads the same).
+CHECKPOINT_SAMPLING = ("temperature", "top_p", "top_k")
+
+
+def checkpoint_sampling(folder: str | Path) -> dict[str, Any]:
+    """The sampling defaults in a checkpoint's `generation_config.json`: its temperature, top_p and
+    top_k (missing or null ones left out), temperature 0 when it says `do_sample: false`, as mlx-vlm
+    reads them; {} without the file. Raises ModelLoadError naming the file when it is unreadable or
+    holds a value out of range."""
+    from .checkpoint import ModelLoadError
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    sampling = {name: config[name] for name in CHECKPOINT_SAMPLING if config.get(name) is not None}
+    if config.get("do_sample") is False:
+        sampling["temperature"] = 0.0
+    try:
+        GenerationParams(**sampling).validate()
+    except ParameterError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+    return sampling

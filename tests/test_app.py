@@ -194,7 +194,9 @@ def test_thinking_switch_shows_the_thought_in_a_collapsible_block(scripted):
     [
         (["--port", "70000"], "--port: 70000 is not a port number"),
         (["--port", "x"], "--port: invalid port_number value"),
-        (["--max-tokens", "-5"], "--max-tokens: -5 is outside 1 to 8192"),
+        (["--max-tokens", "-5"], "--max-tokens: must be >= 1, got -5"),  # GenerationParams' words, as everywhere
+        (["--max-tokens", "9000"], "--max-tokens: 9000 is outside 1 to 8192 (the slider's range)"),
+        (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
     ],
 )
 def test_refuses_bad_arguments_before_starting(capsys, argv, message):

@@ -95,7 +95,14 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
     cases = {
         "missing file": (["--image", str(tmp_path / "nope.png")], "nope.png: no such file"),
         "corrupt audio": (["--audio", str(media["corrupt"])], "broken.wav: cannot decode audio"),
-        "bad flag": (["--temperature", "2"], "unrecognized arguments: --temperature"),
+        "bad flag": (["--temprature", "2"], "unrecognized arguments: --temprature"),
+        # Generation values through GenerationParams, named by their flag, before the model loads.
+        "temperature": (["--temperature", "-1"], "--temperature: must be in [0, inf] (0: greedy), got -1"),
+        "top-p": (["--top-p", "2"], "--top-p: must be in (0, 1] (1: off), got 2"),
+        "max tokens": (["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
+        "prefill step": (["--prefill-step-size", "-1"], "--prefill-step-size: must be >= 1, got -1"),
+        "max kv size": (["--max-kv-size", "64"], "--max-kv-size: not supported for Gemma 4 unified"),
+        "template config": (["--chat-template-config", "[1]"], "--chat-template-config/--chat-template-args: must be a JSON object"),
         "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
         "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),
     }

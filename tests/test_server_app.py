@@ -105,3 +105,15 @@ def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path):
             assert expected in result.stderr and "Loading" not in result.stderr, (name, result.stderr)
     not_a_checkpoint = server_command("--model", str(tmp_path))
     assert not_a_checkpoint.returncode == 2 and "Traceback" not in not_a_checkpoint.stderr
+
+
+def test_default_top_k_above_the_vocabulary_is_refused_after_loading(tiny):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    vocab = tiny.model.config.text.vocab_size
+    result = server_command("--model", str(tiny.path), "--port", port, "--top-k", str(vocab + 1))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Loading" in result.stderr  # checked against the loaded model's vocabulary
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"mlx-unified-server: error: --top-k: must be between 0 and {vocab}, got {vocab + 1}"

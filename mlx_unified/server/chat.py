@@ -31,16 +31,15 @@ IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifie
 REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
+DEFAULT_MAX_TOKENS = 512
+
+
 @dataclass
 class ServerDefaults:
-    """What a request gets for the fields it leaves out (the server's command-line flags)."""
+    """What a request gets for the fields it leaves out: the server's generation flags, checked
+    (`generation_flags.generation_params`), and its thinking and chat-template settings."""
 
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    prefill_chunk_size: int | None = None
+    params: GenerationParams = field(default_factory=lambda: GenerationParams(max_tokens=DEFAULT_MAX_TOKENS))
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -71,19 +70,21 @@ def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_siz
     if not isinstance(options, dict):
         raise bad_request("stream_options: must be an object", "stream_options")
     maximum = body.get("max_completion_tokens", body.get("max_tokens"))
+    default = defaults.params
     params = GenerationParams(
-        max_tokens=defaults.max_tokens if maximum is None else maximum,
-        temperature=_value(body, "temperature", defaults.temperature),
-        top_p=_value(body, "top_p", defaults.top_p),
-        top_k=_value(body, "top_k", defaults.top_k),
-        min_p=_value(body, "min_p", defaults.min_p),
-        repetition_penalty=body.get("repetition_penalty"),
-        presence_penalty=_value(body, "presence_penalty", 0.0),
-        frequency_penalty=_value(body, "frequency_penalty", 0.0),
+        max_tokens=default.max_tokens if maximum is None else maximum,
+        temperature=_value(body, "temperature", default.temperature),
+        top_p=_value(body, "top_p", default.top_p),
+        top_k=_value(body, "top_k", default.top_k),
+        min_p=_value(body, "min_p", default.min_p),
+        repetition_penalty=_value(body, "repetition_penalty", default.repetition_penalty),
+        repetition_context_size=default.repetition_context_size,
+        presence_penalty=_value(body, "presence_penalty", default.presence_penalty),
+        frequency_penalty=_value(body, "frequency_penalty", default.frequency_penalty),
         logit_bias=body.get("logit_bias"),
         seed=body.get("seed"),
         stop=body.get("stop") or (),
-        prefill_chunk_size=defaults.prefill_chunk_size,
+        prefill_chunk_size=default.prefill_chunk_size,
         logprobs=_flag(body, "logprobs", False),
         top_logprobs=_value(body, "top_logprobs", 0),
     ).validate(vocab_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -19,20 +18,12 @@ from pathlib import Path
 
 from ..cli import ArgumentParser, BadInput, port_number, positive_int
 from ..errors import InputError
+from ..generation_flags import add_generation_flags, generation_params
+from .chat import DEFAULT_MAX_TOKENS
 
 PROG = "mlx-unified-server"
 API_KEY_VARIABLE = "MLX_UNIFIED_SERVER_API_KEY"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
-
-
-def _template_args(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def build_parser() -> ArgumentParser:
@@ -51,18 +42,11 @@ def build_parser() -> ArgumentParser:
         default=os.environ.get(API_KEY_VARIABLE),
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}; none: no key asked)",
     )
-    parser.add_argument("--max-tokens", type=positive_int, default=512, help="default max_tokens of a request (512)")
-    parser.add_argument("--temp", type=float, default=0.0, help="default temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="default top_p (1.0: off)")
-    parser.add_argument("--top-k", type=int, default=0, help="default top_k (0: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="default min_p (0: off)")
-    parser.add_argument(
+    generation = parser.add_argument_group("what a request gets for the fields it leaves out")
+    add_generation_flags(generation, max_tokens=DEFAULT_MAX_TOKENS)
+    generation.add_argument(
         "--enable-thinking", action="store_true", help="think before answering unless a request says otherwise"
     )
-    parser.add_argument(
-        "--chat-template-args", type=_template_args, default={}, metavar="JSON", help="extra chat template variables"
-    )
-    parser.add_argument("--prefill-step-size", type=positive_int, help="prompt tokens per prefill pass")
     parser.add_argument(
         "--max-queue", type=positive_int, default=8, help="requests that may wait for the model; more get a 503 (8)"
     )
@@ -88,11 +72,7 @@ def build_parser() -> ArgumentParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what would fail later, before the model loads."""
-    from ..generation_params import GenerationParams
-
-    GenerationParams(
-        max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p
-    ).validate()
+    generation_params(args)
     for folder in args.media_root:
         if not folder.expanduser().is_dir():
             raise BadInput(f"--media-root {folder}: not a folder")
@@ -128,6 +108,7 @@ def run(argv: Sequence[str] | None) -> int:
     from ..checkpoint import resolve
     from ..config import RANDOM_WEIGHTS_WARNING
     from ..generation import stop_token_ids
+    from ..generation_params import checkpoint_sampling
     from ..loading import load
     from ..prefix_cache import PrefixCache
     from .app import Service, create_app
@@ -140,6 +121,7 @@ def run(argv: Sequence[str] | None) -> int:
     model, processor = load(path)
     if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    params = generation_params(args, checkpoint_sampling(path), model.config.text.vocab_size)
     service = Service(
         model=model,
         processor=processor,
@@ -150,16 +132,7 @@ def run(argv: Sequence[str] | None) -> int:
         if args.no_prefix_cache
         else PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes)),
         policy=MediaPolicy.from_folders(args.media_root),
-        defaults=ServerDefaults(
-            max_tokens=args.max_tokens,
-            temperature=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            prefill_chunk_size=args.prefill_step_size,
-            enable_thinking=args.enable_thinking,
-            chat_template_kwargs=args.chat_template_args,
-        ),
+        defaults=ServerDefaults(params, args.enable_thinking, args.chat_template_kwargs),
         max_request_bytes=args.max_request_mb << 20,
         api_key=args.api_key,
         created=int(time.time()),

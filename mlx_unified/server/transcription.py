@@ -52,7 +52,7 @@ def form_settings(form: Any, defaults: Any) -> tuple[str, GenerationParams]:
     except ValueError as error:
         raise bad_request(f"temperature: not a number: {temperature!r}", "temperature") from error
     params = GenerationParams(
-        max_tokens=defaults.max_tokens, temperature=value, prefill_chunk_size=defaults.prefill_chunk_size
+        max_tokens=defaults.params.max_tokens, temperature=value, prefill_chunk_size=defaults.params.prefill_chunk_size
     )
     return response_format, params.validate()
 
