@@ -91,8 +91,16 @@ def set_max_tokens(page, tokens: int) -> None:
     field = page.get_by_label("number input for Max tokens")
     if not field.is_visible():
         settings.click()
-    field.fill(str(tokens))
-    field.press("Enter")
+    # Opening the accordion can mount the slider again with its start value after a first fill landed
+    # (seen on a loaded machine): fill until the value holds.
+    for _ in range(5):
+        field.fill(str(tokens))
+        field.press("Enter")
+        try:
+            expect(field).to_have_value(str(tokens), timeout=2_000)
+            return
+        except AssertionError:
+            continue
     expect(field).to_have_value(str(tokens))
 
 
