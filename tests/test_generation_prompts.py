@@ -87,8 +87,9 @@ def test_results_carry_the_peers_field_names(tiny):
     expected = np.array(logits - mx.logsumexp(logits))
     first = next(stream_generate(model, processor, inputs, logprobs=True))
     assert first.logprobs.shape == (model.config.text.vocab_size,)  # mlx-lm's GenerationResponse.logprobs
-    np.testing.assert_allclose(np.array(first.logprobs.astype(mx.float32)), expected, atol=1e-5)
-    assert first.logprob == pytest.approx(float(expected[first.token]), abs=1e-5)
+    # Prefill and the plain forward order their float32 sums differently: equal to about 1e-6 of ~7.
+    np.testing.assert_allclose(np.array(first.logprobs.astype(mx.float32)), expected, atol=1e-4)
+    assert first.logprob == pytest.approx(float(expected[first.token]), abs=1e-4)
     assert first.peak_memory == first.peak_memory_gb > 0
     result = generate(model, processor, inputs, max_tokens=4)
     assert result.peak_memory == result.peak_memory_gb > 0
