@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import port_number
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
     ReplyStats,
     SegmentStart,
+    Thought,
     assistant_message,
     format_memory,
     load_attachments,
@@ -33,20 +35,24 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
+from .generation_flags import generation_params
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
+from .tool_calls import ToolCall
 
 if TYPE_CHECKING:
     from .prefill import ProgressCallback
     from .prefix_cache import PrefixCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
+THINKING_TITLE = "💭 Thinking"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
 PREFILL_NOTE_TOKENS = 2048
 # The max-tokens slider's range.
 MAX_TOKENS_SETTING = 8192
+MAX_TEMPERATURE_SETTING = 2.0
 # While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
 HEARTBEAT_S = 0.5
 
@@ -346,6 +352,7 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
+    enable_thinking: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """The chat function: yields the growing list of assistant messages for this turn."""
     text, files = (
@@ -366,6 +373,7 @@ def respond(
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+            thinking: dict[str, Any] | None = None  # the collapsible block of the thought channel
 
             def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
                 return stream_reply(
@@ -384,6 +392,7 @@ def respond(
                     prefix_cache=slot.prefix_cache,
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
+                    enable_thinking=bool(enable_thinking),
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -398,6 +407,13 @@ def respond(
                                 f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
                             )
                             reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, Thought):
+                        if thinking is None:
+                            thinking = _note(THINKING_TITLE, status="pending")
+                            notes.append(thinking)
+                        thinking["content"] += event.text
+                    elif isinstance(event, ToolCall):
+                        notes.append(_note(f"Tool call: {event.name}", json.dumps(event.arguments), status="done"))
                     elif isinstance(event, SegmentStart):
                         for note in notes:
                             note["metadata"]["status"] = "done"
@@ -405,6 +421,8 @@ def respond(
                         reply += "\n" if event.index > 1 else ""
                     elif event is not None:  # None: nothing new, sent again so that Stop can act
                         reply += event
+                        if thinking is not None:
+                            thinking["metadata"]["status"] = "done"
                     yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
@@ -451,9 +469,9 @@ def build_app(
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix):
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think
         )
 
     with gr.Blocks(title="mlx-unified") as page:
@@ -473,7 +491,7 @@ def build_app(
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
             temperature_slider = gr.Slider(
-                0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
+                0.0, MAX_TEMPERATURE_SETTING, value=temperature, step=0.05, label="Temperature (0: greedy)"
             )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
             tokens = gr.Slider(1, MAX_TOKENS_SETTING, value=max_tokens, step=1, label="Max tokens")
@@ -488,6 +506,9 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            thinking_switch = gr.Checkbox(
+                value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -508,6 +529,7 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                thinking_switch,
             ],
             concurrency_limit=1,
             show_progress="full",
@@ -516,20 +538,6 @@ def build_app(
         load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
     return page
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
-    return value
-
-
-def max_tokens_setting(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_TOKENS_SETTING:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_TOKENS_SETTING} (the slider's range)")
-    return value
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -553,12 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     parser.add_argument(
         "--max-tokens",
-        type=max_tokens_setting,
+        type=int,
         default=512,
         help=f"initial value of the max-tokens setting (1 to {MAX_TOKENS_SETTING})",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
+        "--temperature",
+        "--temp",
+        dest="temperature",
+        type=float,
+        default=1.0,
+        help=f"initial value of the temperature setting (0: greedy, at most {MAX_TEMPERATURE_SETTING})",
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
     return parser
@@ -567,8 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
+    try:
+        generation_params(args)  # the values every surface accepts
+    except InputError as e:
+        parser.error(str(e))
+    for flag, value, low, high in (
+        ("--max-tokens", args.max_tokens, 1, MAX_TOKENS_SETTING),
+        ("--temperature", args.temperature, 0, MAX_TEMPERATURE_SETTING),
+    ):
+        if value > high:
+            parser.error(f"argument {flag}: {value} is outside {low:g} to {high:g} (the slider's range)")
     slot = ModelSlot()
     try:
         check_port_free(args.host, args.port)

@@ -42,6 +42,9 @@ def float_dtype(name: str) -> Any:
 
 def resolve(path_or_hub_id: str | Path) -> Path:
     """A local folder as is, or a hub id downloaded (or found in the local hub cache)."""
+    if not str(path_or_hub_id).strip():
+        # Path("") is the current folder, which no caller means.
+        raise ModelLoadError("the model is an empty name: give a checkpoint folder or a hub id (owner/name)")
     local = Path(path_or_hub_id).expanduser()
     if local.exists():
         return local

@@ -9,11 +9,13 @@ import time
 
 import pytest
 from media_files import write_wav
+from scripted_replies import PLAIN_ANSWER, PRIME, THINKING_ANSWER, THOUGHT
 
 from mlx_unified.app import (
     EMPTY_REPLY,
     ERROR_TITLE,
     PREFILL_NOTE_TOKENS,
+    THINKING_TITLE,
     ModelSlot,
     PrefillProgress,
     background_events,
@@ -170,12 +172,31 @@ def test_long_prompt_shows_its_reading_and_stop_frees_the_model(slot):
     assert not any(t.name == "mlx-unified-reply" for t in threading.enumerate())
 
 
+def test_thinking_switch_shows_the_thought_in_a_collapsible_block(scripted):
+    slot = ModelSlot()
+    slot.load(str(scripted))
+    question = PRIME[0]["content"]
+    *_, final = respond(slot, question, [], "", 0.0, 1.0, 64, 280, 1.0, False, True)
+    thinking = [m for m in final if (m.get("metadata") or {}).get("title") == THINKING_TITLE]
+    assert len(thinking) == 1 and thinking[0]["content"] == THOUGHT and thinking[0]["metadata"]["status"] == "done"
+    answers = [m for m in final if not m.get("metadata")]
+    assert [m["content"] for m in answers] == [THINKING_ANSWER]
+    # The thought is a note: the next turn's history leaves it out.
+    history = [{"role": "user", "content": question}, *final]
+    assert [part["text"] for part in history_messages(history)[1]["content"]] == [THINKING_ANSWER]
+    *_, plain = respond(slot, question, [], "", 0.0, 1.0, 64, 280, 1.0, False, False)
+    assert [m["content"] for m in plain if not m.get("metadata")] == [PLAIN_ANSWER]
+    assert not any((m.get("metadata") or {}).get("title") == THINKING_TITLE for m in plain)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--port", "70000"], "--port: 70000 is not a port number"),
         (["--port", "x"], "--port: invalid port_number value"),
-        (["--max-tokens", "-5"], "--max-tokens: -5 is outside 1 to 8192"),
+        (["--max-tokens", "-5"], "--max-tokens: must be >= 1, got -5"),  # GenerationParams' words, as everywhere
+        (["--max-tokens", "9000"], "--max-tokens: 9000 is outside 1 to 8192 (the slider's range)"),
+        (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
     ],
 )
 def test_refuses_bad_arguments_before_starting(capsys, argv, message):

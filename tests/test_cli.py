@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from media_files import voiced_bursts, write_corrupt, write_image, write_video, write_wav
+from scripted_replies import PLAIN_ANSWER, PRIME, THINKING_ANSWER, THOUGHT
 
-from mlx_unified.conversation import Media, ReplyCleaner, ReplyStats, SegmentStart, stream_reply
+from mlx_unified.cli import ThoughtDisplay
+from mlx_unified.conversation import Media, ReplyStats, SegmentStart, stream_reply
 from mlx_unified.generation import GenerationResponse
 from mlx_unified.loading import load
 
@@ -92,7 +95,14 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
     cases = {
         "missing file": (["--image", str(tmp_path / "nope.png")], "nope.png: no such file"),
         "corrupt audio": (["--audio", str(media["corrupt"])], "broken.wav: cannot decode audio"),
-        "bad flag": (["--temperature", "2"], "unrecognized arguments: --temperature"),
+        "bad flag": (["--temprature", "2"], "unrecognized arguments: --temprature"),
+        # Generation values through GenerationParams, named by their flag, before the model loads.
+        "temperature": (["--temperature", "-1"], "--temperature: must be in [0, inf] (0: greedy), got -1"),
+        "top-p": (["--top-p", "2"], "--top-p: must be in (0, 1] (1: off), got 2"),
+        "max tokens": (["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
+        "prefill step": (["--prefill-step-size", "-1"], "--prefill-step-size: must be >= 1, got -1"),
+        "max kv size": (["--max-kv-size", "64"], "--max-kv-size: not supported for Gemma 4 unified"),
+        "template config": (["--chat-template-config", "[1]"], "--chat-template-config/--chat-template-args: must be a JSON object"),
         "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
         "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),
     }
@@ -116,36 +126,6 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
 
 
 # ---------------------------------------------------------------- shared helpers, in-process
-
-
-class FakeTokenizer:
-    soc_token, eoc_token = "<|channel>", "<channel|>"
-    all_special_tokens = [
-        "<bos>",
-        "<turn|>",
-        "<|turn>",
-        "<|channel>",
-        "<channel|>",
-        "<|tool_call>",
-        "<tool_call|>",
-    ]
-
-
-def clean(pieces: list[str]) -> str:
-    cleaner = ReplyCleaner(FakeTokenizer())
-    return "".join(cleaner.feed(p) for p in pieces) + cleaner.finish()
-
-
-def test_cleaner_hides_thinking_and_control_tokens_cut_anywhere():
-    raw = "<|channel>thought\nThe user greets me.<channel|>\nHello! <|tool_call>x<tool_call|>Bye<turn|>"
-    expected = "Hello! xBye"
-    assert clean([raw]) == expected
-    assert clean(list(raw)) == expected  # one character at a time: markers split across pieces
-    assert clean([raw[:5], raw[5:31], raw[31:60], raw[60:]]) == expected
-
-
-def test_cleaner_keeps_plain_text_and_lone_angle_brackets():
-    assert clean(["a < b and c <", "| d <chan", "nel"]) == "a < b and c <| d <channel"
 
 
 def response(tokens: int, tps: float, ttft: float, peak: float) -> GenerationResponse:
@@ -276,3 +256,37 @@ def test_closed_or_vanishing_stdout_ends_without_a_traceback(tiny):
     stderr = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 1
     assert "Traceback" not in stderr and "Error" not in stderr
+
+
+# ---------------------------------------------------------------- thinking (scripted checkpoint)
+
+
+def test_thinking_is_shown_apart_from_the_answer(scripted):
+    question = PRIME[0]["content"]
+    shown = generate("--model", str(scripted), "--prompt", question, "--thinking")
+    assert_reply(shown)
+    assert shown.stdout.strip() == THINKING_ANSWER  # piped stdout: the answer only
+    assert THOUGHT in shown.stderr  # the thought goes to stderr when stdout is not a terminal
+    hidden = generate("--model", str(scripted), "--prompt", question, "--enable-thinking", "--hide-thinking")
+    assert hidden.stdout.strip() == THINKING_ANSWER and THOUGHT not in hidden.stderr
+    record = json.loads(generate("--model", str(scripted), "--prompt", question, "--thinking", "--json").stdout)
+    assert (record["text"], record["reasoning"], record["tool_calls"]) == (THINKING_ANSWER, THOUGHT, [])
+    assert generate("--model", str(scripted), "--prompt", question).stdout.strip() == PLAIN_ANSWER
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_thoughts_are_dimmed_on_a_terminal(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    display = ThoughtDisplay(hidden=False)
+    display.show("let me see")
+    display.close()
+    assert terminal.getvalue() == f"{ThoughtDisplay.DIM}let me see{ThoughtDisplay.RESET}\n\n"
+    hidden = ThoughtDisplay(hidden=True)
+    hidden.show("secret")
+    hidden.close()
+    assert "secret" not in terminal.getvalue()
