@@ -179,7 +179,7 @@ def _checksum(metadata: dict[str, str], arrays: dict[str, tuple[str, tuple[int, 
 
 def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
     """Write a prefix state as safetensors (arrays + metadata + their checksum), atomically: a temporary
-    file flushed to disk, then a rename. OSError when the folder cannot take it.
+    file, then a rename. OSError when the folder cannot take it.
 
     Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, the other
     entries (offset, window) stay in the metadata."""
@@ -217,7 +217,7 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
         except BaseException:
             writer.abort()
             raise
-        writer.close()
+        writer.close(durable=False)  # a torn file after a power cut fails its checksum
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

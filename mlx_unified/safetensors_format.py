@@ -223,8 +223,8 @@ def to_bytes(array: mx.array) -> bytes:
 class ShardWriter:
     """A safetensors file whose header is written first, so tensor data can arrive in any order.
 
-    Each tensor's bytes go to their final offset; `close` flushes them to disk (so a full disk or a
-    failed write raises here, not later) and checks every byte was written.
+    Each tensor's bytes go to their final offset; `close` flushes them (so a full disk or a failed
+    write raises there, not later) and checks every byte was written.
     """
 
     def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
@@ -257,10 +257,12 @@ class ShardWriter:
         self._file.write(data)
         self._written[name] += len(data)
 
-    def close(self) -> None:
+    def close(self, durable: bool = True) -> None:
+        """`durable`: also wait until the data is on the disk (a file kept, not a cache that checks itself)."""
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if durable:
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
         short = [n for n, (b, e) in self._offsets.items() if self._written[n] != e - b]
