@@ -96,6 +96,7 @@ VISION_RULES = {
     "rms_norm_eps": POSITIVE_NUMBER,
 }
 AUDIO_RULES = {"audio_embed_dim": POSITIVE_INT, "rms_norm_eps": POSITIVE_NUMBER}
+# The media token ids of config.json's top level.
 MEDIA_TOKEN_KEYS = (
     "boi_token_id",
     "eoi_token_id",
@@ -343,20 +344,12 @@ class ModelConfig:
         audio = _pick(AudioConfig, data["audio_config"]) if data.get("audio_config") else None
         if vision is not None and vision.output_proj_dims != vision.mm_embed_dim:
             raise ConfigError("vision_config.output_proj_dims must equal mm_embed_dim")
+        # config.json spells the end-of-audio id `eoa_token_index`.
         ids = {
-            name: data[name]
-            for name in (
-                "boi_token_id",
-                "eoi_token_id",
-                "image_token_id",
-                "video_token_id",
-                "boa_token_id",
-                "audio_token_id",
-            )
+            name.replace("eoa_token_index", "eoa_token_id"): data[name]
+            for name in MEDIA_TOKEN_KEYS
             if data.get(name) is not None
         }
-        if data.get("eoa_token_index") is not None:
-            ids["eoa_token_id"] = data["eoa_token_index"]
         return cls(
             text=text,
             vision=vision,
