@@ -63,7 +63,7 @@ from .safetensors_format import (
     read_array,
     read_header,
     to_array,
-    to_bytes,
+    to_buffer,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
         "length": str(state.length),
         "layers": json.dumps(layers),
     }
-    contents = {name: (dtype_tag(a.dtype), tuple(a.shape), to_bytes(a)) for name, a in arrays.items()}
+    contents = {name: (dtype_tag(a.dtype), tuple(a.shape), to_buffer(a)) for name, a in arrays.items()}
     metadata[CHECKSUM_KEY] = _checksum(metadata, contents)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=SUFFIX)
     os.close(fd)

@@ -211,13 +211,14 @@ def dtype_tag(dtype: mx.Dtype) -> str:
     return tags[dtype]
 
 
-def to_bytes(array: mx.array) -> bytes:
-    """The little-endian bytes of an evaluated MLX array, as safetensors stores them."""
+def to_buffer(array: mx.array) -> np.ndarray:
+    """The little-endian bytes of an evaluated MLX array, as safetensors stores them: a flat uint8 numpy
+    view of its memory (a copy only when the array is not contiguous)."""
     import mlx.core as mx
 
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
-    return np.asarray(array).tobytes()
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 class ShardWriter:
@@ -248,7 +249,7 @@ class ShardWriter:
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
 
-    def write(self, name: str, byte_offset: int, data: bytes) -> None:
+    def write(self, name: str, byte_offset: int, data: bytes | np.ndarray) -> None:
         """Write `data` at `byte_offset` within tensor `name`."""
         begin, end = self._offsets[name]
         if begin + byte_offset + len(data) > end:

@@ -36,7 +36,7 @@ from mlx_unified.convert.planning import (
     read_source,
 )
 from mlx_unified.convert.safetensors_stream import read_rows, row_blocks
-from mlx_unified.safetensors_format import ShardWriter, TensorInfo, to_bytes
+from mlx_unified.safetensors_format import ShardWriter, TensorInfo, to_buffer
 
 # Files copied next to the weights: tokenizer, chat template, processor and generation settings.
 COPIED_FILES = (
@@ -83,7 +83,7 @@ def _convert_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
         mx.eval(parts)
         for output, part in zip(job.outputs, parts, strict=True):
             row_bytes = output.nbytes // output.shape[0] if output.shape else output.nbytes
-            writer.write(output.name, start * row_bytes, to_bytes(part))
+            writer.write(output.name, start * row_bytes, to_buffer(part))
 
 
 def _dequantize_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
@@ -101,7 +101,7 @@ def _dequantize_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
             weight, scales, biases[0] if biases else None, group_size=q.group_size, bits=q.bits, mode=q.mode
         ).astype(dtype)
         _check_finite(block, packed)
-        writer.write(output.name, start * row_bytes, to_bytes(block))
+        writer.write(output.name, start * row_bytes, to_buffer(block))
 
 
 def _write_shards(layout: Layout, folder: Path, dtype: mx.Dtype, dequantize: bool) -> dict[str, Any]:
