@@ -217,3 +217,40 @@ def test_port_in_use_is_one_line_and_exit_2(capsys):
         assert main(["--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_damaged_checkpoint_is_refused_at_start_and_by_the_load_button(tiny, tmp_path, capsys):
+    import socket
+
+    from test_cli import damaged_copy
+
+    from mlx_unified.app import build_app
+
+    copy = damaged_copy(tiny, tmp_path, "shape")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    assert main(["--model", str(copy), "--port", str(free_port)]) == 2
+    err = capsys.readouterr().err
+    assert "down_proj.weight has shape (64, 127)" in err and "Traceback" not in err
+    slot = ModelSlot()
+    page = build_app(slot, tmp_path / "settings.json", [])
+    load_button = next(f.fn for f in page.fns.values() if getattr(f.fn, "__name__", "") == "load_picked")
+    banner, message = load_button(str(copy), progress=lambda *a, **k: None)
+    assert "down_proj.weight has shape (64, 127)" in message and str(copy) in message
+    assert slot.model is None  # nothing half-loaded
+
+
+def test_an_unusable_cache_folder_costs_no_answer(tiny, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("MLX_UNIFIED_CACHE_DIR", str(cache))
+    with caplog.at_level("WARNING", logger="mlx_unified.prefix_cache"):
+        slot = ModelSlot()
+        slot.load(str(tiny.path))
+        history = []
+        for text in ("Hello", "Again"):
+            shown = list(respond(slot, {"text": text, "files": []}, history, LONG_SYSTEM, 0.0, 1.0, 3, 280))[-1]
+            assert all((m.get("metadata") or {}).get("title") != ERROR_TITLE for m in shown), shown
+            history += [{"role": "user", "content": text}, *shown]
+    assert caplog.text.count("is unusable") == 1

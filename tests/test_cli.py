@@ -290,3 +290,76 @@ def test_thoughts_are_dimmed_on_a_terminal(monkeypatch):
     hidden.show("secret")
     hidden.close()
     assert "secret" not in terminal.getvalue()
+
+
+# ---------------------------------------------------------------- damaged checkpoints and cache folders
+
+
+def damaged_copy(tiny, folder: Path, damage: str) -> Path:
+    """A copy of the tiny checkpoint with one tensor of the wrong shape, a config entry of the wrong
+    type, or a NaN weight."""
+    import shutil
+
+    import mlx.core as mx
+
+    copy = Path(shutil.copytree(tiny.path, folder / damage))
+    if damage == "config":
+        config = json.loads((copy / "config.json").read_text())
+        config["text_config"]["hidden_size"] = "64"
+        (copy / "config.json").write_text(json.dumps(config))
+        return copy
+    weights = dict(mx.load(str(copy / "model.safetensors")))
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    if damage == "shape":
+        weights[name] = weights[name][:, :-1]
+    else:
+        weights[name] = mx.full(weights[name].shape, float("nan"), weights[name].dtype)
+    mx.save_safetensors(str(copy / "model.safetensors"), weights)
+    return copy
+
+
+DAMAGE = {
+    "shape": "language_model.layers.0.mlp.down_proj.weight has shape (64, 127)",
+    "config": "text_config.hidden_size must be a positive integer, got \"64\"",
+    "nan": "tensor language_model.layers.0.mlp.down_proj.weight holds NaN or infinite values",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(tiny, tmp_path, damage):
+    copy = damaged_copy(tiny, tmp_path, damage)
+    result = generate("--model", str(copy), "--prompt", "x")
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("mlx-unified-generate: error:")]
+    assert len(error) == 1 and DAMAGE[damage] in error[0] and str(copy) in error[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("kind", ["a file", "a read-only folder"])
+def test_an_unusable_cache_folder_costs_no_answer_and_warns_once(tiny, tmp_path, kind):
+    from unprivileged import unprivileged
+
+    cache = tmp_path / "cache"
+    prefix = []
+    if kind == "a file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir(mode=0o555)
+        prefix = unprivileged()
+    env = {**os.environ, "MLX_UNIFIED_CACHE_DIR": str(cache)}
+    args = ["--model", str(tiny.path), "--system", "Be brief. " * 20, "--max-tokens", "5", "--json"]
+    chat = "Hello\nAnd again?\n/quit\n"
+    runs = [
+        subprocess.run([*prefix, sys.executable, str(SCRIPT), *args, *extra], input=stdin, capture_output=True,
+                       text=True, timeout=240, cwd=REPO, env=env)  # fmt: skip
+        for extra, stdin in ((["--chat"], chat), (["--chat", "--no-prefix-cache"], chat))
+    ]
+    for result in runs:
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    cached, plain = runs
+    assert [json.loads(line)["text"] for line in cached.stdout.splitlines()] == [
+        json.loads(line)["text"] for line in plain.stdout.splitlines()
+    ]
+    assert len(cached.stdout.splitlines()) == 2  # both turns answered
+    assert cached.stderr.count("is unusable") == 1 and f"prefix cache folder {cache}" in cached.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))

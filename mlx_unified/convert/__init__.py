@@ -8,8 +8,8 @@
 Flags follow mlx-lm's `convert`. Memory stays bounded by one block of rows
 (`safetensors_stream.BLOCK_BYTES`), whatever the model size. The steps, one module each:
 `planning` (check the source, lay out the output shards), `recipes` (which module gets which bits),
-`conversion` (stream the blocks into the shards), `safetensors_stream` (the file format a slice at a
-time), `estimate` (memory a converted model needs, the `--plan` table) and `command` (the flags).
+`conversion` (stream the blocks into the shards), `safetensors_stream` (tensors read a slice at a
+time; the format itself, checked, is `mlx_unified.safetensors_format`), `estimate` (memory a converted model needs, the `--plan` table) and `command` (the flags).
 The converter reads weight names and shapes from `mlx_unified.checkpoint`; it never builds the model.
 """
 

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, QuantizationError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder the user named cannot be read or listed
+        print(f"error: {e.filename or args.hf_path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

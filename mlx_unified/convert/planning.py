@@ -16,6 +16,7 @@ from mlx_unified.checkpoint import (
     ModelLoadError,
     float_dtype,
     hf_to_mlx_name,
+    shard_tensors,
     tensor_shapes,
     weight_files,
 )
@@ -31,14 +32,8 @@ from mlx_unified.convert.recipes import (
     quantized_outputs,
     recipe_default,
 )
-from mlx_unified.convert.safetensors_stream import (
-    OutputTensor,
-    SafetensorsError,
-    TensorInfo,
-    dtype_tag,
-    read_header,
-)
 from mlx_unified.errors import InputError
+from mlx_unified.safetensors_format import NUMPY_DTYPES, OutputTensor, TensorInfo, dtype_tag
 
 SUPPORTED_ARCHITECTURES = {"Gemma4UnifiedForConditionalGeneration"}
 # Output shards stay under 5 GB (decimal, with room for the header), like mlx-lm's and the hub's.
@@ -121,14 +116,16 @@ def read_source(path: Path, *, quantized: bool) -> Source:
         )
 
     try:
-        files = weight_files(path)
         tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            for name, info in sorted(read_header(file).items(), key=lambda item: item[1].begin):
+        for file in weight_files(path):
+            for name, info in sorted(shard_tensors(file).items(), key=lambda item: item[1].begin):
                 mlx_name = hf_to_mlx_name(name)
-                if mlx_name is not None:
-                    tensors[mlx_name] = info
-    except (ModelLoadError, SafetensorsError) as e:
+                if mlx_name is None:
+                    continue
+                if info.dtype not in NUMPY_DTYPES:
+                    raise ConvertError(f"{file}: tensor {name} has dtype {info.dtype}, which the converter does not read")
+                tensors[mlx_name] = info
+    except ModelLoadError as e:
         raise ConvertError(str(e)) from e
     except OSError as e:
         raise ConvertError(f"{path}: cannot read weights ({e})") from e

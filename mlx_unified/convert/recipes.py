@@ -17,8 +17,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.convert.safetensors_stream import OutputTensor, dtype_tag
 from mlx_unified.errors import InputError
+from mlx_unified.safetensors_format import OutputTensor, dtype_tag
 
 
 class QuantizationError(InputError):
