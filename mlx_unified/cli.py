@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError
+from .model_source import QUANTIZE_HELP
 from .processing.limits import SUPPORTED_BUDGETS
 
 if TYPE_CHECKING:
@@ -87,7 +88,22 @@ def build_parser() -> ArgumentParser:
         description="Generate with Gemma 4 unified (text, image, audio, video) on MLX.",
         epilog="Exit codes: 0 done, 2 bad arguments or media, 1 anything else.",
     )
-    parser.add_argument("--model", required=True, help="local checkpoint folder or hub id (owner/name)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        help="local checkpoint folder or hub id (owner/name); default: the community conversion that fits "
+        "this machine (mlx-community/gemma-4-12b-it-4bit on a 16 GB Mac), downloaded once",
+    )
+    source.add_argument(
+        "--demo", action="store_true", help="run the random tiny demo checkpoint (no download; meaningless text)"
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="?",
+        const="",
+        metavar="Q",
+        help=f"convert unquantized weights (e.g. google/gemma-4-12B-it) once, then run that: {QUANTIZE_HELP}",
+    )
     parser.add_argument("--prompt", help="the user message (optional with --chat: the first message)")
     system = parser.add_mutually_exclusive_group()
     system.add_argument("--system", help="system prompt text")
@@ -178,16 +194,21 @@ def prefill_progress_bar(min_tokens: int = 2048, file: Any = None) -> ProgressCa
     return update
 
 
-def load_model(name: str) -> tuple[Any, Any, Path]:
-    """(model, processor, folder), telling on stderr what happens: download (the hub's progress bars), load."""
-    from .checkpoint import resolve
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """(model, processor, folder) of --model (or the default, or --demo), telling on stderr what happens:
+    the memory check, a download (the hub's progress bars) or a conversion, the load."""
     from .config import RANDOM_WEIGHTS_WARNING
     from .loading import load
+    from .model_source import GUARD_PROMPT_TOKENS, describe, prepare
 
-    if not Path(name).expanduser().exists():
-        print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
-    path = resolve(name)
-    print(f"Loading {path} ...", file=sys.stderr, flush=True)
+    prepared = prepare(
+        args.model,
+        context_tokens=GUARD_PROMPT_TOKENS + args.max_tokens,
+        demo=args.demo,
+        quantize=args.quantize,
+    )
+    path = prepared.folder
+    print(f"Loading {describe(prepared)} from {path} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     model, processor = load(path, progress=True)
     print(f"Loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
@@ -334,7 +355,7 @@ def run(argv: Sequence[str] | None) -> int:
 
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
-    model, processor, folder = load_model(args.model)
+    model, processor, folder = load_model(args)
     prefix_cache = (
         None
         if args.no_prefix_cache
