@@ -183,9 +183,20 @@ class Settings:
     dtype: str | None = None
 
 
-def _output_dtype(dtype: str | None, config_dict: dict[str, Any]) -> str:
-    """--dtype, else the source's own float dtype, else bfloat16 (the release's)."""
-    name = dtype or config_dict.get("dtype") or config_dict.get("torch_dtype")
+# safetensors dtype tags of the float dtypes, by MLX's names.
+_FLOAT_TAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _output_dtype(dtype: str | None, source: Source) -> str:
+    """--dtype, else the source's own float dtype (its tensors', which mlx-vlm's config.json does not
+    always say: it keeps the source's `dtype` when it casts), else bfloat16 (the release's)."""
+    if dtype:
+        return dtype
+    tags = [_FLOAT_TAGS[info.dtype] for info in source.tensors.values() if info.dtype in _FLOAT_TAGS]
+    if tags:
+        return max(FLOAT_DTYPES, key=tags.count)
+    config_dict = source.config_dict
+    name = config_dict.get("dtype") or config_dict.get("torch_dtype")
     name = name or (config_dict.get("text_config") or {}).get("dtype")
     return name if name in FLOAT_DTYPES else "bfloat16"
 
@@ -234,7 +245,7 @@ def plan_conversion(
     unquantized tensors, and what was quantized (None when not quantizing).
 
     Raises QuantizationError when -q would quantize nothing."""
-    dtype_name = _output_dtype(settings.dtype, source.config_dict)
+    dtype_name = _output_dtype(settings.dtype, source)
     dtype = float_dtype(dtype_name)
     layer_types = source.config.text.layer_types
     base = recipe = None
