@@ -193,7 +193,10 @@ def _what_fits(name: str, config: ModelConfig, budget_bytes: int, context_tokens
     row = recommended_row(config, budget_bytes, context_tokens)
     quantization = None if row is None else row_quantization(row)
     if quantization is None:
-        return f"No conversion of this model leaves {context_tokens:,} tokens of context in that budget."
+        return (
+            f"No conversion of this model leaves {max(context_tokens, DEFAULT_MIN_CONTEXT):,} tokens of "
+            "context in that budget."
+        )
     size = f"{row.label}, about {row.weights_bytes / GB:.1f} GB of weights"
     if not config.quantization:
         return (
@@ -326,7 +329,8 @@ def _converted(
         row = recommended_row(config, budget_bytes, context_tokens)
         if row is None:
             raise MemoryGuardError(
-                f"{name}: no conversion of this model leaves {context_tokens:,} tokens of context in {where}, "
+                f"{name}: no conversion of this model leaves {max(context_tokens, DEFAULT_MIN_CONTEXT):,} tokens "
+                f"of context in {where}, "
                 f"{budget_bytes / GB:.1f} GB ({BUDGET_VARIABLE}=<size> overrides the budget)"
             )
         quantization = row_quantization(row)
