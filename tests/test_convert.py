@@ -319,11 +319,37 @@ def test_refuses_quantizing_twice_and_dequantizing_float(capsys, source, eight_b
         (["-q", "--q-group-size", "16"], "group size"),
         (["--recipe", "mixed_4_6", "--q-bits", "4"], "own bits"),
         (["--recipe", "mixed_4_6", "--q-mode", "mxfp4"], "affine"),
+        (["--recipe", "mixed_4_6", "--q-group-size", "32"], "groups of 64, as mlx-vlm's"),
     ],
 )
 def test_refuses_bad_quantization_settings(capsys, source, tmp_path, flags, message):
     assert message in _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_converter_says_what_it_quantized(capsys, source, tmp_path):
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "--recipe", "mixed_4_6"]) == 0
+    report, wrote = capsys.readouterr().out.strip().splitlines()
+    # 4 layers x 6 matrices + embedding + embed_audio + 2 float vision projectors (K=V globals: no v_proj)
+    assert report.startswith("quantized 28 of 30 weight matrices: ") and "at 6 bits (group 64)" in report
+    assert "kept in float: 2 by the recipe" in report and "bits per weight" in report
+    assert wrote == f"wrote {tmp_path / 'q'}"
+
+
+def test_refuses_quantization_that_would_quantize_nothing(capsys, tmp_path):
+    """A hidden size of 96: no matrix input width but the MLP's and the audio frames' is a multiple of 64;
+    with those kept float too (float_projectors, MLP width 96), -q would quantize nothing."""
+    source = tmp_path / "narrow"
+    build_reference_checkpoint(source, seed=1, hidden_size=96, intermediate_size=96, head_dim=24, global_head_dim=24)
+    write_tokenizer(source)
+    capsys.readouterr()  # transformers' progress bar while saving
+    err = _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), "-q", "--recipe", "float_projectors"])
+    assert "-q would quantize nothing" in err and "groups of 64" in err and "--q-group-size 32" in err
+    assert not (tmp_path / "o").exists()
+    # Plain -q quantizes the one module that fits, and says how few that is.
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "p"), "-q"]) == 0
+    report = capsys.readouterr().out.splitlines()[0]
+    assert report.startswith("quantized 1 of ") and "whose input width is not a multiple of the group size" in report
 
 
 def test_api_errors_are_typed(source, tmp_path):

@@ -9,11 +9,14 @@ Both sides compute in float32 (`peers.in_float32`): the two implementations then
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from media_files import write_image
 from mlx_lm.convert import convert as lm_convert
 from mlx_lm.utils import load_model as lm_load_model
 from mlx_vlm.convert import convert as vlm_convert
@@ -28,6 +31,7 @@ from mlx_unified.processing import MediaError
 from mlx_unified.testing import tiny_checkpoint
 from mlx_unified.testing.reference import compare
 
+REPO = Path(__file__).resolve().parents[1]
 TOKENS = 16
 # Each format mlx_vlm.convert writes: its arguments (as its command line passes them) and ours.
 FORMATS = {
@@ -250,3 +254,20 @@ def test_mlx_lm_opens_our_conversions(source, folders, label):
     assert bits_by_module(theirs) == text
     prompt = text_prompt()
     assert our_greedy(ours, prompt, TOKENS) == lm_greedy(theirs, prompt["input_ids"], TOKENS)
+
+
+def test_the_command_line_refuses_an_image_for_a_text_only_checkpoint(source, tmp_path):
+    out = tmp_path / "lm"
+    lm_convert(str(source), str(out), quantize=True)
+    image = write_image(tmp_path / "picture.png")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--model", str(out), "--image", str(image), "--prompt", "What is it?"],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("mlx-unified-generate: error: this checkpoint is text-only")
+    text = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--model", str(out), "--prompt", "Hello", "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )  # fmt: skip
+    assert text.returncode == 0 and text.stdout.strip(), text.stderr
