@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--dequantize",
         action="store_true",
-        help="turn a quantized folder back into the released bf16 layout",
+        help="turn a converted folder (ours, mlx-vlm's or mlx-lm's, quantized or not) back into the released "
+        "layout, bf16 unless --dtype",
     )
     parser.add_argument("--plan", action="store_true", help="print which conversion fits a Mac's memory")
     parser.add_argument(
