@@ -33,7 +33,7 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
-from .model_source import QUANTIZE_HELP
+from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
 
@@ -558,22 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model",
-        help="checkpoint folder or hub id to load at start; default: the community conversion that fits this "
-        "machine (mlx-community/gemma-4-12b-it-4bit on a 16 GB Mac), downloaded once",
-    )
-    source.add_argument(
-        "--demo", action="store_true", help="load the random tiny demo checkpoint (no download; meaningless text)"
-    )
-    parser.add_argument(
-        "--quantize",
-        nargs="?",
-        const="",
-        metavar="Q",
-        help=f"convert unquantized weights (e.g. google/gemma-4-12B-it) once, then load that: {QUANTIZE_HELP}",
-    )
+    add_source_arguments(parser, "load")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError
-from .model_source import QUANTIZE_HELP
+from .model_source import add_source_arguments
 from .processing.limits import SUPPORTED_BUDGETS
 
 if TYPE_CHECKING:
@@ -88,22 +88,7 @@ def build_parser() -> ArgumentParser:
         description="Generate with Gemma 4 unified (text, image, audio, video) on MLX.",
         epilog="Exit codes: 0 done, 2 bad arguments or media, 1 anything else.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model",
-        help="local checkpoint folder or hub id (owner/name); default: the community conversion that fits "
-        "this machine (mlx-community/gemma-4-12b-it-4bit on a 16 GB Mac), downloaded once",
-    )
-    source.add_argument(
-        "--demo", action="store_true", help="run the random tiny demo checkpoint (no download; meaningless text)"
-    )
-    parser.add_argument(
-        "--quantize",
-        nargs="?",
-        const="",
-        metavar="Q",
-        help=f"convert unquantized weights (e.g. google/gemma-4-12B-it) once, then run that: {QUANTIZE_HELP}",
-    )
+    add_source_arguments(parser, "run")
     parser.add_argument("--prompt", help="the user message (optional with --chat: the first message)")
     system = parser.add_mutually_exclusive_group()
     system.add_argument("--system", help="system prompt text")

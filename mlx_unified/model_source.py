@@ -16,6 +16,7 @@ The converter is imported only to convert, or to name a conversion; the model ne
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -53,6 +54,27 @@ class MemoryGuardError(InputError):
 
 class ModelNotAvailable(InputError):
     """The checkpoint asked for (or the default) is neither here nor reachable on the hub."""
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The front ends' flags for what to `verb` ("run", "load"): --model (default: `default_model`),
+    --demo, --quantize."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        help="local checkpoint folder or hub id (owner/name); default: the community conversion that fits "
+        "this machine (mlx-community/gemma-4-12b-it-4bit on a 16 GB Mac), downloaded once",
+    )
+    source.add_argument(
+        "--demo", action="store_true", help=f"{verb} the random tiny demo checkpoint (no download; meaningless text)"
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="?",
+        const="",
+        metavar="Q",
+        help=f"convert unquantized weights (e.g. {OFFICIAL_MODEL}) once, then {verb} that: {QUANTIZE_HELP}",
+    )
 
 
 def cache_root() -> Path:

@@ -42,8 +42,7 @@ DEFAULT_16GB = "mlx-community/gemma-4-12b-it-4bit"
 BUDGET_16GB_MAC = f"{gpu_budget_bytes(16 * GIB) / 2**20:.3f}M"
 
 
-@pytest.fixture
-def env(tmp_path) -> dict[str, str]:
+def fresh_machine(tmp_path: Path) -> dict[str, str]:
     """A fresh machine: an empty hub cache and mlx-unified cache, offline, with a 16 GB Mac's budget."""
     return {
         **os.environ,
@@ -53,6 +52,11 @@ def env(tmp_path) -> dict[str, str]:
         "MLX_UNIFIED_CACHE_DIR": str(tmp_path / "cache"),
         BUDGET_VARIABLE: BUDGET_16GB_MAC,
     }
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    return fresh_machine(tmp_path)
 
 
 def generate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
