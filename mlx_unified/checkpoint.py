@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -143,14 +143,17 @@ def peer_name(mlx_name: str) -> str:
     return mlx_name
 
 
-def module_quantization(section: dict[str, Any] | None) -> dict[str, Any] | None:
+def module_quantization(
+    section: dict[str, Any] | None, rename: Callable[[str], str | None] = hf_to_mlx_name
+) -> dict[str, Any] | None:
     """A config's `quantization` section with its per-module entries keyed by our module paths, whichever
-    layout wrote it (mlx-vlm and mlx-lm key them by their names, `language_model.model.<path>`)."""
+    layout wrote it (mlx-vlm and mlx-lm key them by their names, `language_model.model.<path>`):
+    `rename` is the one that maps the checkpoint's tensor names (a drafter's own, say)."""
     if not section:
         return section
     normalized: dict[str, Any] = {}
     for key, value in section.items():
-        module = hf_to_mlx_name(key) if isinstance(value, (dict, bool)) else key
+        module = rename(key) if isinstance(value, (dict, bool)) else key
         if module is not None:
             normalized[module] = value
     return normalized

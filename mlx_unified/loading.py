@@ -72,12 +72,13 @@ def install_weights(
     quantization: dict[str, Any] | None,
     dtype: str | None,
 ) -> None:
-    """Load `weights` (our names) into `model`: the modules stored quantized become quantized, every
+    """Load `weights` (our names) into `model`: the modules stored quantized become quantized (with the
+    section's overrides, keyed by our module paths: see `checkpoint.module_quantization`), every
     parameter must be present and nothing else (else a ModelLoadError naming `path`), floating tensors
     are cast to dtype (default bfloat16)."""
     target = float_dtype(dtype or "bfloat16")
     if quantization:
-        _quantize(model, module_quantization(quantization), weights)
+        _quantize(model, quantization, weights)
     expected = {name for name, _ in nn.utils.tree_flatten(model.parameters())}
     missing = sorted(expected - weights.keys())
     unexpected = sorted(weights.keys() - expected)
@@ -110,7 +111,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
         if kept is None and config.raw.get(f"{part}_config"):
             log.info("%s: no %s weights stored: a text-only checkpoint", path, part)
     model = Model(config)
-    install_weights(model, path, weights, config.quantization, dtype)
+    install_weights(model, path, weights, module_quantization(config.quantization), dtype)
     if config.random_weights:
         log.warning("%s: %s", path, RANDOM_WEIGHTS_WARNING)
     if not lazy:
