@@ -36,6 +36,7 @@ from .conversation import (
 )
 from .errors import InputError
 from .generation_flags import generation_params
+from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
 from .tool_calls import ToolCall
@@ -91,23 +92,29 @@ class ModelSlot:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.name: str | None = None
+        self.name: str | None = None  # as the user (or the default) named it; the demo: its folder
+        self.note = ""  # why this one, e.g. "the default model for this machine"
+        self.problem: str | None = None  # why no model is loaded, shown in the page
         self.model: Any = None
         self.processor: Any = None
         self.prefix_cache: PrefixCache | None = None
 
-    def load(self, name: str) -> None:
+    def load(self, name: str | None, demo: bool = False, quantize: str | None = None) -> None:
+        """Load `name` (None: the default for this machine; see `model_source.prepare`), after the
+        memory check, downloading or converting it first when needed."""
         from .budgets import prefix_cache_bytes
-        from .checkpoint import resolve
         from .loading import load
+        from .model_source import prepare
         from .prefix_cache import PrefixCache
 
-        path = resolve(name)
-        model, processor = load(path)
+        prepared = prepare(name, context_tokens=CONTEXT_FOR_ESTIMATE, demo=demo, quantize=quantize)
+        model, processor = load(prepared.folder)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prefix_cache = PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
+        prefix_cache = PrefixCache.for_checkpoint(prepared.folder, max_bytes=prefix_cache_bytes(model.nbytes))
         with self.lock:
-            self.name, self.model, self.processor = name, model, processor
+            self.name = str(prepared.folder) if demo else prepared.name
+            self.note, self.problem = prepared.note, None
+            self.model, self.processor = model, processor
             self.prefix_cache = prefix_cache
 
     @property
@@ -117,10 +124,16 @@ class ModelSlot:
 
 def banner_markdown(slot: ModelSlot) -> str:
     if slot.model is None:
+        if slot.problem:
+            return (
+                f"⚠️ **No model loaded**: {slot.problem}. Or pick a checkpoint folder or hub id below and "
+                "press *Load*."
+            )
         return "**No model loaded.** Pick a checkpoint folder or hub id below and press *Load*."
+    name = f"{slot.name} ({slot.note})" if slot.note else slot.name
     if slot.random_weights:
-        return f"⚠️ **{slot.name}**: {RANDOM_WEIGHTS_WARNING}."
-    return f"Model: **{slot.name}**"
+        return f"⚠️ **{name}**: {RANDOM_WEIGHTS_WARNING}."
+    return f"Model: **{name}**"
 
 
 def known_models(extra: Sequence[str] = ()) -> list[str]:
@@ -553,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
     )
-    parser.add_argument("--model", help="checkpoint folder or hub id to load at start")
+    add_source_arguments(parser, "load")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
     )
@@ -593,18 +606,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     slot = ModelSlot()
     try:
         check_port_free(args.host, args.port)
-        if args.model:
-            print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-            slot.load(args.model)
+        named = args.model or args.demo or args.quantize is not None
+        what = args.model or ("the demo checkpoint" if args.demo else "the default model for this machine")
+        print(f"Loading {what} ...", file=sys.stderr, flush=True)
+        try:
+            slot.load(args.model, demo=args.demo, quantize=args.quantize)
+        except InputError as e:
+            if named:
+                raise
+            # The default model is not here (offline, say): the page opens and says so, and how to go on.
+            slot.problem = str(e)
+            print(f"mlx-unified-app: {e}", file=sys.stderr, flush=True)
     except InputError as e:
         print(f"mlx-unified-app: error: {e}", file=sys.stderr)
         return 2
     if slot.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    from .model_source import default_model
+
     page = build_app(
         slot,
         args.settings_file or default_settings_file(),
-        known_models([args.model]),
+        known_models([slot.name or default_model()]),
         args.max_tokens,
         args.temperature,
     )

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 # The float dtypes a checkpoint is loaded or converted to, by MLX's names (as config.json spells them).
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 HASH_CHUNK_BYTES = 16 << 20
+
+# The decoder's place in our module tree, and in mlx-vlm's and mlx-lm's (see `hf_to_mlx_name`).
+TEXT_PREFIX = "language_model."
+PEER_TEXT_PREFIX = "language_model.model."
+# The weights of each media part, by the prefixes of our names.
+MEDIA_WEIGHTS = {"vision": ("vision_embedder.", "embed_vision."), "audio": ("embed_audio.",)}
 
 # transformers' in-memory spellings of the vision weights -> the released (and our) names.
 _RENAMES = [
@@ -118,6 +126,21 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def stored_weight_bytes(path: Path) -> int | None:
+    """The bytes of a checkpoint's weights without reading them: the index's `total_size` (also before
+    the shards are downloaded), else the shards' file sizes; None when neither is there."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            total = None
+        if isinstance(total, int) and total > 0:
+            return total
+    files = [f for f in path.glob("*.safetensors") if f.is_file()]
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def shard_tensors(file: Path) -> dict[str, TensorInfo]:
     """The checked header of one weight shard (`safetensors_format.read_header`): ModelLoadError naming
     the file (and the tensor) when it is truncated or corrupt."""
@@ -200,14 +223,57 @@ def _write_records(file: Path, data: dict[str, Any]) -> None:
 
 
 def hf_to_mlx_name(name: str) -> str | None:
-    """Map one checkpoint tensor name to our module path; None for tensors we do not keep."""
+    """Map one stored tensor (or module) name of any layout to our module path; None for tensors we do
+    not keep. Layouts: the released one (`model.language_model.*`), mlx-vlm's and mlx-lm's
+    (`language_model.model.*`: their text model wraps the decoder in a `model`), and our earlier
+    converted one (`language_model.*`, the module tree itself)."""
     if name.startswith("lm_head.") or "rotary_emb" in name:
         return None  # the head is tied to the embeddings; rotary tables are recomputed
-    if name.startswith("model."):
-        name = name[len("model.") :]
+    name = name.removeprefix("model.")
+    if name.startswith(PEER_TEXT_PREFIX):
+        name = TEXT_PREFIX + name[len(PEER_TEXT_PREFIX) :]
     for pattern, replacement in _RENAMES:
         name = pattern.sub(replacement, name)
     return name
+
+
+def peer_name(mlx_name: str) -> str:
+    """The name mlx-vlm and mlx-lm store one of our tensors or modules under, which the converter writes
+    (the projectors' names are the same in both)."""
+    if mlx_name.startswith(TEXT_PREFIX):
+        return PEER_TEXT_PREFIX + mlx_name[len(TEXT_PREFIX) :]
+    return mlx_name
+
+
+def module_quantization(
+    section: dict[str, Any] | None, rename: Callable[[str], str | None] = hf_to_mlx_name
+) -> dict[str, Any] | None:
+    """A config's `quantization` section with its per-module entries keyed by our module paths, whichever
+    layout wrote it (mlx-vlm and mlx-lm key them by their names, `language_model.model.<path>`):
+    `rename` is the one that maps the checkpoint's tensor names (a drafter's own, say)."""
+    if not section:
+        return section
+    normalized: dict[str, Any] = {}
+    for key, value in section.items():
+        module = rename(key) if isinstance(value, (dict, bool)) else key
+        if module is not None:
+            normalized[module] = value
+    return normalized
+
+
+def drop_absent_media(config: ModelConfig, names: Collection[str]) -> ModelConfig:
+    """`config` without the media parts of which no weight is stored (`names`: ours): a text-only
+    conversion (mlx-lm's drops the projectors, and keeps `audio_config`) loads as a text model, which
+    refuses images and audio. A part with some of its weights stored is kept, so that the loader names
+    the missing ones."""
+    absent = {
+        part: not any(name.startswith(prefixes) for name in names) for part, prefixes in MEDIA_WEIGHTS.items()
+    }
+    return replace(
+        config,
+        vision=None if absent["vision"] else config.vision,
+        audio=None if absent["audio"] else config.audio,
+    )
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

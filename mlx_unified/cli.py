@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .errors import InputError
 from .generation_flags import FLAG_NAMES, add_generation_flags, generation_params
 from .generation_params import ParameterError
+from .model_source import add_source_arguments
 from .processing.limits import SUPPORTED_BUDGETS
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def build_parser() -> ArgumentParser:
         description="Generate with Gemma 4 unified (text, image, audio, video) on MLX.",
         epilog="Exit codes: 0 done, 2 bad arguments or media, 1 anything else.",
     )
-    parser.add_argument("--model", required=True, help="local checkpoint folder or hub id (owner/name)")
+    add_source_arguments(parser, "run")
     parser.add_argument(
         "--prompt",
         "-p",
@@ -214,23 +215,28 @@ def prefill_progress_bar(min_tokens: int = 2048, file: Any = None) -> ProgressCa
     return update
 
 
-def load_model(name: str, verbose: bool = True) -> tuple[Any, Any, Path]:
-    """(model, processor, folder), telling on stderr what happens (unless not `verbose`): download (the
-    hub's progress bars), load."""
-    from .checkpoint import resolve
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """(model, processor, folder) of --model (or the default, or --demo), telling on stderr what happens
+    (unless not `--verbose`): the memory check, a download (the hub's progress bars) or a conversion, the
+    load."""
     from .config import RANDOM_WEIGHTS_WARNING
     from .loading import load
+    from .model_source import GUARD_PROMPT_TOKENS, describe, prepare
 
     def say(message: str) -> None:
-        if verbose:
+        if args.verbose:
             print(message, file=sys.stderr, flush=True)
 
-    if not Path(name).expanduser().exists():
-        say(f"Fetching {name} from the hub (cached after the first run) ...")
-    path = resolve(name)
-    say(f"Loading {path} ...")
+    prepared = prepare(
+        args.model,
+        context_tokens=GUARD_PROMPT_TOKENS + args.max_tokens,
+        demo=args.demo,
+        quantize=args.quantize,
+    )
+    path = prepared.folder
+    say(f"Loading {describe(prepared)} from {path} ...")
     started = time.perf_counter()
-    model, processor = load(path, progress=verbose)
+    model, processor = load(path, progress=args.verbose)
     say(f"Loaded in {time.perf_counter() - started:.1f} s")
     if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
@@ -447,7 +453,7 @@ def run(argv: Sequence[str] | None) -> int:
 
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
-    model, processor, folder = load_model(args.model, args.verbose)
+    model, processor, folder = load_model(args)
     # Now with the checkpoint's sampling defaults and its vocabulary (--top-k, --extra-eos-token).
     params = generation_params(args, checkpoint_sampling(folder), model.config.text.vocab_size)
     try:

@@ -16,6 +16,7 @@ import numpy as np
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .budgets import wired_limit
 from .cache import LayerCache
 from .emphasis import SpanBias, audio_emphasis_bias
 from .generation_params import GenerationParams, ParameterError
@@ -128,28 +129,30 @@ def generate_step(
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
         return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
-    logits = prefill(
-        model,
-        inputs,
-        cache,
-        prefill_chunk_size,
-        prefill_progress,
-        embeddings=embeddings,
-        key_bias=key_bias,
-        snapshot_at=snapshot_at,
-        on_snapshot=on_snapshot,
-    )
-    token, logprobs = sample(logits)
-    # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
-    mx.eval(token)
-    for generated in range(1, max(max_tokens, 1) + 1):
-        upcoming = step(token) if generated < max_tokens else None
-        if upcoming is not None:
-            mx.async_eval(upcoming[0])
-        yield int(token.item()), logprobs
-        if upcoming is None:
-            return
-        token, logprobs = upcoming
+    # Wired on a Mac while generating, as the peers do: macOS does not page the weights out between steps.
+    with wired_limit():
+        logits = prefill(
+            model,
+            inputs,
+            cache,
+            prefill_chunk_size,
+            prefill_progress,
+            embeddings=embeddings,
+            key_bias=key_bias,
+            snapshot_at=snapshot_at,
+            on_snapshot=on_snapshot,
+        )
+        token, logprobs = sample(logits)
+        # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
+        mx.eval(token)
+        for generated in range(1, max(max_tokens, 1) + 1):
+            upcoming = step(token) if generated < max_tokens else None
+            if upcoming is not None:
+                mx.async_eval(upcoming[0])
+            yield int(token.item()), logprobs
+            if upcoming is None:
+                return
+            token, logprobs = upcoming
 
 
 def stop_token_ids(model: Model, tokenizer: Any, extra_eos_tokens: Sequence[str | int] = ()) -> set[int]:

@@ -1,8 +1,10 @@
-"""Loading checkpoints: the released Hugging Face layout or our converted (optionally quantized) one."""
+"""Loading checkpoints: the released Hugging Face layout, mlx-vlm's and mlx-lm's (optionally quantized,
+also text-only), and our earlier converted one; `checkpoint.hf_to_mlx_name` maps each to our names."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +12,26 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import ModelLoadError, float_dtype, hf_to_mlx_name, resolve, shard_tensors, weight_files
+from .checkpoint import (
+    ModelLoadError,
+    drop_absent_media,
+    float_dtype,
+    hf_to_mlx_name,
+    module_quantization,
+    resolve,
+    shard_tensors,
+    weight_files,
+)
 from .config import RANDOM_WEIGHTS_WARNING, load_config
 from .model import Model
 
 log = logging.getLogger(__name__)
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
+def read_weights(path: Path, rename: Callable[[str], str | None] = hf_to_mlx_name) -> dict[str, mx.array]:
     """All tensors of a checkpoint under our names (lazily loaded by MLX), each shard's header checked
-    first (`checkpoint.shard_tensors`): MLX reads only offsets that lie inside the file, one tensor's
-    bytes each."""
+    first (`checkpoint.shard_tensors`: MLX then reads only offsets that lie inside the file, one tensor's
+    bytes each); `rename` maps a stored name to ours, None to drop it."""
     weights: dict[str, mx.array] = {}
     for file in weight_files(path):
         shard_tensors(file)
@@ -29,14 +40,16 @@ def read_weights(path: Path) -> dict[str, mx.array]:
         except (RuntimeError, ValueError, OSError) as e:
             raise ModelLoadError(f"{file}: unreadable or truncated safetensors ({e})") from e
         for name, value in shard.items():
-            mapped = hf_to_mlx_name(name)
+            mapped = rename(name)
             if mapped is not None:
                 weights[mapped] = value
     return weights
 
 
-def _quantize(model: Model, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
-    """Turn into quantized modules exactly those stored quantized (their `.scales` are present)."""
+def _quantize(model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Turn into quantized modules exactly those stored quantized (their `.scales` are present), with
+    their per-module override (keyed by our module paths, see `checkpoint.module_quantization`) or the
+    section's defaults."""
     defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
@@ -91,20 +104,20 @@ def _read_in(model: Model, path: Path, progress: bool) -> None:
             )
 
 
-def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, progress: bool = False) -> Model:
-    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32;
-    lazy: leave the weights unread until first use (and unchecked for NaN/inf); progress: a progress
-    bar while reading them. ModelLoadError (naming the file, and the tensor) for a checkpoint that
-    cannot be loaded as it is."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a checkpoint folder")
-    config = load_config(path)
+def install_weights(
+    model: nn.Module,
+    path: Path,
+    weights: dict[str, mx.array],
+    quantization: dict[str, Any] | None,
+    dtype: str | None,
+) -> None:
+    """Load `weights` (our names) into `model`: the modules stored quantized become quantized (with the
+    section's overrides, keyed by our module paths: see `checkpoint.module_quantization`), every
+    parameter must be present and nothing else (else a ModelLoadError naming `path`), floating tensors
+    are cast to dtype (default bfloat16)."""
     target = float_dtype(dtype or "bfloat16")
-    model = Model(config)
-    weights = read_weights(path)
-    if config.quantization:
-        _quantize(model, config.quantization, weights)
+    if quantization:
+        _quantize(model, quantization, weights)
     expected = {name for name, _ in nn.utils.tree_flatten(model.parameters())}
     missing = sorted(expected - weights.keys())
     unexpected = sorted(weights.keys() - expected)
@@ -119,6 +132,28 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, p
     model.load_weights(
         [(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()]
     )
+
+
+def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False, progress: bool = False) -> Model:
+    """Build the model from a local checkpoint folder. dtype: bfloat16 (default), float16 or float32;
+    lazy: leave the weights unread until first use (and unchecked for NaN/inf); progress: a progress
+    bar while reading them. ModelLoadError (naming the file, and the tensor) for a checkpoint that
+    cannot be loaded as it is.
+
+    A checkpoint without the vision or audio weights (a text-only conversion, such as mlx-lm's) loads
+    as a text model that refuses those media."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a checkpoint folder")
+    config = load_config(path)
+    float_dtype(dtype or "bfloat16")  # a bad dtype is refused before any weight is read
+    weights = read_weights(path)
+    config = drop_absent_media(config, weights.keys())
+    for part, kept in (("vision", config.vision), ("audio", config.audio)):
+        if kept is None and config.raw.get(f"{part}_config"):
+            log.info("%s: no %s weights stored: a text-only checkpoint", path, part)
+    model = Model(config)
+    install_weights(model, path, weights, module_quantization(config.quantization), dtype)
     if config.random_weights:
         log.warning("%s: %s", path, RANDOM_WEIGHTS_WARNING)
     if not lazy:

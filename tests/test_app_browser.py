@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,31 +46,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def running_app(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """app.py serving with `args` (greedy, 200 tokens at most, settings and log in `folder`): (its url,
+    its log)."""
+    port = free_port()
+    log_path = folder / "app.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--settings-file", str(folder / "settings.json"),
+             "--max-tokens", "200", "--temperature", "0", *args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    pytest.fail(f"app did not start:\n{log_path.read_text()}")
+                time.sleep(0.5)
+        try:
+            yield url, log_path
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, tiny):
-    folder = tmp_path_factory.mktemp("app")
-    model = tiny.path
-    port = free_port()
-    log = (folder / "app.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port),
-         "--settings-file", str(folder / "settings.json"), "--max-tokens", "200", "--temperature", "0"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"app did not start:\n{(folder / 'app.log').read_text()}")
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with running_app(tmp_path_factory.mktemp("app"), "--model", str(tiny.path)) as (url, _):
+        yield url
 
 
 def send(page, text: str, attachment: Path | None = None) -> None:
@@ -132,6 +143,21 @@ def bot_texts(page) -> list[str]:
     return page.locator('#chat [data-testid="bot"]').all_inner_texts()
 
 
+def assert_first_reply_streams(page) -> None:
+    """The page's first reply grows while it streams (at least one partial state before the end), then
+    its statistics appear. Call `watch_reply_lengths` before sending the message: the partial states are
+    seen in the page itself, since a starved browser may paint only the last of several updates, but
+    each one reaches the page."""
+    deadline = time.monotonic() + 120
+    while page.get_by_text(DONE).count() < 1:
+        assert time.monotonic() < deadline, "no reply"
+        time.sleep(0.1)
+    final = bot_texts(page)[0]
+    assert final.strip()
+    lengths = page.evaluate("window.replyLengths")
+    assert len([n for n in lengths if 0 < n < len(final)]) >= 1, f"reply did not stream: {lengths}"
+
+
 def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_path):
     wav = write_wav(tmp_path / "hello.wav")
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
@@ -149,16 +175,7 @@ def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_pat
         # sampled, it sometimes drew an end-of-turn token after a few tokens and never streamed.
         watch_reply_lengths(page)
         send(page, "What do you hear?", wav)
-        deadline = time.monotonic() + 120
-        while page.get_by_text(DONE).count() < 1:
-            assert time.monotonic() < deadline, "no reply"
-            time.sleep(0.1)
-        final = bot_texts(page)[0]
-        assert final.strip()
-        lengths = page.evaluate("window.replyLengths")
-        # At least one partial state before the end (seen in the page itself: a starved browser may
-        # paint only the last of several updates, but each one reaches the page).
-        assert len([n for n in lengths if 0 < n < len(final)]) >= 1, f"reply did not stream: {lengths}"
+        assert_first_reply_streams(page)
 
         # 2. A corrupt file: an error message in the chat, the app keeps going.
         send(page, "And this one?", corrupt)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 from mlx_lm.utils import load_model as mlx_lm_load_model
+from peers import bits_by_module
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-from mlx_unified.config import ModelConfig
+from mlx_unified.checkpoint import peer_name
 from mlx_unified.convert import ConvertError, convert, main
 from mlx_unified.convert import conversion as convert_module
 from mlx_unified.convert.recipes import RECIPES, QuantizationError
 from mlx_unified.loading import load_model
-from mlx_unified.model import Model
 from mlx_unified.safetensors_format import ShardWriter
 from mlx_unified.testing.reference import (
     build_reference_checkpoint,
@@ -105,9 +105,10 @@ def test_unquantized_conversion_is_exact(source, float_logits, tmp_path):
 def test_output_layout_and_copied_files(eight_bit, source):
     index = json.loads((eight_bit / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])
-    assert "language_model.embed_tokens.scales" in names and "lm_head.weight" not in names
-    assert not any(n.startswith("model.") for n in names)
-    assert "language_model.layers.2.self_attn.v_proj.weight" not in names  # K=V global layer
+    # mlx-vlm's and mlx-lm's names: their text model wraps the decoder in a `model`.
+    assert "language_model.model.embed_tokens.scales" in names and "lm_head.weight" not in names
+    assert not any(n.startswith("model.") or n.startswith("language_model.layers.") for n in names)
+    assert "language_model.model.layers.2.self_attn.v_proj.weight" not in names  # K=V global layer
     data = sum(f.stat().st_size for f in eight_bit.glob("*.safetensors"))
     assert 0 < data - index["metadata"]["total_size"] < 1 << 16  # the file is the data plus a header
     for name in (
@@ -135,25 +136,36 @@ def test_every_recipe_and_mode_loads(source, float_logits, tmp_path, label, kwar
     quality = _quality(out, float_logits)
     assert np.isfinite(quality["max_abs_error"])
     assert quality["top1_agreement"] >= 0.6
+    assert section["vision_embedder.patch_dense"] is False  # as mlx-vlm, every recipe keeps vision float
     if kwargs.get("recipe", "uniform").startswith("mixed"):
-        assert section["language_model.embed_tokens"]["bits"] > section["bits"]
-        assert section["embed_audio.embedding_projection"] is False  # projectors stay float
+        assert section["language_model.model.embed_tokens"]["bits"] > section["bits"]
+    if kwargs.get("recipe", "").endswith("_attn"):
+        assert section["embed_audio.embedding_projection"] is False  # ours keep every projector float
+        assert section["language_model.model.layers.0.self_attn.o_proj"]["bits"] > section["bits"]
 
 
 def test_section_is_what_mlx_lm_expects(source, tmp_path):
-    out = convert(source, tmp_path / "mixed", recipe="mixed_4_6")
+    out = convert(source, tmp_path / "mixed", recipe="mixed_4_6_attn")
     config = json.loads((out / "config.json").read_text())
     section = config["quantization"]
     assert config["quantization_config"] == section
     assert {section["bits"], section["group_size"], section["mode"]} == {4, 64, "affine"}
-    modules = {path for path, _ in Model(ModelConfig.from_dict(config)).named_modules()}
+    ours = load_model(out, dtype="float32")
+    modules = {peer_name(path) for path, _ in ours.named_modules()}
     for key, value in section.items():
         if key not in ("bits", "group_size", "mode"):
             assert key in modules and (value is False or set(value) == {"bits", "group_size", "mode"})
-    # mlx-lm's own loader (its class predicate reads the section) builds and strictly loads our model.
-    model, _ = mlx_lm_load_model(out, get_model_classes=lambda config: (Model, ModelConfig))
-    assert model.language_model.layers[0].self_attn.o_proj.bits == 6
-    assert model.language_model.layers[1].mlp.gate_proj.bits == 4
+    # mlx-lm's own loader and its gemma4 model (text only) read the section and the weights.
+    theirs, _ = mlx_lm_load_model(out)
+    assert bits_by_module(theirs) == {
+        path: bits for path, bits in bits_by_module(ours).items() if path.startswith("language_model.")
+    }
+    assert theirs.language_model.model.layers[0].self_attn.o_proj.bits == 6
+    assert theirs.language_model.model.layers[1].mlp.gate_proj.bits == 4
+    prompt = text_prompt(np.random.default_rng(3))
+    expected = logits(ours, prompt)
+    got = np.array(theirs(mx.array(prompt["input_ids"])).astype(mx.float32))
+    assert compare(got, expected)["relative_error"] < 1e-4
 
 
 def test_dequantize_restores_the_released_layout_for_transformers(source, eight_bit, tmp_path):
@@ -309,11 +321,37 @@ def test_refuses_quantizing_twice_and_dequantizing_float(capsys, source, eight_b
         (["-q", "--q-group-size", "16"], "group size"),
         (["--recipe", "mixed_4_6", "--q-bits", "4"], "own bits"),
         (["--recipe", "mixed_4_6", "--q-mode", "mxfp4"], "affine"),
+        (["--recipe", "mixed_4_6", "--q-group-size", "32"], "groups of 64, as mlx-vlm's"),
     ],
 )
 def test_refuses_bad_quantization_settings(capsys, source, tmp_path, flags, message):
     assert message in _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_converter_says_what_it_quantized(capsys, source, tmp_path):
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "--recipe", "mixed_4_6"]) == 0
+    report, wrote = capsys.readouterr().out.strip().splitlines()
+    # 4 layers x 6 matrices + embedding + embed_audio + 2 float vision projectors (K=V globals: no v_proj)
+    assert report.startswith("quantized 28 of 30 weight matrices: ") and "at 6 bits (group 64)" in report
+    assert "kept in float: 2 by the recipe" in report and "bits per weight" in report
+    assert wrote == f"wrote {tmp_path / 'q'}"
+
+
+def test_refuses_quantization_that_would_quantize_nothing(capsys, tmp_path):
+    """A hidden size of 96: no matrix input width but the MLP's and the audio frames' is a multiple of 64;
+    with those kept float too (float_projectors, MLP width 96), -q would quantize nothing."""
+    source = tmp_path / "narrow"
+    build_reference_checkpoint(source, seed=1, hidden_size=96, intermediate_size=96, head_dim=24, global_head_dim=24)
+    write_tokenizer(source)
+    capsys.readouterr()  # transformers' progress bar while saving
+    err = _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), "-q", "--recipe", "float_projectors"])
+    assert "-q would quantize nothing" in err and "groups of 64" in err and "--q-group-size 32" in err
+    assert not (tmp_path / "o").exists()
+    # Plain -q quantizes the one module that fits, and says how few that is.
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "p"), "-q"]) == 0
+    report = capsys.readouterr().out.splitlines()[0]
+    assert report.startswith("quantized 1 of ") and "whose input width is not a multiple of the group size" in report
 
 
 def test_api_errors_are_typed(source, tmp_path):

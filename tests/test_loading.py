@@ -14,7 +14,7 @@ import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 import mlx_unified
-from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, resolve
+from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, module_quantization, peer_name, resolve
 from mlx_unified.config import GLOBAL, SLIDING, ConfigError, ModelConfig, load_config
 from mlx_unified.kernels.rope_tables import inv_freq
 from mlx_unified.testing import tiny_checkpoint
@@ -87,8 +87,34 @@ def test_weight_names_map_once():
         "embed_vision.embedding_projection.weight"
     )
     assert hf_to_mlx_name("lm_head.weight") is None
-    # our own converted layout passes through unchanged
+    # our own earlier converted layout passes through unchanged; mlx-vlm's and mlx-lm's wrap the decoder
     assert hf_to_mlx_name("language_model.norm.weight") == "language_model.norm.weight"
+    assert hf_to_mlx_name("language_model.model.layers.3.mlp.down_proj.scales") == (
+        "language_model.layers.3.mlp.down_proj.scales"
+    )
+    assert hf_to_mlx_name("vision_embedder.patch_dense.weight") == "vision_embedder.patch_dense.weight"
+    for name in ("language_model.layers.0.self_attn.o_proj", "embed_audio.embedding_projection"):
+        assert hf_to_mlx_name(peer_name(name)) == name
+    assert peer_name("language_model.embed_tokens") == "language_model.model.embed_tokens"
+
+
+def test_quantization_overrides_of_every_layout_are_keyed_by_our_paths():
+    section = {
+        "group_size": 64,
+        "bits": 4,
+        "mode": "affine",
+        "language_model.model.embed_tokens": {"group_size": 64, "bits": 6},  # mlx-vlm's, without a mode
+        "language_model.layers.1.mlp.down_proj": {"group_size": 32, "bits": 8, "mode": "affine"},  # ours
+        "vision_embedder.patch_dense": False,
+    }
+    assert module_quantization(section) == {
+        "group_size": 64,
+        "bits": 4,
+        "mode": "affine",
+        "language_model.embed_tokens": {"group_size": 64, "bits": 6},
+        "language_model.layers.1.mlp.down_proj": {"group_size": 32, "bits": 8, "mode": "affine"},
+        "vision_embedder.patch_dense": False,
+    }
 
 
 def test_sharded_checkpoint_loads_through_its_index(tmp_path, checkpoint):

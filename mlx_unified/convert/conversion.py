@@ -18,7 +18,7 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_unified.checkpoint import ModelLoadError, float_dtype, resolve
+from mlx_unified.config import GLOBAL, ModelConfig
 from mlx_unified.convert.planning import (
     ConvertError,
     Job,
@@ -233,6 +234,25 @@ def _write_error(destination: Path, e: OSError) -> ConvertError:
     return ConvertError(f"cannot write {destination}: {e.strerror or e}{where}; nothing was written there")
 
 
+def with_peer_defaults(config_dict: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """`config_dict` with this model's values spelled out where the peers would take others: mlx-lm
+    reads gemma4_unified with its gemma4 text module, whose defaults are per-layer inputs, 20 KV-shared
+    layers, double-wide MLPs and a top-level 262144-word vocabulary; and neither peer reads
+    transformers' `per_layer_config` spelling of the global layers' shape (`global_head_dim`,
+    `num_global_key_value_heads`). A value the source states is kept."""
+    text = config.text
+    first_global = text.layer(text.layer_types.index(GLOBAL))
+    spelled = {
+        "num_kv_shared_layers": 0,
+        "hidden_size_per_layer_input": 0,
+        "use_double_wide_mlp": False,
+        "global_head_dim": first_global.head_dim,
+        "num_global_key_value_heads": first_global.num_kv_heads,
+    }
+    text_dict = {**spelled, **(config_dict.get("text_config") or {})}
+    return {"vocab_size": text.vocab_size, **config_dict, "text_config": text_dict}
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path,
@@ -244,11 +264,15 @@ def convert(
     dtype: str | None = None,
     overwrite: bool = False,
     dequantize: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
-    """Convert (or with `dequantize`, restore the released bf16 layout); returns the output folder.
+    """Convert into the layout mlx-vlm and mlx-lm load (or with `dequantize`, restore the released layout,
+    in `dtype`, default bfloat16 as released); returns the output folder. The source is an
+    unquantized folder or hub id, or, to dequantize, a converted folder of ours, mlx-vlm's or mlx-lm's. `report` gets one line saying what
+    is quantized (count, bits per weight) before the shards are written.
 
-    Raises ConvertError or QuantizationError with a one-line reason; nothing is left at `mlx_path`
-    unless the whole output was written.
+    Raises ConvertError or QuantizationError with a one-line reason (also when -q would quantize
+    nothing); nothing is left at `mlx_path` unless the whole output was written.
     """
     destination = Path(mlx_path).expanduser().resolve()
     if dequantize and (quantize or recipe):
@@ -261,18 +285,25 @@ def convert(
         _check_paths(source_path, destination)
     if destination.exists() and not overwrite:
         raise ConvertError(f"{destination} already exists (pass --overwrite to replace it)")
-    source = read_source(source_path, quantized=dequantize)
+    source = read_source(source_path, dequantize=dequantize)
     if dequantize:
         dtype_name = dtype or "bfloat16"
         layout, section = plan_dequantization(source, float_dtype(dtype_name)), {}
+        config = dict(source.config_dict)
+        if report:
+            count = sum(1 for shard in layout.shards for job in shard if job.quant)
+            report(f"to the released layout in {dtype_name}: {count} quantized weight matrices dequantized")
     else:
         settings = Settings(
             quantize or recipe is not None, q_bits, q_group_size, q_mode, recipe or "uniform", dtype
         )
-        layout, section, dtype_name = plan_conversion(source, settings)
+        layout, section, dtype_name, quantization = plan_conversion(source, settings)
+        config = with_peer_defaults(source.config_dict, source.config)
+        if report and quantization:
+            report(quantization.summary())
     side_files = [source.path / name for name in COPIED_FILES if (source.path / name).is_file()]
     needed = layout.total_bytes + sum(f.stat().st_size for f in side_files) + DISK_SLACK_BYTES
-    config = {k: v for k, v in source.config_dict.items() if k not in ("quantization", "quantization_config")}
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["dtype"] = dtype_name
     if section:
         config["quantization"] = section
