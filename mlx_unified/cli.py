@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError
 from .generation_flags import FLAG_NAMES, add_generation_flags, generation_params
-from .generation_params import ParameterError
+from .generation_params import ContextLengthError, ParameterError
 from .model_source import add_source_arguments
 from .processing.limits import SUPPORTED_BUDGETS
 
@@ -32,12 +32,6 @@ if TYPE_CHECKING:
 
 PROG = "mlx-unified-generate"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-# mlx-lm's --max-kv-size keeps the first 4 and the last N-4 positions of each layer without a window.
-MAX_KV_SIZE_REFUSED = (
-    "--max-kv-size: not supported for Gemma 4 unified: its sliding layers already keep only their window, "
-    "and dropping positions from the global layers would change what every later token reads (mlx-lm and "
-    "mlx-vlm ignore this flag for Gemma models); the global layers keep one tensor, 8 KB per token for the 12B"
-)
 CHAT_HELP = (
     "Chat: type a message and press Enter. /image F, /audio F, /video F attach a file to your next "
     "message; /clear forgets the conversation; /quit (or Ctrl-D) leaves."
@@ -136,7 +130,6 @@ def build_parser() -> ArgumentParser:
         "False (or --no-verbose): only the reply",
     )
     parser.add_argument("--no-verbose", dest="verbose", action="store_false", help=argparse.SUPPRESS)
-    parser.add_argument("--max-kv-size", type=int, metavar="N", help="refused for this model (mlx-lm's rotating cache)")
     parser.add_argument(
         "--image-tokens",
         type=int,
@@ -229,7 +222,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
 
     prepared = prepare(
         args.model,
-        context_tokens=GUARD_PROMPT_TOKENS + args.max_tokens,
+        context_tokens=min(GUARD_PROMPT_TOKENS + args.max_tokens, args.max_kv_size or sys.maxsize),
         demo=args.demo,
         quantize=args.quantize,
     )
@@ -408,6 +401,9 @@ def chat(
         except MediaError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
+        except ContextLengthError as e:  # the conversation outgrew the context: the session goes on
+            print(f"error: {e.renamed(FLAG_NAMES)} (/clear starts a new conversation)", file=sys.stderr, flush=True)
+            continue
         except KeyboardInterrupt:
             print("\n(reply stopped)", file=sys.stderr, flush=True)
             continue
@@ -438,8 +434,6 @@ def run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("system", "task_reminder"):
         utf8_text(getattr(args, name), f"--{name.replace('_', '-')}")
-    if args.max_kv_size is not None:
-        raise BadInput(MAX_KV_SIZE_REFUSED)
     prompt = read_prompt(args)
     if not args.chat and prompt is None:
         raise BadInput(f"--prompt is required (or use --chat) (see {PROG} --help)")
@@ -478,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except InputError as e:
+        if isinstance(e, ParameterError):  # named by its flag, also when found while generating
+            e = e.renamed(FLAG_NAMES)
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -305,6 +305,7 @@ def stream_generate(
     logprobs: bool = False,
     top_logprobs: int = 0,
     prefill_chunk_size: int | None = None,
+    max_kv_size: int | None = None,
     prefill_progress: ProgressCallback | None = None,
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
@@ -339,7 +340,8 @@ def stream_generate(
     (their text or ids) that also end it, as the end of turn does. Every response carries the
     log-probabilities its token was drawn from (`logprobs`, an array over the vocabulary, as mlx-lm's);
     with `logprobs=True` also its token's log-probability as a float and, with `top_logprobs`, the
-    likeliest alternatives. The reply also ends where the model's context is full (finish_reason "length")."""
+    likeliest alternatives. The reply also ends where the model's context is full, or the KV cache holds
+    `max_kv_size` positions (prompt and reply; finish_reason "length"): positions are never dropped."""
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -358,6 +360,7 @@ def stream_generate(
         prefill_chunk_size=prefill_chunk_size,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        max_kv_size=max_kv_size,
     ).validate(vocab_size=model.config.text.vocab_size)
     settings = template_settings(enable_thinking, tools, chat_template_kwargs)
     if params.seed is not None:

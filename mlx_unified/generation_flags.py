@@ -30,6 +30,7 @@ FLAG_NAMES = {
     "frequency_penalty": "--frequency-penalty",
     "seed": "--seed",
     "prefill_chunk_size": "--prefill-step-size",
+    "max_kv_size": "--max-kv-size",
     "extra_eos_tokens": "--extra-eos-token",
 }
 FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else"
@@ -87,6 +88,13 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_tokens: int) -> No
         type=int,
         metavar="N",
         help="prompt tokens per prefill pass (default 2048); fewer take less memory",
+    )
+    parser.add_argument(
+        "--max-kv-size",
+        type=int,
+        metavar="N",
+        help="most positions the KV cache holds, prompt and reply together: the reply ends there "
+        "(default: the model's context). No position is dropped, unlike mlx-lm's rotating cache",
     )
     parser.add_argument(
         "--chat-template-config",

@@ -89,6 +89,9 @@ class GenerationParams:
     prefill_chunk_size: int | None = None  # tokens per prefill pass; None: attention_blocks.PREFILL_CHUNK
     logprobs: bool = False  # report each token's log-probability
     top_logprobs: int = 0  # and this many likeliest alternatives (needs logprobs)
+    # Most positions the KV cache holds, prompt and reply together; None: the model's context. The reply
+    # ends there: no position is ever dropped (mlx-lm's rotating cache would change what later tokens read).
+    max_kv_size: int | None = None
 
     def validate(self, vocab_size: int | None = None) -> GenerationParams:
         """Check every field (and token ids against `vocab_size` when known); return self, with
@@ -108,6 +111,8 @@ class GenerationParams:
             _integer("seed", self.seed, 0, SEED_LIMIT - 1, bound="between 0 and 2**64 - 1")
         if self.prefill_chunk_size is not None:
             _integer("prefill_chunk_size", self.prefill_chunk_size, 1)
+        if self.max_kv_size is not None:
+            _integer("max_kv_size", self.max_kv_size, 1)
         if not isinstance(self.logprobs, bool):
             raise ParameterError("logprobs", f"must be true or false, got {self.logprobs!r}")
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
@@ -118,14 +123,17 @@ class GenerationParams:
         return self
 
     def check_prompt(self, prompt_tokens: int, context_length: int) -> int:
-        """The most tokens this reply may generate: `max_tokens`, cut to what the context leaves.
-        Raises ContextLengthError when the prompt alone fills the context."""
-        room = context_length - prompt_tokens
+        """The most tokens this reply may generate: `max_tokens`, cut to what the context (or
+        `max_kv_size`) leaves. Raises ContextLengthError when the prompt alone fills it."""
+        capped = self.max_kv_size is not None and self.max_kv_size < context_length
+        limit = self.max_kv_size if capped else context_length
+        room = limit - prompt_tokens
         if room < 1:
             raise ContextLengthError(
-                "messages",
-                f"the prompt is {prompt_tokens} tokens; the model's context holds {context_length} "
-                "and at least one must be left to generate",
+                "max_kv_size" if capped else "messages",
+                f"the prompt is {prompt_tokens} tokens; "
+                + (f"max_kv_size holds {limit} positions" if capped else f"the model's context holds {limit}")
+                + " and at least one must be left to generate",
             )
         return min(self.max_tokens, room)
 

@@ -89,6 +89,21 @@ def test_chat_keeps_history_and_media_per_turn(tiny, media):
     assert replies[1]["prompt_tokens"] > replies[0]["prompt_tokens"] + 4
 
 
+def test_max_kv_size_ends_replies_where_the_cache_is_full_and_a_chat_outgrowing_it_goes_on(tiny):
+    first = generate("--model", str(tiny.path), "--prompt", "Hello", "--json", "--max-tokens", "1")
+    assert first.returncode == 0, first.stderr
+    cap = str(json.loads(first.stdout)["prompt_tokens"] + 2)
+    capped = generate("--model", str(tiny.path), "--prompt", "Hello", "--json", "--max-tokens", "40", "--max-kv-size", cap)
+    assert capped.returncode == 0, capped.stderr
+    reply = json.loads(capped.stdout)
+    assert reply["generation_tokens"] <= 2 and (reply["finish_reason"] == "length" or reply["generation_tokens"] < 2)
+    # The second turn holds the first and its reply: past the cap, refused by its flag; the session goes on.
+    chat = generate("--model", str(tiny.path), "--chat", "--json", "--max-kv-size", cap, stdin="Hello\nAgain\n/clear\nHello\n/quit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.splitlines()) == 2 and "Traceback" not in chat.stderr
+    assert "error: --max-kv-size: the prompt is" in chat.stderr and "/clear starts a new conversation" in chat.stderr
+
+
 def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
     not_utf8 = tmp_path / "latin1.txt"
     not_utf8.write_bytes("caf\xe9".encode("latin-1"))
@@ -101,7 +116,7 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
         "top-p": (["--top-p", "2"], "--top-p: must be in (0, 1] (1: off), got 2"),
         "max tokens": (["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
         "prefill step": (["--prefill-step-size", "-1"], "--prefill-step-size: must be >= 1, got -1"),
-        "max kv size": (["--max-kv-size", "64"], "--max-kv-size: not supported for Gemma 4 unified"),
+        "max kv size": (["--max-kv-size", "0"], "--max-kv-size: must be >= 1, got 0"),
         "template config": (["--chat-template-config", "[1]"], "--chat-template-config/--chat-template-args: must be a JSON object"),
         "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
         "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),

@@ -20,7 +20,7 @@ from scripted_replies import (
 )
 
 import mlx_unified
-from mlx_unified.generation import generate, stream_generate
+from mlx_unified.generation import generate, stop_token_ids, stream_generate
 from mlx_unified.generation_params import ContextLengthError, GenerationParams, ParameterError
 
 CONTEXT = 256
@@ -30,6 +30,8 @@ pytestmark = pytest.mark.tiny(seed=3, max_position_embeddings=CONTEXT)
 REFUSED = [
     ("prefill_chunk_size", -1),
     ("prefill_chunk_size", 0),
+    ("max_kv_size", 0),
+    ("max_kv_size", 2.5),
     ("max_tokens", 0),
     ("max_tokens", -3),
     ("max_tokens", 2.5),
@@ -79,6 +81,23 @@ def test_a_prompt_longer_than_the_context_is_refused_and_replies_end_at_the_cont
     prompt = {"input_ids": np.ones((1, CONTEXT - 3), np.int32)}
     result = generate(model, processor, prompt, max_tokens=50, logit_bias={1: -100, 2: -100})
     assert result.generation_tokens <= 3 and (result.finish_reason == "length" or result.generation_tokens < 3)
+
+
+def test_max_kv_size_ends_the_reply_where_the_cache_is_full_and_drops_nothing(tiny):
+    model, processor = tiny.model, tiny.processor
+    never_stop = {token: -100.0 for token in stop_token_ids(model, processor.tokenizer)}
+    prompt = {"input_ids": np.arange(5, 45, dtype=np.int32)[None]}  # 40 tokens, past the window
+
+    def tokens(**cap):
+        return [r.token for r in stream_generate(model, processor, prompt, max_tokens=10, logit_bias=never_stop, **cap)]
+
+    full = tokens()
+    capped = list(stream_generate(model, processor, prompt, max_tokens=10, logit_bias=never_stop, max_kv_size=46))
+    assert len(full) == 10 and [r.token for r in capped] == full[:6] and capped[-1].finish_reason == "length"
+    assert tokens(max_kv_size=CONTEXT * 4) == full  # a cap beyond the context changes nothing
+    with pytest.raises(ContextLengthError, match="max_kv_size holds 40 positions") as refused:
+        tokens(max_kv_size=40)
+    assert refused.value.param == "max_kv_size"
 
 
 def test_stop_strings_end_the_reply_and_are_left_out(tiny):

@@ -13,8 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlx_unified.generation import GenerationResponse, stop_token_ids
+from mlx_unified.generation_params import GenerationParams
 from mlx_unified.server import app as app_module
 from mlx_unified.server.app import Service, create_app
+from mlx_unified.server.chat import ServerDefaults
 from mlx_unified.server.worker import Worker
 
 HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
@@ -83,6 +85,25 @@ def server_command(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mlx_unified.server", *flags], capture_output=True, text=True, timeout=120
     )
+
+
+def test_the_servers_max_kv_size_ends_replies_there_and_refuses_prompts_that_fill_it(tiny, client):
+    prompt_tokens = client.post("/v1/chat/completions", json=HELLO).json()["usage"]["prompt_tokens"]
+    model, processor = tiny.model, tiny.processor
+    for cap, status in ((prompt_tokens + 2, 200), (prompt_tokens, 400)):
+        worker = Worker(max_waiting=2)
+        defaults = ServerDefaults(GenerationParams(max_tokens=40, max_kv_size=cap))
+        service = Service(model, processor, "tiny", worker, stop_token_ids(model, processor.tokenizer), defaults=defaults)
+        with TestClient(create_app(service)) as capped:
+            answer = capped.post("/v1/chat/completions", json={**HELLO, "max_tokens": 40})
+        worker.close()
+        assert answer.status_code == status, answer.text
+        if status == 200:
+            body = answer.json()
+            tokens, finish = body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]
+            assert tokens <= 2 and (finish == "length" or tokens < 2)
+        else:
+            assert answer.json()["error"]["param"] == "max_kv_size"
 
 
 def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path):

@@ -85,6 +85,7 @@ def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_siz
         seed=body.get("seed"),
         stop=body.get("stop") or (),
         prefill_chunk_size=default.prefill_chunk_size,
+        max_kv_size=default.max_kv_size,
         logprobs=_flag(body, "logprobs", False),
         top_logprobs=_value(body, "top_logprobs", 0),
     ).validate(vocab_size)

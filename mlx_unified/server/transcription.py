@@ -52,7 +52,10 @@ def form_settings(form: Any, defaults: Any) -> tuple[str, GenerationParams]:
     except ValueError as error:
         raise bad_request(f"temperature: not a number: {temperature!r}", "temperature") from error
     params = GenerationParams(
-        max_tokens=defaults.params.max_tokens, temperature=value, prefill_chunk_size=defaults.params.prefill_chunk_size
+        max_tokens=defaults.params.max_tokens,
+        temperature=value,
+        prefill_chunk_size=defaults.params.prefill_chunk_size,
+        max_kv_size=defaults.params.max_kv_size,
     )
     return response_format, params.validate()
 
