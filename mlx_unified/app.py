@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import port_number
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
     ReplyStats,
     SegmentStart,
+    Thought,
     assistant_message,
     format_memory,
     load_attachments,
@@ -33,20 +35,25 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
+from .generation_flags import generation_params
+from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
+from .tool_calls import ToolCall
 
 if TYPE_CHECKING:
     from .prefill import ProgressCallback
     from .prefix_cache import PrefixCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
+THINKING_TITLE = "💭 Thinking"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
 PREFILL_NOTE_TOKENS = 2048
 # The max-tokens slider's range.
 MAX_TOKENS_SETTING = 8192
+MAX_TEMPERATURE_SETTING = 2.0
 # While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
 HEARTBEAT_S = 0.5
 
@@ -85,25 +92,31 @@ class ModelSlot:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.name: str | None = None
+        self.name: str | None = None  # as the user (or the default) named it; the demo: its folder
+        self.note = ""  # why this one, e.g. "the default model for this machine"
+        self.problem: str | None = None  # why no model is loaded, shown in the page
         self.model: Any = None
         self.processor: Any = None
         self.prefix_cache: PrefixCache | None = None
         self.drafter: Any = None  # the loaded MTP drafter of `drafter_name`, for this model
         self.drafter_name: str | None = None
 
-    def load(self, name: str) -> None:
+    def load(self, name: str | None, demo: bool = False, quantize: str | None = None) -> None:
+        """Load `name` (None: the default for this machine; see `model_source.prepare`), after the
+        memory check, downloading or converting it first when needed."""
         from .budgets import prefix_cache_bytes
-        from .checkpoint import resolve
         from .loading import load
+        from .model_source import prepare
         from .prefix_cache import PrefixCache
 
-        path = resolve(name)
-        model, processor = load(path)
+        prepared = prepare(name, context_tokens=CONTEXT_FOR_ESTIMATE, demo=demo, quantize=quantize)
+        model, processor = load(prepared.folder)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prefix_cache = PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
+        prefix_cache = PrefixCache.for_checkpoint(prepared.folder, max_bytes=prefix_cache_bytes(model.nbytes))
         with self.lock:
-            self.name, self.model, self.processor = name, model, processor
+            self.name = str(prepared.folder) if demo else prepared.name
+            self.note, self.problem = prepared.note, None
+            self.model, self.processor = model, processor
             self.prefix_cache = prefix_cache
             self.drafter, self.drafter_name = None, None  # drafted for the previous model
 
@@ -128,10 +141,16 @@ class ModelSlot:
 
 def banner_markdown(slot: ModelSlot) -> str:
     if slot.model is None:
+        if slot.problem:
+            return (
+                f"⚠️ **No model loaded**: {slot.problem}. Or pick a checkpoint folder or hub id below and "
+                "press *Load*."
+            )
         return "**No model loaded.** Pick a checkpoint folder or hub id below and press *Load*."
+    name = f"{slot.name} ({slot.note})" if slot.note else slot.name
     if slot.random_weights:
-        return f"⚠️ **{slot.name}**: {RANDOM_WEIGHTS_WARNING}."
-    return f"Model: **{slot.name}**"
+        return f"⚠️ **{name}**: {RANDOM_WEIGHTS_WARNING}."
+    return f"Model: **{name}**"
 
 
 def known_models(extra: Sequence[str] = ()) -> list[str]:
@@ -365,6 +384,7 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
+    enable_thinking: bool = False,
     draft_model: str = "",
     num_draft_tokens: str = "auto",
 ) -> Iterator[list[dict[str, Any]]]:
@@ -389,6 +409,7 @@ def respond(
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+            thinking: dict[str, Any] | None = None  # the collapsible block of the thought channel
 
             def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
                 return stream_reply(
@@ -407,6 +428,7 @@ def respond(
                     prefix_cache=slot.prefix_cache,
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
+                    enable_thinking=bool(enable_thinking),
                     draft_model=drafter,
                     num_draft_tokens=num_draft_tokens,
                 )
@@ -423,6 +445,13 @@ def respond(
                                 f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
                             )
                             reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, Thought):
+                        if thinking is None:
+                            thinking = _note(THINKING_TITLE, status="pending")
+                            notes.append(thinking)
+                        thinking["content"] += event.text
+                    elif isinstance(event, ToolCall):
+                        notes.append(_note(f"Tool call: {event.name}", json.dumps(event.arguments), status="done"))
                     elif isinstance(event, SegmentStart):
                         for note in notes:
                             note["metadata"]["status"] = "done"
@@ -430,6 +459,8 @@ def respond(
                         reply += "\n" if event.index > 1 else ""
                     elif event is not None:  # None: nothing new, sent again so that Stop can act
                         reply += event
+                        if thinking is not None:
+                            thinking["metadata"]["status"] = "done"
                     yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
@@ -480,9 +511,11 @@ def build_app(
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, drafter, drafts):
+    def chat(
+        message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think, drafter, drafts
+    ):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix,
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think,
             drafter, drafts,
         )
 
@@ -503,7 +536,7 @@ def build_app(
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
             temperature_slider = gr.Slider(
-                0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
+                0.0, MAX_TEMPERATURE_SETTING, value=temperature, step=0.05, label="Temperature (0: greedy)"
             )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
             tokens = gr.Slider(1, MAX_TOKENS_SETTING, value=max_tokens, step=1, label="Max tokens")
@@ -518,6 +551,9 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            thinking_switch = gr.Checkbox(
+                value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
             drafter = gr.Textbox(
                 value=draft_model if draft_model is not None else settings.get("draft_model", ""),
                 label="Draft model for speculative decoding (MTP drafter folder or hub id; empty: off)",
@@ -547,6 +583,7 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                thinking_switch,
                 drafter,
                 drafts,
             ],
@@ -558,20 +595,6 @@ def build_app(
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
         drafter.change(lambda name: save_setting(settings_file, "draft_model", name.strip()), drafter, None)
     return page
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
-    return value
-
-
-def max_tokens_setting(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_TOKENS_SETTING:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_TOKENS_SETTING} (the slider's range)")
-    return value
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -587,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
     )
-    parser.add_argument("--model", help="checkpoint folder or hub id to load at start")
+    add_source_arguments(parser, "load")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
     )
@@ -595,12 +618,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     parser.add_argument(
         "--max-tokens",
-        type=max_tokens_setting,
+        type=int,
         default=512,
         help=f"initial value of the max-tokens setting (1 to {MAX_TOKENS_SETTING})",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
+        "--temperature",
+        "--temp",
+        dest="temperature",
+        type=float,
+        default=1.0,
+        help=f"initial value of the temperature setting (0: greedy, at most {MAX_TEMPERATURE_SETTING})",
     )
     parser.add_argument(
         "--draft-model",
@@ -614,23 +642,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
+    try:
+        generation_params(args)  # the values every surface accepts
+    except InputError as e:
+        parser.error(str(e))
+    for flag, value, low, high in (
+        ("--max-tokens", args.max_tokens, 1, MAX_TOKENS_SETTING),
+        ("--temperature", args.temperature, 0, MAX_TEMPERATURE_SETTING),
+    ):
+        if value > high:
+            parser.error(f"argument {flag}: {value} is outside {low:g} to {high:g} (the slider's range)")
     slot = ModelSlot()
     try:
         check_port_free(args.host, args.port)
-        if args.model:
-            print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-            slot.load(args.model)
+        named = args.model or args.demo or args.quantize is not None
+        what = args.model or ("the demo checkpoint" if args.demo else "the default model for this machine")
+        print(f"Loading {what} ...", file=sys.stderr, flush=True)
+        try:
+            slot.load(args.model, demo=args.demo, quantize=args.quantize)
+        except InputError as e:
+            if named:
+                raise
+            # The default model is not here (offline, say): the page opens and says so, and how to go on.
+            slot.problem = str(e)
+            print(f"mlx-unified-app: {e}", file=sys.stderr, flush=True)
     except InputError as e:
         print(f"mlx-unified-app: error: {e}", file=sys.stderr)
         return 2
     if slot.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    from .model_source import default_model
+
     page = build_app(
         slot,
         args.settings_file or default_settings_file(),
-        known_models([args.model]),
+        known_models([slot.name or default_model()]),
         args.max_tokens,
         args.temperature,
         args.draft_model,

@@ -1,12 +1,16 @@
 """Runtime memory budgets: what the device lets a model use, and the shares of it that prefill
-attention and the in-memory prefix cache take beside the weights."""
+attention and the in-memory prefix cache take beside the weights; wiring the model's memory on a Mac.
+
+MLX is imported where the device is asked, so the front ends' memory check loads nothing heavy."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import mlx.core as mx
+from .errors import InputError
 
 GB = 10**9
 GIB = 1 << 30
@@ -14,6 +18,8 @@ PREFILL_SCORE_MIN_BYTES = GIB // 8
 PREFILL_SCORE_MAX_BYTES = 4 * GIB
 PREFIX_CACHE_MIN_BYTES = GIB // 4
 PREFIX_CACHE_MAX_BYTES = 4 * GIB
+# Overrides the budget found on this machine, e.g. "11.45GB" (read by `parse_size`).
+BUDGET_VARIABLE = "MLX_UNIFIED_MEMORY_BUDGET"
 
 
 def gpu_budget_bytes(memory_bytes: int) -> int:
@@ -27,6 +33,8 @@ def gpu_budget_bytes(memory_bytes: int) -> int:
 
 def device_gpu_limit() -> int | None:
     """The real limit on an Apple Silicon Mac, from MLX's Metal device; None elsewhere."""
+    import mlx.core as mx
+
     if platform.system() != "Darwin" or not mx.metal.is_available():
         return None
     info = mx.device_info()
@@ -35,8 +43,14 @@ def device_gpu_limit() -> int | None:
 
 
 def memory_budget_bytes() -> tuple[int, str]:
-    """What a model may use here, and how that figure was found: the GPU working-set limit on a Mac,
-    the physical memory elsewhere."""
+    """What a model may use here, and how that figure was found: MLX_UNIFIED_MEMORY_BUDGET when set,
+    else the GPU working-set limit on a Mac, the physical memory elsewhere."""
+    override = os.environ.get(BUDGET_VARIABLE)
+    if override:
+        try:
+            return parse_size(override), f"the budget {BUDGET_VARIABLE} sets"
+        except ValueError as e:
+            raise InputError(f"{BUDGET_VARIABLE}: {e}") from e
     limit = device_gpu_limit()
     if limit:
         return limit, "this Mac's GPU working-set limit"
@@ -62,3 +76,41 @@ def prefix_cache_bytes(weights_bytes: int, budget_bytes: int | None = None) -> i
     weights, kept between 256 MiB and 4 GiB (a fixed 4 GiB would push a 12 or 16 GB Mac into swap;
     `tests/test_memory.py` checks that several long-system-prompt snapshots fit on a 16 GB Mac)."""
     return _spare(weights_bytes, budget_bytes, 2, PREFIX_CACHE_MIN_BYTES, PREFIX_CACHE_MAX_BYTES)
+
+
+@contextmanager
+def wired_limit() -> Iterator[None]:
+    """On a Mac, wire up to the GPU working-set limit while the body runs, and restore the previous
+    limit after the device's queued work is done: as mlx-lm's and mlx-vlm's generation do, so that
+    macOS does not page the weights out between decode steps. Elsewhere, nothing. (mlx-lm's own
+    `wired_limit` prints its warnings on stdout, where our command line writes the reply.)"""
+    import mlx.core as mx
+
+    limit = device_gpu_limit()
+    if limit is None:
+        yield
+        return
+    previous = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(previous)
+
+
+def parse_size(text: str) -> int:
+    """A Mac's memory, '16GB', '16G', '16' or '512MB', -> bytes.
+
+    Mac RAM sizes are binary: a "16 GB" Mac has 16 GiB.
+    """
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"G": GIB, "M": 1 << 20, "T": 1 << 40}
+    scale = units.get(value[-1:], GIB)
+    number = value[:-1] if value[-1:] in units else value
+    try:
+        size = float(number) * scale
+    except ValueError as e:
+        raise ValueError(f"cannot read memory size {text!r} (expected e.g. 16GB)") from e
+    if size <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(size)

@@ -37,7 +37,6 @@ from .attention import DECODE_MAX_TOKENS
 from .cache import LayerCache, RingSlots, SharedKVCache, SlidingWindowCache
 from .drafter import Drafter, KeyValues
 from .emphasis import SpanBias
-from .errors import InputError
 from .model import Attention, Model
 from .sampling import Sampler, TokenDistribution
 
@@ -46,28 +45,6 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 # Verifying k + 1 tokens stays on the decode kernels.
 AUTO_MAX_DRAFTS = DECODE_MAX_TOKENS - 1
-MAX_DRAFTS = 16  # a fixed draft length beyond this only wastes verification
-
-
-class DraftLengthError(InputError):
-    """A number of draft tokens that is neither 'auto' nor a count in range."""
-
-
-def parse_num_draft_tokens(value: int | str) -> int | None:
-    """`num_draft_tokens` as the CLI, the app and the API take it: "auto" (None: adaptive, up to
-    AUTO_MAX_DRAFTS) or a fixed count 0..MAX_DRAFTS (0 is plain decoding)."""
-    if isinstance(value, str):
-        if value.strip().lower() == "auto":
-            return None
-        try:
-            value = int(value)
-        except ValueError:
-            raise DraftLengthError(f"num_draft_tokens {value!r}: expected 'auto' or a count") from None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DRAFTS:
-        raise DraftLengthError(f"num_draft_tokens {value!r}: expected 'auto' or a count from 0 to {MAX_DRAFTS}")
-    return value
-
-
 # -- what the drafter reads ------------------------------------------------------------------------------
 
 

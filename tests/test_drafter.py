@@ -232,7 +232,7 @@ def test_bidirectional_all_halves_the_window_as_the_reference_does():
         ({"num_centroids": 3000}, "not a multiple of num_centroids"),
         ({"centroid_intermediate_top_k": 0}, "centroid_intermediate_top_k"),
         ({"tie_word_embeddings": False}, "untied"),
-        ({"text": {"num_attention_heads": 12}}, "do not group"),
+        ({"text": {"num_attention_heads": 12}}, "do not divide num_attention_heads"),
     ],
 )
 def test_config_refusals(changes, message):

@@ -177,7 +177,7 @@ def test_unreadable_checkpoints_are_refused(reference, tmp_path):
     truncated = shutil.copytree(path, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="model.safetensors: unreadable or truncated"):
+    with pytest.raises(ModelLoadError, match="model.safetensors: (unreadable or )?truncated"):
         load_drafter(truncated)
     with pytest.raises(ModelLoadError, match="no such folder"):
         load_drafter(tmp_path / "nowhere")

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 # What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
-# the config (the drafter's too), the user-error base, the runtime memory budgets and the prefill sizes
-# its estimate follows.
+# the config (the drafter's too), the user-error base, the runtime memory budgets, the prefill sizes and the runtime's
+# KV/activation count (footprint) its estimate follows, the safetensors format.
 CONVERTER_MAY_LOAD = {
     "mlx_unified",
     "mlx_unified.attention_blocks",
@@ -18,6 +18,8 @@ CONVERTER_MAY_LOAD = {
     "mlx_unified.drafter",
     "mlx_unified.drafter.config",
     "mlx_unified.errors",
+    "mlx_unified.safetensors_format",
+    "mlx_unified.footprint",
 }
 
 

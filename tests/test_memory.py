@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from mlx_unified.budgets import GIB, gpu_budget_bytes, memory_budget_bytes, prefix_cache_bytes
+from mlx_unified.budgets import GIB, gpu_budget_bytes, memory_budget_bytes, parse_size, prefix_cache_bytes
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
-from mlx_unified.convert.estimate import estimate, kv_bytes, longest_context, parse_size, plan, recommend
+from mlx_unified.convert.estimate import estimate, longest_context, plan, recommend
+from mlx_unified.footprint import kv_bytes
 from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint
 
@@ -24,7 +25,8 @@ def test_parameter_count_is_the_released_12b():
 
 
 def test_4bit_estimate_matches_the_formula():
-    """Quantized Linear/embedding params cost bits/8 + 2 bf16 (scale, bias) per group; the rest bf16."""
+    """Quantized Linear/embedding params cost bits/8 + 2 bf16 (scale, bias) per group; the rest bf16,
+    the vision projectors included (plain -q keeps them float, as mlx-vlm's does)."""
     attention_sliding = HIDDEN * (16 * 256 + 2 * 8 * 256) + 16 * 256 * HIDDEN
     attention_global = HIDDEN * (16 * 512 + 512) + 16 * 512 * HIDDEN  # K=V: no v_proj
     quantized = (
@@ -32,8 +34,6 @@ def test_4bit_estimate_matches_the_formula():
         + SLIDING * attention_sliding
         + GLOBAL * attention_global
         + LAYERS * 3 * HIDDEN * MLP
-        + HIDDEN * 6912  # patch_dense
-        + HIDDEN * HIDDEN  # embed_vision
         + HIDDEN * 640  # embed_audio
     )
     unquantized = (
@@ -45,6 +45,8 @@ def test_4bit_estimate_matches_the_formula():
         + 2 * 6912
         + HIDDEN
         + 4 * HIDDEN
+        + HIDDEN * 6912  # patch_dense
+        + HIDDEN * HIDDEN  # embed_vision
     )
     formula = quantized * (4 / 8 + 2 * 2 / 64) + unquantized * 2
     result = estimate(released_config(), bits=4, group_size=64)

@@ -20,16 +20,15 @@ from mlx_unified import attention
 from mlx_unified.cache import SlidingWindowCache, snapshot
 from mlx_unified.drafter import DrafterMismatchError, load_drafter
 from mlx_unified.generation import generate_step
+from mlx_unified.generation_params import DraftLengthError, parse_num_draft_tokens
 from mlx_unified.prefill import prefill
 from mlx_unified.sampling import TokenDistribution, make_sampler
 from mlx_unified.speculative import (
     DraftLength,
-    DraftLengthError,
     MatchAcceptance,
     RejectionAcceptance,
     Speculation,
     SpeculativeStats,
-    parse_num_draft_tokens,
     prepare_cache,
 )
 from mlx_unified.testing.reference import (

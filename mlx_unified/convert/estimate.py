@@ -1,9 +1,8 @@
 """How much memory a converted model needs, from its config alone (no weights), and the `--plan` table.
 
 Weights are counted tensor by tensor with the same recipe logic the converter writes, so the estimate
-is the bytes a conversion produces. The KV cache follows `cache.py`: sliding layers keep at most
-`sliding_window` positions of K and V; global K=V layers keep one tensor (the values; keys are derived).
-Activations follow the prefill's pass and query-block sizes (`attention_blocks`).
+is the bytes a conversion produces. The KV cache and the prefill activations are the runtime's count
+(`mlx_unified.footprint`), which the front ends' memory guard uses too.
 """
 
 from __future__ import annotations
@@ -14,14 +13,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.attention_blocks import (
-    PREFILL_CHUNK,
-    PREFILL_SCORE_BYTES,
-    global_blocks_together,
-    query_block,
-    sliding_query_block,
-)
-from mlx_unified.budgets import GIB, prefill_score_bytes
 from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import ModelConfig
 from mlx_unified.convert.recipes import (
@@ -34,9 +25,7 @@ from mlx_unified.convert.recipes import (
     supported_modes,
 )
 from mlx_unified.drafter.config import DrafterConfig, drafter_tensor_shapes
-
-# Cache quantization groups (mlx-lm's QuantizedKVCache default).
-KV_GROUP_SIZE = 64
+from mlx_unified.footprint import activation_bytes, fits, kv_bytes
 
 
 def weights_bytes(
@@ -58,47 +47,6 @@ def weights_bytes(
         )
         total += sum(t.nbytes for t in quantized_outputs(name, shape, chosen, dtype))
     return total
-
-
-def kv_bytes(config: ModelConfig, context_tokens: int, kv_bits: int | None = None) -> int:
-    """KV cache bytes at `context_tokens` (batch 1, bf16 or `kv_bits`-bit quantized with bf16 scales)."""
-    text = config.text
-    # Per cached element: the packed value plus its share of a group's scale and bias.
-    element_bytes = 2.0 if kv_bits is None else kv_bits / 8 + 2 * 2 / KV_GROUP_SIZE
-    elements = 0
-    for i in range(text.num_hidden_layers):
-        layer = text.layer(i)
-        if layer.is_sliding:
-            elements += 2 * layer.num_kv_heads * min(context_tokens, text.sliding_window) * layer.head_dim
-        else:
-            tensors = 1 if layer.k_eq_v else 2  # K=V layers cache only the values
-            elements += tensors * layer.num_kv_heads * context_tokens * layer.head_dim
-    return int(elements * element_bytes)
-
-
-def activation_bytes(
-    config: ModelConfig, context_tokens: int, chunk: int = PREFILL_CHUNK, score_bytes: int = PREFILL_SCORE_BYTES
-) -> int:
-    """Peak transient memory of the prefill pass that reaches `context_tokens`, float32.
-
-    Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
-    the larger of a global layer's scores (the whole pass's when `global_blocks_together`, else one query
-    block's, see `query_block`: its blocks are then evaluated in turn) and a sliding layer's scores for
-    the whole pass (its blocks, over block + window keys each, are left to evaluate together), and one
-    row of logits.
-    """
-    text = config.text
-    context_tokens = max(context_tokens, 1)
-    tokens = min(chunk, context_tokens)
-    mlp = 3 * tokens * text.intermediate_size
-    hidden = 4 * tokens * text.hidden_size
-    heads = text.num_attention_heads
-    window = text.sliding_window
-    global_queries = tokens
-    if not global_blocks_together(heads, tokens, context_tokens, score_bytes):
-        global_queries = query_block(heads, context_tokens, score_bytes, tokens)
-    scores = heads * max(global_queries * context_tokens, tokens * (window + sliding_query_block(window)))
-    return 4 * (mlp + hidden + scores + text.vocab_size)
 
 
 def estimate(
@@ -141,19 +89,12 @@ def parameter_count(config: ModelConfig) -> int:
 
 def longest_context(config: ModelConfig, budget_bytes: int, weights: int, kv_bits: int | None = None) -> int:
     """The most context tokens whose KV cache and activations fit beside `weights` (0: nothing fits)."""
-
-    score_bytes = prefill_score_bytes(weights, budget_bytes)
-
-    def fits(tokens: int) -> bool:
-        activations = activation_bytes(config, tokens, score_bytes=score_bytes)
-        return weights + kv_bytes(config, tokens, kv_bits) + activations <= budget_bytes
-
     low, high = 0, config.text.max_position_embeddings
-    if not fits(1):
+    if not fits(config, weights, 1, budget_bytes, kv_bits):
         return 0
     while low < high:  # largest `tokens` that fits; memory grows with context
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        low, high = (mid, high) if fits(config, weights, mid, budget_bytes, kv_bits) else (low, mid - 1)
     return low
 
 
@@ -177,20 +118,22 @@ class PlanRow:
         return f"-q --q-bits {self.bits}" + ("" if self.recipe == "uniform" else f" --recipe {self.recipe}")
 
 
-# Candidate conversions, best quality first (more bits per weight).
+# Candidate conversions, best quality first (more bits per weight). The mixed recipes go by their
+# names: mlx-vlm's (`mixed_4_6`, ...) and ours (`mixed_4_6_attn`, see recipes.py).
 _CANDIDATES: list[tuple[str, str | None, int | None, str]] = [
     ("bf16", None, None, "affine"),
     ("8-bit", "uniform", 8, "affine"),
     ("mxfp8", "uniform", 8, "mxfp8"),
     ("6-bit", "uniform", 6, "affine"),
-    ("mixed 4/8", "mixed_4_8", 4, "affine"),
     ("5-bit", "uniform", 5, "affine"),
-    ("mixed 4/6", "mixed_4_6", 4, "affine"),
+    ("mixed_4_8", "mixed_4_8", 4, "affine"),
+    ("mixed_4_6_attn", "mixed_4_6_attn", 4, "affine"),
+    ("mixed_4_6", "mixed_4_6", 4, "affine"),
     ("4-bit", "uniform", 4, "affine"),
     ("nvfp4", "uniform", 4, "nvfp4"),
     ("mxfp4", "uniform", 4, "mxfp4"),
-    ("mixed 3/6", "mixed_3_6", 3, "affine"),
-    ("mixed 3/4", "mixed_3_4", 3, "affine"),
+    ("mixed_3_6", "mixed_3_6", 3, "affine"),
+    ("mixed_3_4", "mixed_3_4", 3, "affine"),
 ]
 
 
@@ -222,21 +165,3 @@ def plan(config: ModelConfig, budget_bytes: int, drafter: DrafterConfig | None =
 def recommend(rows: list[PlanRow], min_context: int) -> PlanRow | None:
     """The highest-quality row that still leaves `min_context` tokens with a bf16 cache."""
     return next((row for row in rows if row.context_bf16_kv >= min_context), None)
-
-
-def parse_size(text: str) -> int:
-    """A Mac's memory, '16GB', '16G', '16' or '512MB', -> bytes.
-
-    Mac RAM sizes are binary: a "16 GB" Mac has 16 GiB.
-    """
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"G": GIB, "M": 1 << 20, "T": 1 << 40}
-    scale = units.get(value[-1:], GIB)
-    number = value[:-1] if value[-1:] in units else value
-    try:
-        size = float(number) * scale
-    except ValueError as e:
-        raise ValueError(f"cannot read memory size {text!r} (expected e.g. 16GB)") from e
-    if size <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return int(size)

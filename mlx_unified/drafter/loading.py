@@ -15,23 +15,29 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..checkpoint import FLOAT_DTYPES, float_dtype, resolve
+from ..checkpoint import FLOAT_DTYPES, float_dtype, module_quantization, resolve
+from ..config import TextConfig
 from ..loading import install_weights, read_weights
 from .config import drafter_weight_name, load_drafter_config
 from .model import Drafter
 
 
-def load_drafter(path_or_hub_id: str | Path, dtype: str | None = None, lazy: bool = False) -> Drafter:
+def load_drafter(
+    path_or_hub_id: str | Path, dtype: str | None = None, lazy: bool = False, target: TextConfig | None = None
+) -> Drafter:
     """The drafter of a local folder or a hub id. dtype: bfloat16 (default), float16 or float32;
-    lazy: leave the weights unread until first use."""
+    lazy: leave the weights unread until first use; target: the text config of the model it will draft
+    for, checked before any weight is read (DrafterMismatchError)."""
     path = resolve(path_or_hub_id)
     config = load_drafter_config(path)
-    target = float_dtype(dtype or "bfloat16")
+    if target is not None:
+        config.check_target(target)
     drafter = Drafter(config)
     weights = read_weights(path, rename=drafter_weight_name)
     if "masked_embedding.token_ordering" in weights:
         weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)
-    install_weights(drafter, path, weights, config.quantization, target)
+    quantization = module_quantization(config.quantization, rename=drafter_weight_name)
+    install_weights(drafter, path, weights, quantization, dtype)
     if not lazy:
         mx.eval(drafter.parameters())
     drafter.eval()
