@@ -9,8 +9,10 @@ from typing import Any
 
 _PUBLIC = {
     "ConfigError": "config",
+    "Drafter": "drafter",
     "ModelConfig": "config",
     "load_config": "config",
+    "load_drafter": "drafter",
     "ModelLoadError": "checkpoint",
     "load": "loading",
     "load_model": "loading",

@@ -98,6 +98,8 @@ class ModelSlot:
         self.model: Any = None
         self.processor: Any = None
         self.prefix_cache: PrefixCache | None = None
+        self.drafter: Any = None  # the loaded MTP drafter of `drafter_name`, for this model
+        self.drafter_name: str | None = None
 
     def load(self, name: str | None, demo: bool = False, quantize: str | None = None) -> None:
         """Load `name` (None: the default for this machine; see `model_source.prepare`), after the
@@ -116,6 +118,21 @@ class ModelSlot:
             self.note, self.problem = prepared.note, None
             self.model, self.processor = model, processor
             self.prefix_cache = prefix_cache
+            self.drafter, self.drafter_name = None, None  # drafted for the previous model
+
+    def draft_model(self, name: str | None) -> Any:
+        """The drafter `name` (a folder or hub id; loaded on first use and checked against the model),
+        None for none. Call with the lock held."""
+        name = (name or "").strip()
+        if not name:
+            return None
+        if name != self.drafter_name:
+            from .drafter import load_drafter
+
+            drafter = load_drafter(name)
+            drafter.config.check_target(self.model.config.text)
+            self.drafter, self.drafter_name = drafter, name
+        return self.drafter
 
     @property
     def random_weights(self) -> bool:
@@ -351,6 +368,8 @@ def _stats_note(stats: ReplyStats) -> dict[str, Any]:
         f"{stats.ttft_s:.2f} s to first token · {stats.generation_tps:.1f} tokens/s · "
         f"{format_memory(stats.peak_memory_gb)} peak memory"
     )
+    if stats.draft_tokens:
+        title += f" · {stats.acceptance_rate:.0%} of drafts accepted"
     return _note(title, stats.summary(), status="done")
 
 
@@ -366,8 +385,11 @@ def respond(
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
     enable_thinking: bool = False,
+    draft_model: str = "",
+    num_draft_tokens: str = "auto",
 ) -> Iterator[list[dict[str, Any]]]:
-    """The chat function: yields the growing list of assistant messages for this turn."""
+    """The chat function: yields the growing list of assistant messages for this turn. draft_model: a
+    drafter's folder or hub id for speculative decoding ("" off), num_draft_tokens "auto" or a count."""
     text, files = (
         (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
     )
@@ -382,6 +404,7 @@ def respond(
         if slot.model is None:
             raise InputError("no model loaded: pick one above and press Load")
         with slot.lock:
+            drafter = slot.draft_model(draft_model)
             media: Media = load_attachments([_upload(path) for path in files])
             earlier = history_messages(history)
             stats = ReplyStats()
@@ -406,6 +429,8 @@ def respond(
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
                     enable_thinking=bool(enable_thinking),
+                    draft_model=drafter,
+                    num_draft_tokens=num_draft_tokens,
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -461,8 +486,12 @@ def build_app(
     choices: list[str],
     max_tokens: int = 512,
     temperature: float = 1.0,
+    draft_model: str | None = None,
 ) -> Any:
+    """The page; `draft_model` (else the saved setting) starts the speculative-decoding setting."""
     import gradio as gr
+
+    from .speculative import AUTO_MAX_DRAFTS
 
     settings = read_settings(settings_file)
 
@@ -482,9 +511,12 @@ def build_app(
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think):
+    def chat(
+        message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think, drafter, drafts
+    ):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think,
+            drafter, drafts,
         )
 
     with gr.Blocks(title="mlx-unified") as page:
@@ -522,6 +554,15 @@ def build_app(
             thinking_switch = gr.Checkbox(
                 value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
             )
+            drafter = gr.Textbox(
+                value=draft_model if draft_model is not None else settings.get("draft_model", ""),
+                label="Draft model for speculative decoding (MTP drafter folder or hub id; empty: off)",
+            )
+            drafts = gr.Dropdown(
+                choices=["auto", *map(str, range(AUTO_MAX_DRAFTS + 1))],
+                value="auto",
+                label="Draft tokens per round (auto: follows the acceptance, down to plain decoding)",
+            )
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -543,6 +584,8 @@ def build_app(
                 emphasis,
                 reuse_prefix,
                 thinking_switch,
+                drafter,
+                drafts,
             ],
             concurrency_limit=1,
             show_progress="full",
@@ -550,6 +593,7 @@ def build_app(
         picker.change(pick, picker, memory)
         load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
+        drafter.change(lambda name: save_setting(settings_file, "draft_model", name.strip()), drafter, None)
     return page
 
 
@@ -585,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help=f"initial value of the temperature setting (0: greedy, at most {MAX_TEMPERATURE_SETTING})",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_ID",
+        help="initial draft model (MTP drafter) for speculative decoding; default: the saved setting",
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
     return parser
@@ -630,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known_models([slot.name or default_model()]),
         args.max_tokens,
         args.temperature,
+        args.draft_model,
     )
     try:
         page.queue(default_concurrency_limit=1).launch(

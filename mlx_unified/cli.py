@@ -225,6 +225,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         context_tokens=min(GUARD_PROMPT_TOKENS + args.max_tokens, args.max_kv_size or sys.maxsize),
         demo=args.demo,
         quantize=args.quantize,
+        draft_model=args.draft_model,
     )
     path = prepared.folder
     say(f"Loading {describe(prepared)} from {path} ...")
@@ -236,13 +237,23 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     return model, processor, path
 
 
+def load_draft_model(name: str, model: Any) -> Any:
+    """The drafter of --draft-model, checked against the model it drafts for."""
+    from .drafter import load_drafter
+
+    if not Path(name).expanduser().exists():
+        print(f"Fetching {name} from the hub (cached after the first run) ...", file=sys.stderr, flush=True)
+    return load_drafter(name, target=model.config.text)
+
+
 def generation_settings(
-    args: argparse.Namespace, params: GenerationParams, prefix_cache: PrefixCache | None
+    args: argparse.Namespace, params: GenerationParams, prefix_cache: PrefixCache | None, draft_model: Any = None
 ) -> dict[str, Any]:
     """stream_generate's arguments: the checked `params`, and the rest of the flags; `prefix_cache`
-    persists system-prompt prefixes across runs."""
+    persists system-prompt prefixes across runs; `draft_model` speculates (--draft-model)."""
     return {
         **asdict(params),
+        "draft_model": draft_model,
         "extra_eos_tokens": args.extra_eos_tokens,
         "image_tokens": args.image_tokens,
         "audio_emphasis": args.audio_emphasis,
@@ -448,6 +459,8 @@ def run(argv: Sequence[str] | None) -> int:
     # Media are checked before the model loads: a bad file costs no wait.
     media = load_media(args.image, args.audio, args.video)
     model, processor, folder = load_model(args)
+    draft_model = load_draft_model(args.draft_model, model) if args.draft_model else None
+    weights = model.nbytes + (draft_model.nbytes if draft_model is not None else 0)
     # Now with the checkpoint's sampling defaults and its vocabulary (--top-k, --extra-eos-token).
     params = generation_params(args, checkpoint_sampling(folder), model.config.text.vocab_size)
     try:
@@ -455,11 +468,9 @@ def run(argv: Sequence[str] | None) -> int:
     except ParameterError as e:
         raise e.renamed(FLAG_NAMES) from None
     prefix_cache = (
-        None
-        if args.no_prefix_cache
-        else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(model.nbytes))
+        None if args.no_prefix_cache else PrefixCache.for_checkpoint(folder, max_bytes=prefix_cache_bytes(weights))
     )
-    settings = generation_settings(args, params, prefix_cache)
+    settings = generation_settings(args, params, prefix_cache, draft_model)
     if args.chat:
         chat(model, processor, args, system, prompt, media, settings)
     else:

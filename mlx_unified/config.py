@@ -271,6 +271,12 @@ class TextConfig:
             if value is not None and value >= self.vocab_size:
                 raise ConfigError(f"text_config.{key} {value} is outside the vocabulary (vocab_size {self.vocab_size})")
 
+    def last_layer(self, kind: str) -> int:
+        """Index of the last layer of type `kind` (the one whose keys and values the drafter reads)."""
+        if kind not in self.layer_types:
+            raise ConfigError(f"no {kind} layer in layer_types")
+        return len(self.layer_types) - 1 - self.layer_types[::-1].index(kind)
+
     def layer(self, index: int) -> LayerShape:
         kind = self.layer_types[index]
         head_dim, kv_heads = self.head_dim, self.num_key_value_heads
@@ -339,7 +345,10 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported: mlx-unified runs '{SUPPORTED_MODEL_TYPE}' checkpoints"
             )
         check_config(data)
-        text = _text_config(data.get("text_config") or {})
+        text_data = data.get("text_config") or {}
+        if text_data.get("num_kv_shared_layers", 0):
+            raise ConfigError("num_kv_shared_layers > 0 is not a Gemma 4 12B unified architecture")
+        text = parse_text_config(text_data)
         vision = _pick(VisionConfig, data["vision_config"]) if data.get("vision_config") else None
         audio = _pick(AudioConfig, data["audio_config"]) if data.get("audio_config") else None
         if vision is not None and vision.output_proj_dims != vision.mm_embed_dim:
@@ -379,9 +388,9 @@ def _pick(cls: type, data: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _text_config(data: dict[str, Any]) -> TextConfig:
-    if data.get("num_kv_shared_layers", 0):
-        raise ConfigError("num_kv_shared_layers > 0 is not a Gemma 4 12B unified architecture")
+def parse_text_config(data: dict[str, Any]) -> TextConfig:
+    """A `text_config` dict (the reference's names; `per_layer_config` keys may be strings, as JSON
+    writes them) as a TextConfig. Both the model and its drafter describe their decoder this way."""
     values = dict(data)
     if values.get("per_layer_config") is not None:
         values["per_layer_config"] = {int(k): dict(v) for k, v in values["per_layer_config"].items()}
@@ -392,8 +401,8 @@ def _text_config(data: dict[str, Any]) -> TextConfig:
     return _pick(TextConfig, values)
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read `<path>/config.json` (or the file itself) into a ModelConfig."""
+def read_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """`<path>/config.json` (or the file itself) and its contents, a JSON object."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
@@ -404,6 +413,12 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{file}: unreadable config ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: config is not a JSON object")
+    return file, data
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `<path>/config.json` (or the file itself) into a ModelConfig."""
+    file, data = read_config_json(path)
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as e:

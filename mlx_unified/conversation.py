@@ -151,6 +151,9 @@ class ReplyStats:
     ttft_s: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str | None = None
+    draft_rounds: int = 0  # speculative decoding: verifying passes, drafts made and accepted
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
     decode_seconds: float = field(default=0.0, repr=False)
     decode_steps: int = field(default=0, repr=False)
 
@@ -169,6 +172,18 @@ class ReplyStats:
         self.generation_tps = self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
         self.peak_memory_gb = max(self.peak_memory_gb, response.peak_memory_gb)
         self.finish_reason = response.finish_reason
+        self.draft_rounds += response.draft_rounds
+        self.draft_tokens += response.draft_tokens
+        self.accepted_draft_tokens += response.accepted_draft_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verifying pass (accepted drafts + the target's own)."""
+        return (self.accepted_draft_tokens + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
 
     def summary(self) -> str:
         return (
@@ -177,6 +192,12 @@ class ReplyStats:
             f"time to first token {self.ttft_s:.2f} s; "
             f"generation {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s; "
             f"peak memory {format_memory(self.peak_memory_gb)}"
+            + (
+                f"; speculative: {self.acceptance_rate:.0%} of {self.draft_tokens} drafts accepted, "
+                f"{self.mean_accepted_length:.2f} tokens per verifying pass"
+                if self.draft_tokens
+                else ""
+            )
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -189,6 +210,10 @@ class ReplyStats:
             "ttft_s": self.ttft_s,
             "peak_memory_gb": self.peak_memory_gb,
             "finish_reason": self.finish_reason,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
         }
 
 

@@ -1,6 +1,6 @@
 """Generation, in mlx-lm's shape: `generate_step` yields tokens one at a time after a chunked prefill;
 `stream_generate` adds the chat template, the prefix cache, detokenizing and statistics; `generate`
-collects a whole reply. Sampling and logits processors are mlx-lm's."""
+collects a whole reply. Sampling filters and logits processors are mlx-lm's (`sampling` builds the sampler)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,22 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .budgets import wired_limit
 from .cache import LayerCache
+from .drafter import Drafter
 from .emphasis import SpanBias, audio_emphasis_bias
-from .generation_params import GenerationParams, ParameterError
+from .generation_params import GenerationParams, ParameterError, parse_num_draft_tokens
 from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
 from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
 from .processing import build_messages
 from .processing.chat import TOOL_RESPONSE, TURN_END
 from .reply_parser import parse_reply
+from .speculative import (
+    AUTO_MAX_DRAFTS,
+    Speculation,
+    SpeculativeStats,
+    prepare_cache,
+    speculative_decode,
+)
 from .stop_strings import StopStrings
 from .tool_calls import ToolCall, check_tools
 
@@ -44,6 +52,13 @@ class GenerationStats:
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop", "length" or None while running
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
+    # Speculative decoding (with a draft model): drafts made and accepted so far, the share accepted,
+    # and tokens emitted per verifying target pass (accepted drafts + 1); 0 without drafts.
+    draft_rounds: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
 
     @property
     def peak_memory(self) -> float:
@@ -99,6 +114,9 @@ def generate_step(
     embeddings: mx.array | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
+    draft_model: Drafter | None = None,
+    num_draft_tokens: int | str = "auto",
+    draft_stats: SpeculativeStats | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [vocab]) for the prompt `inputs` (the processor's arrays, batch 1): the
     first after a chunked prefill (`prefill.prefill`), then one per decode step, max(max_tokens, 1) in
@@ -111,9 +129,20 @@ def generate_step(
     not move (the yielded logprobs are then computed only if the caller evaluates them).
     key_bias: the global layers' score bias (audio emphasis). embeddings: the prompt's, when already
     computed. snapshot_at / on_snapshot: where prefill ends a chunk to hand its cache out.
+
+    draft_model: an MTP drafter (`drafter.load_drafter`) for speculative decoding (`speculative`):
+    the same tokens as without it when greedy, the same distribution when sampling (mlx-unified's
+    `sampling.make_sampler` samplers by the rejection rule, any other sampler by matching its own
+    samples). num_draft_tokens: "auto" (chosen round by round, down to plain decoding) or a fixed
+    count. draft_stats: filled in with the rounds, drafts and acceptances.
     """
     input_ids = np.asarray(inputs["input_ids"])
     cache = model.make_cache() if prompt_cache is None else prompt_cache
+    drafts = None
+    if draft_model is not None:
+        draft_model.config.check_target(model.config.text)
+        drafts = parse_num_draft_tokens(num_draft_tokens)
+        prepare_cache(cache, AUTO_MAX_DRAFTS if drafts is None else drafts)
     history = mx.array(input_ids[0].astype(np.int32))
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -141,10 +170,23 @@ def generate_step(
             key_bias=key_bias,
             snapshot_at=snapshot_at,
             on_snapshot=on_snapshot,
+            return_hidden=draft_model is not None,
         )
+        if draft_model is not None:
+            logits, hidden = logits
         token, logprobs = sample(logits)
         # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
         mx.eval(token)
+        if draft_model is not None:
+            speculation = Speculation(
+                model, draft_model, cache, token, hidden[:, -1], history,
+                sampler=sampler, logits_processors=logits_processors, key_bias=key_bias,
+            )  # fmt: skip
+            first = (int(token.item()), logprobs)
+            yield from speculative_decode(
+                speculation, first, max_tokens=max_tokens, num_draft_tokens=drafts, stats=draft_stats
+            )
+            return
         for generated in range(1, max(max_tokens, 1) + 1):
             upcoming = step(token) if generated < max_tokens else None
             if upcoming is not None:
@@ -317,6 +359,8 @@ def stream_generate(
     chat_template_kwargs: dict[str, Any] | None = None,
     prefix_cache: PrefixCache | None = None,
     use_prefix_cache: bool = True,
+    draft_model: Drafter | None = None,
+    num_draft_tokens: int | str = "auto",
 ) -> Iterator[GenerationResponse]:
     """Yield the reply piece by piece. `prompt` is one of:
     - the user's text (str), with `system`, `images`, `audios`, `videos`: templated here;
@@ -341,7 +385,9 @@ def stream_generate(
     log-probabilities its token was drawn from (`logprobs`, an array over the vocabulary, as mlx-lm's);
     with `logprobs=True` also its token's log-probability as a float and, with `top_logprobs`, the
     likeliest alternatives. The reply also ends where the model's context is full, or the KV cache holds
-    `max_kv_size` positions (prompt and reply; finish_reason "length"): positions are never dropped."""
+    `max_kv_size` positions (prompt and reply; finish_reason "length"): positions are never dropped.
+    draft_model / num_draft_tokens: speculative decoding with an MTP drafter (`load_drafter`), see
+    `generate_step`; the responses then count its drafts and acceptance."""
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -361,6 +407,7 @@ def stream_generate(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         max_kv_size=max_kv_size,
+        num_draft_tokens=num_draft_tokens,
     ).validate(vocab_size=model.config.text.vocab_size)
     settings = template_settings(enable_thinking, tools, chat_template_kwargs)
     if params.seed is not None:
@@ -392,6 +439,7 @@ def stream_generate(
     elif prefix_cache is None:
         prefix_cache = default_prefix_cache(model)
     plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias)
+    drafts = SpeculativeStats()
     tokens = generate_step(
         model,
         inputs,
@@ -405,6 +453,9 @@ def stream_generate(
         embeddings=embeddings,
         snapshot_at=plan.snapshot_at,
         on_snapshot=plan.on_snapshot,
+        draft_model=draft_model,
+        num_draft_tokens=params.num_draft_tokens,
+        draft_stats=drafts,
     )
     for generated, (token, logprobs_row) in enumerate(tokens, start=1):
         if generated == 1:
@@ -440,6 +491,11 @@ def stream_generate(
             peak_memory_gb=peak_memory_gb(),
             finish_reason=finish,
             cached_tokens=plan.reused,
+            draft_rounds=drafts.rounds,
+            draft_tokens=drafts.drafted,
+            accepted_draft_tokens=drafts.accepted,
+            acceptance_rate=drafts.acceptance_rate,
+            mean_accepted_length=drafts.mean_accepted_length,
         )
         if finish:
             return

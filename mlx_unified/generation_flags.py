@@ -31,6 +31,7 @@ FLAG_NAMES = {
     "seed": "--seed",
     "prefill_chunk_size": "--prefill-step-size",
     "max_kv_size": "--max-kv-size",
+    "num_draft_tokens": "--num-draft-tokens",
     "extra_eos_tokens": "--extra-eos-token",
 }
 FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else"
@@ -95,6 +96,19 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_tokens: int) -> No
         metavar="N",
         help="most positions the KV cache holds, prompt and reply together: the reply ends there "
         "(default: the model's context). No position is dropped, unlike mlx-lm's rotating cache",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_ID",
+        help="MTP drafter for speculative decoding (gemma4_unified_assistant: a folder or hub id); "
+        "greedy replies are unchanged, sampled ones keep their distribution",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        default="auto",
+        metavar="N|auto",
+        help="with --draft-model, tokens drafted per round: auto (default) follows the acceptance, down to "
+        "plain decoding; N a fixed count (0: plain decoding)",
     )
     parser.add_argument(
         "--chat-template-config",

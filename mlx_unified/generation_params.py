@@ -22,6 +22,7 @@ SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence/frequency penalties
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_DRAFTS = 16  # a fixed draft length beyond this only wastes verification
 
 
 class ParameterError(InputError):
@@ -39,6 +40,25 @@ class ParameterError(InputError):
 
 class ContextLengthError(ParameterError):
     """The prompt leaves no room to generate within the model's context."""
+
+
+class DraftLengthError(ParameterError):
+    """A number of draft tokens that is neither 'auto' nor a count in range."""
+
+
+def parse_num_draft_tokens(value: int | str) -> int | None:
+    """`num_draft_tokens` as the CLI, the app and the API take it: "auto" (None: adaptive, see
+    `speculative.DraftLength`) or a fixed count 0..MAX_DRAFTS (0 is plain decoding)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise DraftLengthError("num_draft_tokens", f"expected 'auto' or a count, got {value!r}") from None
+    if not _is_int(value) or not 0 <= value <= MAX_DRAFTS:
+        raise DraftLengthError("num_draft_tokens", f"expected 'auto' or a count from 0 to {MAX_DRAFTS}, got {value!r}")
+    return value
 
 
 def _is_int(value: Any) -> bool:
@@ -92,6 +112,7 @@ class GenerationParams:
     # Most positions the KV cache holds, prompt and reply together; None: the model's context. The reply
     # ends there: no position is ever dropped (mlx-lm's rotating cache would change what later tokens read).
     max_kv_size: int | None = None
+    num_draft_tokens: int | str = "auto"  # with a draft model: "auto" (adaptive) or a fixed count
 
     def validate(self, vocab_size: int | None = None) -> GenerationParams:
         """Check every field (and token ids against `vocab_size` when known); return self, with
@@ -113,6 +134,7 @@ class GenerationParams:
             _integer("prefill_chunk_size", self.prefill_chunk_size, 1)
         if self.max_kv_size is not None:
             _integer("max_kv_size", self.max_kv_size, 1)
+        parse_num_draft_tokens(self.num_draft_tokens)
         if not isinstance(self.logprobs, bool):
             raise ParameterError("logprobs", f"must be true or false, got {self.logprobs!r}")
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)

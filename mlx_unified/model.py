@@ -10,6 +10,7 @@ attention from `kernels/`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -108,7 +109,7 @@ class Attention(nn.Module):
         else:
             keys = self._norm_rope(self.k_proj(x), n_kv, self.k_norm.weight, offset, rope=True)
             values = self._norm_rope(self.v_proj(x), n_kv, None, offset, rope=False)
-            out = self._separate_kv(queries, keys, values, ctx, cache, decoding and L == 1)
+            out = self._separate_kv(queries, keys, values, ctx, cache, decoding)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _shared_kv(
@@ -122,8 +123,13 @@ class Attention(nn.Module):
                 queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
             )
         key_start = ctx.offset + L - shared.shape[2]
-        keys = rope_fused(shared * self.k_norm.weight.astype(shared.dtype), key_start, self.rope)
+        keys = self.shared_keys(shared, key_start)
         return prefill_attention(queries, keys, shared, ctx, key_start, None, ctx.key_bias)
+
+    def shared_keys(self, shared: mx.array, start: int) -> mx.array:
+        """The keys of a K=V layer from its one tensor (positions start..): rope(k_norm.weight * v), which
+        is the reference's rope(k_norm(raw)) since v = v_norm(raw) and both norms divide by the same RMS."""
+        return rope_fused(shared * self.k_norm.weight.astype(shared.dtype), start, self.rope)
 
     def _separate_kv(
         self,
@@ -137,9 +143,12 @@ class Attention(nn.Module):
         L = queries.shape[2]
         key_start = ctx.offset
         if isinstance(cache, SlidingWindowCache):
-            keys, values, key_start = cache.update_and_fetch(keys, values)
-            if decoding:
+            # The kernel reads the ring in place when it keeps every key these queries see: one
+            # token, or the few of a speculative verification in a ring with spare slots.
+            if decoding and L <= cache.capacity - cache.window + 1:
+                cache.append(keys, values)
                 return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
+            keys, values, key_start = cache.update_and_fetch(keys, values)
         elif cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - keys.shape[2]
@@ -181,10 +190,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, index: int):
+    def __init__(self, config: TextConfig, index: int, self_attn: nn.Module | None = None):
+        """self_attn: the attention block, by default the layer's own (the drafter's reads the target's
+        keys and values instead)."""
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, config.layer(index))
+        self.self_attn = Attention(config, config.layer(index)) if self_attn is None else self_attn
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -193,7 +204,11 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x: mx.array, ctx: AttentionContext, cache: LayerCache | None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cache))
+        return self.residual(x, lambda normed: self.self_attn(normed, ctx, cache))
+
+    def residual(self, x: mx.array, attend: Callable[[mx.array], mx.array]) -> mx.array:
+        """The layer around its attention: `attend` maps the normed input to the attention output."""
+        h = x + self.post_attention_layernorm(attend(self.input_layernorm(x)))
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         # The reference scales the whole residual stream, residual included.
         return h * self.layer_scalar.astype(h.dtype)
@@ -227,7 +242,11 @@ class TextModel(nn.Module):
         return h
 
     def logits(self, h: mx.array) -> mx.array:
-        logits = self.embed_tokens.as_linear(self.norm(h))
+        return self.head(self.norm(h))
+
+    def head(self, normed: mx.array) -> mx.array:
+        """Soft-capped logits of hidden states after the final norm."""
+        logits = self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits
 
@@ -350,12 +369,15 @@ class Model(nn.Module):
         key_bias: SpanBias | None = None,
         observer: AttentionObserver | None = None,
         score_bytes: int = PREFILL_SCORE_BYTES,
-    ) -> mx.array:
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """Run the decoder on embeddings [B, L, hidden] starting at the cache's offset.
 
         mm_token_type_ids covers these L tokens; a vision block must not be split between two calls.
         key_bias: additive score bias on a key span of global layers (audio emphasis); observer: see
         `AttentionContext.observer`; score_bytes: bound on one attention block's scores.
+        return_hidden: return (logits, hidden) with the kept positions' hidden states after the final
+        norm, which the drafter reads (the reference's `hidden_states[-1]`).
         """
         offset = 0 if cache is None else cache[0].offset
         blocks = None
@@ -363,7 +385,10 @@ class Model(nn.Module):
             blocks = vision_block_ids(np.asarray(mm_token_type_ids).reshape(h.shape[0], -1))
         h = self.language_model(h, AttentionContext(offset, blocks, key_bias, observer, score_bytes), cache)
         kept = h[:, -logits_to_keep:] if logits_to_keep else h
-        return self.language_model.logits(kept)
+        if not return_hidden:
+            return self.language_model.logits(kept)
+        normed = self.language_model.norm(kept)
+        return self.language_model.head(normed), normed
 
     def __call__(
         self,

@@ -296,12 +296,14 @@ def prepare(
     context_tokens: int,
     demo: bool = False,
     quantize: str | None = None,
+    draft_model: str | None = None,
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
 ) -> Prepared:
     """The checkpoint to load for `name` (None: the default for this machine), checked against the
     memory budget before any weight is downloaded or read; `quantize` (see `parse_quantize`; "" for the
-    plan's recommendation) converts unquantized weights once into the cache folder. `say` reports the
-    slow steps (downloading, converting)."""
+    plan's recommendation) converts unquantized weights once into the cache folder. `draft_model`: a
+    drafter loaded beside it (speculative decoding), whose stored weights the check counts too. `say`
+    reports the slow steps (downloading, converting)."""
     if demo:
         if name or quantize is not None:
             raise InputError("--demo runs the random demo checkpoint: drop --model and --quantize")
@@ -322,13 +324,21 @@ def prepare(
         if converted is not None:
             return converted
     if size is not None:
-        check_memory(name, config, size, context_tokens)
+        check_memory(name, config, size + _drafter_bytes(draft_model), context_tokens)
     if hub:
         say(f"Fetching {shown} from the hub ({_gb(size)}; kept in the hub cache, resumed if interrupted) ...")
         folder = _download(name, shown)
     else:
         folder = preview
     return Prepared(Path(folder), name, note)
+
+
+def _drafter_bytes(draft_model: str | None) -> int:
+    """The stored weights of a local drafter folder (0 without one, or for a hub id: the drafter is a
+    small fraction of the model, and its size is known only once it is fetched)."""
+    if not draft_model or _is_hub_id(draft_model):
+        return 0
+    return stored_weight_bytes(resolve(draft_model)) or 0
 
 
 def _converted(

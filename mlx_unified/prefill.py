@@ -51,8 +51,10 @@ def prefill(
     key_bias: SpanBias | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
-) -> mx.array:
-    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only.
+    return_hidden: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """Run the prompt through the model in bounded-memory chunks; logits of the last positions only
+    (with return_hidden, also their hidden states after the final norm, which the drafter reads).
 
     Starts at the cache's offset (a restored prefix is not run again). `embeddings`: the prompt's
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
@@ -85,6 +87,7 @@ def prefill(
             logits_to_keep=logits_to_keep if last else 1,
             key_bias=key_bias,
             score_bytes=score_bytes,
+            return_hidden=return_hidden,
         )
         mx.eval(logits, [c.state for c in cache])
         mx.clear_cache()

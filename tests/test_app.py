@@ -254,3 +254,22 @@ def test_an_unusable_cache_folder_costs_no_answer(tiny, tmp_path, monkeypatch, c
             assert all((m.get("metadata") or {}).get("title") != ERROR_TITLE for m in shown), shown
             history += [{"role": "user", "content": text}, *shown]
     assert caplog.text.count("is unusable") == 1
+
+
+def test_draft_model_setting_gives_the_same_reply_and_refuses_a_wrong_drafter(slot, tmp_path):
+    """With a drafter, the greedy reply is the same and the statistics note tells the acceptance; a
+    drafter of another model, or a missing one, is an error note in the chat, and the next turn works."""
+    from mlx_unified.testing import tiny_checkpoint, tiny_drafter
+
+    drafter = tiny_drafter(tmp_path / "drafter", slot.name, copies_last_token=True)
+    plain = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280))[-1]
+    speculative = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, str(drafter), "3"))[-1]
+    assert speculative[-2]["content"] == plain[-2]["content"]
+    assert "of drafts accepted" in speculative[-1]["metadata"]["title"]
+    other = tiny_drafter(tmp_path / "other", tiny_checkpoint(tmp_path / "other-model", hidden_size=32))
+    for name in (str(other), str(tmp_path / "missing")):
+        refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, name, "auto"))[-1]
+        assert refused[-1]["metadata"]["title"] == ERROR_TITLE
+    assert "made for another model" in list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, str(other)))[-1][-1]["content"]
+    again = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, "", "auto"))[-1]
+    assert again[-2]["content"] == plain[-2]["content"]

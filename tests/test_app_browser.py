@@ -82,8 +82,13 @@ def app_url(tmp_path_factory, tiny):
         yield url
 
 
+def message_box(page):
+    """The chat's message box (the settings have text boxes of their own)."""
+    return page.get_by_role("group", name="Multimedia input field").get_by_test_id("textbox")
+
+
 def send(page, text: str, attachment: Path | None = None) -> None:
-    box = page.locator('[data-testid="textbox"]')
+    box = message_box(page)
     # While a reply runs the box is disabled; Gradio empties and enables it as the reply's last step
     # (after the statistics note shows), and a file attached before then would be dropped.
     expect(box).to_be_enabled(timeout=60_000)
@@ -189,7 +194,7 @@ def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_pat
             assert time.monotonic() < deadline, "no reply after the error"
             time.sleep(0.1)
         assert page.get_by_text("Could not answer").count() == 1
-        box = page.locator('[data-testid="textbox"]')
+        box = message_box(page)
         expect(box).to_be_enabled(timeout=60_000)
         before_retry = [text for text in bot_texts(page) if not DONE.search(text)]  # without statistics
 

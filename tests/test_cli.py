@@ -120,6 +120,7 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
         "template config": (["--chat-template-config", "[1]"], "--chat-template-config/--chat-template-args: must be a JSON object"),
         "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
         "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),
+        "draft count": (["--num-draft-tokens", "many"], "--num-draft-tokens: expected 'auto' or a count, got 'many'"),
     }
     # Started together: each one pays the interpreter and MLX start-up, none loads the model.
     running = {
@@ -207,6 +208,26 @@ def test_audio_emphasis_flag(tiny, media):
     refused = generate("--model", str(tiny.path), "--prompt", "x", "--audio-emphasis", "0")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--audio-emphasis" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_draft_model_gives_the_same_reply_and_reports_its_acceptance(tiny, tmp_path):
+    from mlx_unified.testing import tiny_checkpoint, tiny_drafter
+
+    drafter = tiny_drafter(tmp_path / "drafter", tiny.path, copies_last_token=True)
+    base = ["--model", str(tiny.path), "--prompt", "What is this?", "--max-tokens", "16", "--json"]
+    plain, speculative = generate(*base), generate(*base, "--draft-model", str(drafter), "--num-draft-tokens", "3")
+    assert_reply(plain)
+    assert_reply(speculative)
+    reply = json.loads(speculative.stdout)
+    assert reply["text"] == json.loads(plain.stdout)["text"]
+    assert reply["draft_tokens"] > 0 and 0 <= reply["acceptance_rate"] <= 1 and reply["mean_accepted_length"] >= 1
+    assert "speculative: " in speculative.stderr and "drafts accepted" in speculative.stderr
+    other = tiny_drafter(tmp_path / "other", tiny_checkpoint(tmp_path / "other-model", hidden_size=32))
+    for flag, message in ((str(other), "made for another model: backbone_hidden_size 32"), ("/no/such", "/no/such")):
+        refused = generate("--model", str(tiny.path), "--prompt", "x", "--draft-model", flag)
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert last.startswith("mlx-unified-generate: error: ") and message in last, last
 
 
 def test_the_earlier_name_of_the_prefix_cache_flag_is_still_accepted():

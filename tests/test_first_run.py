@@ -231,3 +231,16 @@ def test_generation_wires_the_working_set_on_a_mac_and_restores_it(tiny, monkeyp
     assert calls == [11_453_251_584]  # wired while generating
     steps.close()  # the caller stops early, as at a stop token
     assert calls == [11_453_251_584, 7]  # the previous limit is back
+
+
+def test_the_guard_counts_a_draft_models_weights_beside_the_models(tiny, tmp_path, monkeypatch):
+    from mlx_unified import model_source
+    from mlx_unified.checkpoint import stored_weight_bytes
+    from mlx_unified.testing import tiny_drafter
+
+    drafter = tiny_drafter(tmp_path / "drafter", tiny.path)
+    counted = []
+    monkeypatch.setattr(model_source, "check_memory", lambda name, config, weights, context: counted.append(weights))
+    model_source.prepare(str(tiny.path), context_tokens=64)
+    model_source.prepare(str(tiny.path), context_tokens=64, draft_model=str(drafter))
+    assert counted == [stored_weight_bytes(tiny.path), stored_weight_bytes(tiny.path) + stored_weight_bytes(drafter)]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
-# the config, the user-error base, the runtime memory budgets, the prefill sizes and the runtime's
+# the config (the drafter's too), the user-error base, the runtime memory budgets, the prefill sizes and the runtime's
 # KV/activation count (footprint) its estimate follows, the safetensors format.
 CONVERTER_MAY_LOAD = {
     "mlx_unified",
@@ -15,6 +15,8 @@ CONVERTER_MAY_LOAD = {
     "mlx_unified.budgets",
     "mlx_unified.checkpoint",
     "mlx_unified.config",
+    "mlx_unified.drafter",
+    "mlx_unified.drafter.config",
     "mlx_unified.errors",
     "mlx_unified.safetensors_format",
     "mlx_unified.footprint",

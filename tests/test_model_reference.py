@@ -8,35 +8,20 @@ import pytest
 
 import mlx_unified
 from mlx_unified import attention
-from mlx_unified.config import default_layer_types
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.prefill import prefill
 from mlx_unified.testing.reference import (
-    TOKENS,
-    audio_inputs,
+    PROMPTS,
+    RELATIVE_TOLERANCE,
+    SHAPES,
     build_reference_checkpoint,
-    image_inputs,
+    image_audio_prompt,
+    image_prompt,
     reference_greedy,
     reference_logits,
+    relative_error,
+    text_prompt,
 )
-
-SIX_LAYERS = default_layer_types(6)
-SHAPES = {
-    # window 8 shorter than every prompt; GQA 2; K=V global layers with proportional RoPE
-    "kv_shared": dict(),
-    # odd head count, GQA 3, window 5, the 5:1 pattern
-    "odd_heads": dict(
-        num_attention_heads=3, num_key_value_heads=1, head_dim=8, global_head_dim=16, sliding_window=5,
-        num_hidden_layers=6, layer_types=SIX_LAYERS,
-    ),
-    # no K=V: global layers keep v_proj and a K-and-V cache; GQA 4
-    "separate_kv": dict(num_attention_heads=8, num_key_value_heads=2, attention_k_eq_v=False, head_dim=8),
-}
-RELATIVE_TOLERANCE = 1e-4
-
-
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -46,49 +31,9 @@ def pair(request, tmp_path_factory):
     return ref, mlx_unified.load_model(path, dtype="float32")
 
 
-def text_prompt(rng, length):
-    return {"input_ids": np.concatenate([[[2]], rng.integers(3, 480, (1, length - 1))], axis=1)}
-
-
-def image_prompt(rng, num_patches=12, budget=16):
-    pixels, positions = image_inputs(rng, num_patches, budget, grid_width=4)
-    ids = [2, 7, 9, TOKENS["boi_token_id"]] + [TOKENS["image_token_id"]] * num_patches + [TOKENS["eoi_token_id"]]
-    ids += list(rng.integers(3, 480, 6))
-    ids = np.array([ids])
-    return {
-        "input_ids": ids,
-        "pixel_values": pixels,
-        "image_position_ids": positions,
-        "mm_token_type_ids": (ids == TOKENS["image_token_id"]).astype(np.int64),
-    }
-
-
-def audio_prompt(rng, num_frames=9, padded=12):
-    frames, mask = audio_inputs(rng, num_frames, padded)
-    ids = [2, 11, TOKENS["boa_token_id"]] + [TOKENS["audio_token_id"]] * num_frames + [TOKENS["eoa_token_index"]]
-    ids += list(rng.integers(3, 480, 5))
-    return {"input_ids": np.array([ids]), "input_features": frames, "input_features_mask": mask}
-
-
-def image_audio_prompt(rng):
-    image, audio = image_prompt(rng, num_patches=7, budget=9), audio_prompt(rng, num_frames=6, padded=6)
-    ids = np.concatenate([image["input_ids"], audio["input_ids"][:, 1:]], axis=1)
-    mm = (ids == TOKENS["image_token_id"]).astype(np.int64)
-    mm[ids == TOKENS["audio_token_id"]] = 3
-    return {**image, **audio, "input_ids": ids, "mm_token_type_ids": mm}
-
-
 def ours(model, inputs, **kwargs):
     arrays = {k: mx.array(v) for k, v in inputs.items()}
     return np.array(model(arrays.pop("input_ids"), **arrays, **kwargs))
-
-
-PROMPTS = {
-    "text": lambda rng: text_prompt(rng, 21),
-    "image": image_prompt,
-    "audio": audio_prompt,
-    "image+audio": image_audio_prompt,
-}
 
 
 @pytest.mark.parametrize("kind", sorted(PROMPTS))

@@ -138,3 +138,22 @@ def test_default_top_k_above_the_vocabulary_is_refused_after_loading(tiny):
     assert "Loading" in result.stderr  # checked against the loaded model's vocabulary
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"mlx-unified-server: error: --top-k: must be between 0 and {vocab}, got {vocab + 1}"
+
+
+def test_a_draft_model_gives_the_same_reply_and_reports_its_drafts(tiny, client, tmp_path):
+    from mlx_unified.drafter import load_drafter
+    from mlx_unified.testing import tiny_drafter
+
+    request = {**HELLO, "max_tokens": 12}
+    plain = client.post("/v1/chat/completions", json=request).json()
+    model, processor = tiny.model, tiny.processor
+    drafter = load_drafter(tiny_drafter(tmp_path / "drafter", tiny.path, copies_last_token=True))
+    worker = Worker(max_waiting=2)
+    service = Service(model, processor, "tiny", worker, stop_token_ids(model, processor.tokenizer), draft_model=drafter)
+    with TestClient(create_app(service)) as speculating:
+        answer = speculating.post("/v1/chat/completions", json=request).json()
+    worker.close()
+    assert answer["choices"][0]["message"] == plain["choices"][0]["message"]
+    drafts = answer["usage"]["speculative_decoding"]
+    assert drafts["draft_tokens"] > 0 and 0 <= drafts["acceptance_rate"] <= 1 and drafts["mean_accepted_length"] >= 1
+    assert "speculative_decoding" not in plain["usage"]

@@ -8,16 +8,18 @@ import sys
 
 from mlx_unified.budgets import GB, GIB, device_gpu_limit, gpu_budget_bytes, parse_size
 from mlx_unified.checkpoint import FLOAT_DTYPES, ModelLoadError
-from mlx_unified.config import ModelConfig, load_config, released_config
+from mlx_unified.config import ConfigError, ModelConfig, load_config, released_config
 from mlx_unified.convert.conversion import convert
 from mlx_unified.convert.estimate import parameter_count, plan, recommend
 from mlx_unified.convert.planning import ConvertError
 from mlx_unified.convert.recipes import MODES, RECIPES, QuantizationError
+from mlx_unified.drafter.config import DrafterConfig, load_drafter_config
 from mlx_unified.footprint import DEFAULT_MIN_CONTEXT
 
 
-def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> None:
-    """A table of candidate conversions against what the GPU may use on this (or the given) Mac."""
+def print_plan(config: ModelConfig, memory: str | None, min_context: int, drafter: DrafterConfig | None = None) -> None:
+    """A table of candidate conversions against what the GPU may use on this (or the given) Mac; with
+    a drafter, the weights counted are the model's and the drafter's, each converted as the row says."""
     real_limit = None if memory else device_gpu_limit()
     if real_limit is not None:
         budget, where = real_limit, "this Mac's GPU limit (from MLX)"
@@ -26,13 +28,15 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
         budget = gpu_budget_bytes(ram)
         where = f"a {ram / GIB:g} GB Mac{'' if memory else ' (pass --memory for another size)'}: macOS default GPU limit"
     print(f"GPU memory budget: {budget / GB:.2f} GB, {where}")
+    if drafter is not None:
+        print("Weights include the draft model's (speculative decoding), converted alike")
     header = (
         f"{'conversion':<15} {'weights GB':>10} {'bits/w':>7} {'max context':>12}  flags"
     )
     print(header)
     print("-" * len(header))
     parameters = parameter_count(config)
-    rows = plan(config, budget)
+    rows = plan(config, budget, drafter)
     for row in rows:
         print(
             f"{row.label:<15} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
@@ -59,7 +63,8 @@ def _tokens(n: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert.py",
-        description="Convert Gemma 4 12B unified to MLX (optionally quantized), or plan which conversion fits.",
+        description="Convert Gemma 4 12B unified, or its MTP drafter, to MLX (optionally quantized), "
+        "or plan which conversion fits.",
     )
     parser.add_argument("--hf-path", "--model", help="local folder or hub id, e.g. google/gemma-4-12B-it")
     parser.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
@@ -94,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MIN_CONTEXT,
         help=f"context the --plan recommendation must leave (tokens, default {DEFAULT_MIN_CONTEXT})",
     )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="with --plan: also count this MTP drafter (speculative decoding); convert a drafter itself "
+        "with --hf-path",
+    )
     return parser
 
 
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.plan:
             config = load_config(args.hf_path) if args.hf_path else released_config()
-            print_plan(config, args.memory, args.min_context)
+            drafter = load_drafter_config(args.draft_model) if args.draft_model else None
+            print_plan(config, args.memory, args.min_context, drafter)
             return 0
         if not args.hf_path:
             raise ConvertError("--hf-path is required (a local folder or a hub id)")
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: interrupted; nothing was written to {args.mlx_path}", file=sys.stderr)
         return 130
-    except (ConvertError, QuantizationError, ModelLoadError, ValueError) as e:
+    except (ConvertError, QuantizationError, ModelLoadError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a folder the user named cannot be read or listed

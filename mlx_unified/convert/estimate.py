@@ -24,16 +24,22 @@ from mlx_unified.convert.recipes import (
     quantized_outputs,
     supported_modes,
 )
+from mlx_unified.drafter.config import DrafterConfig, drafter_tensor_shapes
 from mlx_unified.footprint import activation_bytes, fits, kv_bytes
 
 
 def weights_bytes(
-    config: ModelConfig, params: QuantParams | None, recipe: str = "uniform", dtype: mx.Dtype = mx.bfloat16
+    config: ModelConfig | DrafterConfig,
+    params: QuantParams | None,
+    recipe: str = "uniform",
+    dtype: mx.Dtype = mx.bfloat16,
 ) -> int:
-    """Bytes of tensor data a conversion writes (`params=None`: no quantization)."""
+    """Bytes of tensor data a conversion of the model (or of its drafter) writes (`params=None`: no
+    quantization)."""
     layer_types = config.text.layer_types
+    shapes = drafter_tensor_shapes(config) if isinstance(config, DrafterConfig) else tensor_shapes(config)
     total = 0
-    for name, shape in tensor_shapes(config).items():
+    for name, shape in shapes.items():
         chosen = (
             None
             if params is None
@@ -131,8 +137,9 @@ _CANDIDATES: list[tuple[str, str | None, int | None, str]] = [
 ]
 
 
-def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
-    """Every candidate conversion the installed MLX supports, with the context each leaves room for."""
+def plan(config: ModelConfig, budget_bytes: int, drafter: DrafterConfig | None = None) -> list[PlanRow]:
+    """Every candidate conversion the installed MLX supports, with the context each leaves room for;
+    with a drafter (speculative decoding), its weights converted alike count beside the model's."""
     rows = []
     modes = supported_modes()
     for label, recipe, bits, mode in _CANDIDATES:
@@ -140,6 +147,8 @@ def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
             continue
         params = None if bits is None else base_params(bits, None, mode)
         weights = weights_bytes(config, params, recipe or "uniform")
+        if drafter is not None:
+            weights += weights_bytes(drafter, params, recipe or "uniform")
         rows.append(
             PlanRow(
                 label,

@@ -37,10 +37,17 @@ from mlx_unified.convert.recipes import (
     quantized_outputs,
     recipe_default,
 )
+from mlx_unified.drafter.config import (
+    DRAFTER_MODEL_TYPE,
+    DrafterConfig,
+    drafter_tensor_shapes,
+    drafter_weight_name,
+)
 from mlx_unified.errors import InputError
 from mlx_unified.safetensors_format import NUMPY_DTYPES, OutputTensor, TensorInfo, dtype_tag
 
 SUPPORTED_ARCHITECTURES = {"Gemma4UnifiedForConditionalGeneration"}
+DRAFTER_ARCHITECTURES = {"Gemma4UnifiedAssistantForCausalLM"}
 # Output shards stay under 5 GB (decimal, with room for the header), like mlx-lm's and the hub's.
 MAX_SHARD_BYTES = 5 * GB - (1 << 20)
 
@@ -51,10 +58,32 @@ class ConvertError(InputError):
 
 @dataclass
 class Source:
+    """A checkpoint to convert: the model, or its MTP drafter (`gemma4_unified_assistant`), whose
+    tensors keep their released names."""
+
     path: Path
     config_dict: dict[str, Any]
-    config: ModelConfig
+    config: ModelConfig | DrafterConfig
     tensors: dict[str, TensorInfo]  # by our MLX name, in read order (shard by shard, by offset)
+
+    @property
+    def is_drafter(self) -> bool:
+        return isinstance(self.config, DrafterConfig)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the config implies, by our name."""
+        return drafter_tensor_shapes(self.config) if self.is_drafter else tensor_shapes(self.config)
+
+    def released_name(self, name: str) -> str:
+        return name if self.is_drafter else f"model.{name}"
+
+    def output_name(self, name: str) -> str:
+        """The name a conversion writes: the peers' layout (`checkpoint.peer_name`); a drafter's own."""
+        return name if self.is_drafter else peer_name(name)
+
+    def quantization(self) -> dict[str, Any] | None:
+        """The config's quantization section keyed by our module paths."""
+        return module_quantization(self.config.quantization, drafter_weight_name if self.is_drafter else hf_to_mlx_name)
 
 
 @dataclass
@@ -103,16 +132,18 @@ def read_source(path: Path, *, dequantize: bool) -> Source:
         raise ConvertError(f"{path}: no config.json (not a checkpoint folder, or an incomplete download)")
     try:
         config_dict = json.loads(config_file.read_text())
-        config = ModelConfig.from_dict(config_dict)
+        drafter = isinstance(config_dict, dict) and config_dict.get("model_type") == DRAFTER_MODEL_TYPE
+        config = DrafterConfig.from_dict(config_dict) if drafter else ModelConfig.from_dict(config_dict)
     except json.JSONDecodeError as e:
         raise ConvertError(f"{config_file}: unreadable ({e})") from e
     except ConfigError as e:
         raise ConvertError(f"{path}: {e}") from e
-    architectures = set(config_dict.get("architectures") or SUPPORTED_ARCHITECTURES)
-    if not architectures & SUPPORTED_ARCHITECTURES:
+    supported = DRAFTER_ARCHITECTURES if drafter else SUPPORTED_ARCHITECTURES
+    architectures = set(config_dict.get("architectures") or supported)
+    if not architectures & supported:
         raise ConvertError(
             f"{path}: architecture {', '.join(sorted(architectures))} is not supported "
-            f"(expected {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+            f"(expected {', '.join(sorted(supported))})"
         )
     quantized = bool(config.quantization)
     if not dequantize and quantized:
@@ -125,7 +156,7 @@ def read_source(path: Path, *, dequantize: bool) -> Source:
         released_layout = True
         for file in weight_files(path):
             for name, info in sorted(shard_tensors(file).items(), key=lambda item: item[1].begin):
-                mlx_name = hf_to_mlx_name(name)
+                mlx_name = drafter_weight_name(name) if drafter else hf_to_mlx_name(name)
                 if mlx_name is None:
                     continue
                 if info.dtype not in NUMPY_DTYPES:
@@ -140,13 +171,15 @@ def read_source(path: Path, *, dequantize: bool) -> Source:
         raise ConvertError(
             f"{path}: not a quantized checkpoint, and in the released layout already; nothing to dequantize"
         )
-    config = drop_absent_media(config, tensors.keys())
-    _check_tensors(path, config, tensors, quantized)
-    return Source(path, config_dict, config, tensors)
+    if not drafter:
+        config = drop_absent_media(config, tensors.keys())
+    source = Source(path, config_dict, config, tensors)
+    _check_tensors(source, quantized)
+    return source
 
 
-def _check_tensors(path: Path, config: ModelConfig, tensors: dict[str, TensorInfo], quantized: bool) -> None:
-    expected = tensor_shapes(config)
+def _check_tensors(source: Source, quantized: bool) -> None:
+    path, tensors, expected = source.path, source.tensors, source.shapes()
     if quantized:
         # Packed modules hold `.weight` (uint32), `.scales` and maybe `.biases`; only names are checked here.
         present = {n for n in tensors if not n.endswith((".scales", ".biases"))}
@@ -160,7 +193,8 @@ def _check_tensors(path: Path, config: ModelConfig, tensors: dict[str, TensorInf
         )
     if unexpected:
         raise ConvertError(
-            f"{path}: unexpected tensors for a Gemma 4 unified model (another architecture?), "
+            f"{path}: unexpected tensors for a Gemma 4 unified {'drafter' if source.is_drafter else 'model'} "
+            "(another architecture?), "
             f"e.g. {', '.join(unexpected[:3])}"
         )
     if not quantized:
@@ -263,14 +297,18 @@ def plan_conversion(
         quant = None
         if recipe and is_quantizable(name, info.shape):
             quant, reason = choose_params(name, info.shape, layer_types, recipe, base)
-            choices[peer_name(name.removesuffix(".weight"))] = quant
+            choices[source.output_name(name.removesuffix(".weight"))] = quant
             if quant is None:
                 kept[reason] = kept.get(reason, 0) + 1
                 if reason == "width":
                     widths.add(info.shape[-1])
             else:
                 quantized[quant] = quantized.get(quant, 0) + 1
-        jobs.append(Job(info, quantized_outputs(peer_name(name), info.shape, quant, dtype), quant))
+        if info.dtype.startswith(("F", "BF")):
+            outputs = quantized_outputs(source.output_name(name), info.shape, quant, dtype)
+        else:  # an integer table (the drafter's token ordering): copied as stored
+            outputs = [OutputTensor(source.output_name(name), info.dtype, info.shape)]
+        jobs.append(Job(info, outputs, quant))
     layout = Layout.pack(jobs)
     if base is None:
         return layout, {}, dtype_name, None
@@ -296,18 +334,21 @@ def _nothing_to_quantize(path: Path, base: QuantParams, widths: set[int]) -> str
 def plan_dequantization(source: Source, dtype: mx.Dtype) -> Layout:
     """Released-layout shards (`model.` prefix) holding every tensor in `dtype`, from a quantized folder
     of any layout (ours, mlx-vlm's, mlx-lm's)."""
-    section = module_quantization(source.config.quantization) or {}
+    section = source.quantization() or {}
     default = QuantParams(
         section.get("bits", 4), section.get("group_size", 64), section.get("mode", "affine")
     )
-    expected = tensor_shapes(source.config)
+    expected = source.shapes()
     jobs = []
     for name, info in source.tensors.items():
         if name.endswith((".scales", ".biases")):
             continue
         path = name.removesuffix(".weight")
-        output = [OutputTensor(f"model.{name}", dtype_tag(dtype), expected[name])]
-        if f"{path}.scales" not in source.tensors:
+        packed = f"{path}.scales" in source.tensors
+        # Integer tables (the drafter's token ordering) stay as stored.
+        tag = dtype_tag(dtype) if packed or info.dtype.startswith(("F", "BF")) else info.dtype
+        output = [OutputTensor(source.released_name(name), tag, expected[name])]
+        if not packed:
             jobs.append(Job(info, output, None))
             continue
         override = section.get(path)

@@ -50,6 +50,7 @@ class Service:
     worker: Worker
     stop_ids: set[int]
     prefix_cache: Any = None  # the prefix cache shared by every request; None: off
+    draft_model: Any = None  # the MTP drafter every reply speculates with (--draft-model); None: off
     policy: MediaPolicy = field(default_factory=MediaPolicy)
     defaults: ServerDefaults = field(default_factory=ServerDefaults)
     max_request_bytes: int = 64 << 20

@@ -86,6 +86,7 @@ def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_siz
         stop=body.get("stop") or (),
         prefill_chunk_size=default.prefill_chunk_size,
         max_kv_size=default.max_kv_size,
+        num_draft_tokens=default.num_draft_tokens,
         logprobs=_flag(body, "logprobs", False),
         top_logprobs=_value(body, "top_logprobs", 0),
     ).validate(vocab_size)
@@ -184,6 +185,7 @@ def generation_work(service: Any, request: ChatRequest, messages: list[dict[str,
             chat_template_kwargs=request.chat_template_kwargs,
             prefix_cache=service.prefix_cache,
             use_prefix_cache=service.prefix_cache is not None,
+            draft_model=service.draft_model,
             **asdict(request.params),
         )
         with closing(replies):
@@ -256,6 +258,20 @@ class ReplyAssembler:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": self.last.cached_tokens if self.last else 0},
+        } | self._speculation()
+
+    def _speculation(self) -> dict[str, Any]:
+        """With a draft model (`--draft-model`): the reply's drafts, as the statistics of `generate` name them."""
+        if not self.last or not self.last.draft_rounds:
+            return {}
+        last = self.last
+        return {
+            "speculative_decoding": {
+                "draft_tokens": last.draft_tokens,
+                "accepted_draft_tokens": last.accepted_draft_tokens,
+                "acceptance_rate": last.acceptance_rate,
+                "mean_accepted_length": last.mean_accepted_length,
+            }
         }
 
     def _logprob_entry(self, response: Any) -> dict[str, Any]:

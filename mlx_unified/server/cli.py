@@ -122,6 +122,13 @@ def run(argv: Sequence[str] | None) -> int:
     if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     params = generation_params(args, checkpoint_sampling(path), model.config.text.vocab_size)
+    draft_model = None
+    if args.draft_model:
+        from ..drafter import load_drafter
+
+        print(f"Loading the draft model {args.draft_model} ...", file=sys.stderr, flush=True)
+        draft_model = load_drafter(args.draft_model, target=model.config.text)
+    weights = model.nbytes + (draft_model.nbytes if draft_model is not None else 0)
     service = Service(
         model=model,
         processor=processor,
@@ -130,7 +137,8 @@ def run(argv: Sequence[str] | None) -> int:
         stop_ids=stop_token_ids(model, processor.tokenizer),
         prefix_cache=None
         if args.no_prefix_cache
-        else PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes)),
+        else PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(weights)),
+        draft_model=draft_model,
         policy=MediaPolicy.from_folders(args.media_root),
         defaults=ServerDefaults(params, args.enable_thinking, args.chat_template_kwargs),
         max_request_bytes=args.max_request_mb << 20,

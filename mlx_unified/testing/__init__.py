@@ -1,5 +1,6 @@
 """Test machinery that ships: a small random checkpoint in the released layout, for smoke runs and
-tests with no download (`tiny_checkpoint`, shapes from `scaled_text`), the reference harness
+tests with no download (`tiny_checkpoint`, shapes from `scaled_text`), an MTP drafter for one
+(`tiny_drafter`, its config from `drafter_config`), the reference harness
 (`testing.reference`), the kernels' random cases (`testing.kernel_cases`) and the CPU emulator of Metal
 kernels (`testing.metal_emulator`).
 
@@ -18,8 +19,18 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import float_dtype, tensor_shapes
-from ..config import DEFAULT_ROPE_PARAMETERS, RANDOM_WEIGHTS_FLAG, ModelConfig, default_layer_types
+from ..checkpoint import float_dtype, tensor_shapes, weight_files
+from ..config import (
+    DEFAULT_ROPE_PARAMETERS,
+    GLOBAL,
+    RANDOM_WEIGHTS_FLAG,
+    SLIDING,
+    ModelConfig,
+    TextConfig,
+    default_layer_types,
+    load_config,
+)
+from ..drafter import Drafter, DrafterConfig, save_drafter
 from .tokenizer import write_tokenizer
 
 
@@ -146,3 +157,76 @@ def tiny_checkpoint(
         mx.eval(weights[name])  # one float32 draw alive at a time
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     return path
+
+
+def drafter_config(
+    target: TextConfig, layers: int = 2, centroids: int = 0, **text_overrides: Any
+) -> DrafterConfig:
+    """An MTP drafter for a target of these text settings, in the released config layout (transformers
+    and mlx-vlm read it too): `layers` layers of the target's width (sliding ones, then one global),
+    attention shapes the target's (it attends over the target's keys), MLP twice the width; with
+    `centroids`, the released kind of head: that many clusters of the vocabulary, the top 32 scored."""
+    sliding, full = target.layer(target.last_layer(SLIDING)), target.layer(target.last_layer(GLOBAL))
+    text = dict(
+        model_type="gemma4_unified_text",
+        hidden_size=target.hidden_size,
+        intermediate_size=target.hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=target.num_attention_heads,
+        num_key_value_heads=sliding.num_kv_heads,
+        head_dim=sliding.head_dim,
+        global_head_dim=full.head_dim,
+        num_global_key_value_heads=full.num_kv_heads,
+        attention_k_eq_v=target.attention_k_eq_v,
+        num_kv_shared_layers=layers,
+        hidden_size_per_layer_input=0,
+        vocab_size=target.vocab_size,
+        sliding_window=target.sliding_window,
+        layer_types=[SLIDING] * (layers - 1) + [GLOBAL],
+        rms_norm_eps=target.rms_norm_eps,
+        hidden_activation=target.hidden_activation,
+        final_logit_softcapping=None,
+        tie_word_embeddings=True,
+        **text_overrides,
+    )
+    return DrafterConfig.from_dict(
+        dict(
+            architectures=["Gemma4UnifiedAssistantForCausalLM"],
+            model_type="gemma4_unified_assistant",
+            backbone_hidden_size=target.hidden_size,
+            use_ordered_embeddings=bool(centroids),
+            num_centroids=centroids or 2048,
+            centroid_intermediate_top_k=min(32, centroids) if centroids else 32,
+            tie_word_embeddings=True,
+            text_config=text,
+            **{RANDOM_WEIGHTS_FLAG: True},
+        )
+    )
+
+
+def tiny_drafter(
+    path: str | Path, target: str | Path, seed: int = 0, *, copies_last_token: bool = False, centroids: int = 0
+) -> Path:
+    """Write an MTP drafter (bf16, released layout) for the checkpoint at `target` to `path`. Its weights
+    are random (MLX's initialization; with `centroids`, a random token ordering), so its drafts are
+    almost never accepted; `copies_last_token` chooses them instead so that it drafts the last token
+    again: pre_projection passes the token's embedding, the layers add nothing, the tied head is the
+    target's embeddings. Against a target that repeats tokens, those drafts are accepted where it does."""
+    text = load_config(target).text
+    mx.random.seed(seed)
+    drafter = Drafter(drafter_config(text, centroids=centroids))
+    if centroids:
+        ordering = np.random.default_rng(seed).permutation(text.vocab_size).astype(np.int32)
+        drafter.masked_embedding.token_ordering = mx.array(ordering)
+    if copies_last_token:
+        hidden = text.hidden_size
+        stored = {}
+        for file in weight_files(Path(target)):
+            stored.update(mx.load(str(file)))
+        drafter.pre_projection.weight = mx.concatenate([mx.eye(hidden), mx.zeros((hidden, hidden))], axis=1)
+        for layer in drafter.model.layers:
+            layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
+        drafter.model.embed_tokens.weight = stored["model.language_model.embed_tokens.weight"]
+    drafter.apply(lambda w: w.astype(mx.bfloat16) if mx.issubdtype(w.dtype, mx.floating) else w)
+    return save_drafter(drafter, path)
