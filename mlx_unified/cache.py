@@ -1,4 +1,4 @@
-"""KV caches for the two layer kinds.
+"""KV caches for the two layer kinds, in float or quantized.
 
 - `SlidingWindowCache`: a ring buffer of exactly `window` positions for sliding layers; a longer prompt
   never makes it grow past the window.
@@ -7,33 +7,80 @@
   stores half of what a K-and-V cache would.
 Global layers without K=V (other configs) use mlx-lm's `KVCache`.
 
-All three follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays, then its
-offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through it
-(the prefix cache keeps and restores snapshots, speculative decoding can roll back to one).
+Each has a quantized form (`QuantizedSlidingWindowCache`, `QuantizedSharedKVCache`, mlx-lm's
+`QuantizedKVCache`) that stores what `mx.quantize` returns, the (packed, scales, biases) triple, in
+place of each tensor; `to_quantized(group_size, bits)` converts a float cache, as in mlx-lm, and
+`KVQuantization` says when (mlx-lm's `kv_bits`, `kv_group_size`, `quantized_kv_start`). The ring and
+the growing buffer are written once, for either storage: a buffer is an array or such a triple, and
+the helpers below slice, write and grow every array of it alike along the positions axis.
+
+All follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays or triples, then
+its offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through
+it (the prefix cache keeps and restores snapshots, speculative decoding can roll back to one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx.utils import tree_map
+from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
+
+from .errors import InputError
 
 GROWTH_STEP = 256
 
+# A quantized tensor as `mx.quantize` returns it: packed uint32 values, then per-group scales and biases.
+Quantized = tuple[mx.array, mx.array, mx.array]
+Buffer = mx.array | Quantized
 
-def _grow(buffer: mx.array | None, like: mx.array, needed: int, limit: int | None = None) -> mx.array:
+
+def _arrays(buffer: Buffer) -> Sequence[mx.array]:
+    return buffer if isinstance(buffer, (tuple, list)) else (buffer,)
+
+
+def _length(buffer: Buffer) -> int:
+    """Positions (axis 2) a buffer holds."""
+    return _arrays(buffer)[0].shape[2]
+
+
+def _slots(buffer: Buffer, start: int, stop: int) -> Buffer:
+    return tree_map(lambda a: a[:, :, start:stop], buffer)
+
+
+def _concat(first: Buffer, second: Buffer) -> Buffer:
+    return tree_map(lambda a, b: mx.concatenate([a, b], axis=2), first, second)
+
+
+def _assign(buffer: Buffer, start: int, new: Buffer) -> None:
+    """Write `new` into slots start.. of `buffer`, in place."""
+    for a, b in zip(_arrays(buffer), _arrays(new), strict=True):
+        a[:, :, start : start + b.shape[2]] = b
+
+
+def _grow(buffer: Buffer | None, like: Buffer, needed: int, limit: int | None = None) -> Buffer:
     """Return `buffer` with at least `needed` slots on axis 2 (rounded up to GROWTH_STEP, capped)."""
-    have = 0 if buffer is None else buffer.shape[2]
+    have = 0 if buffer is None else _length(buffer)
     if have >= needed:
         return buffer
     size = -(-needed // GROWTH_STEP) * GROWTH_STEP
     if limit is not None:
         size = min(size, limit)
-    B, H, _, D = like.shape
-    extra = mx.zeros((B, H, size - have, D), dtype=like.dtype)
-    return extra if buffer is None else mx.concatenate([buffer, extra], axis=2)
+
+    def extra(a: mx.array) -> mx.array:
+        B, H, _, D = a.shape
+        return mx.zeros((B, H, size - have, D), dtype=a.dtype)
+
+    added = tree_map(extra, like)
+    return added if buffer is None else _concat(buffer, added)
+
+
+def _nbytes(*buffers: Buffer | None) -> int:
+    return sum(a.nbytes for b in buffers if b is not None for a in _arrays(b))
 
 
 class SlidingWindowCache(_BaseCache):
@@ -41,30 +88,34 @@ class SlidingWindowCache(_BaseCache):
 
     def __init__(self, window: int):
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.keys: Buffer | None = None
+        self.values: Buffer | None = None
         self.offset = 0
 
-    def _ordered(self, buffer: mx.array, start: int, end: int) -> mx.array:
+    def _stored(self, x: mx.array) -> Buffer:
+        """New keys or values as the buffers hold them."""
+        return x
+
+    def _ordered(self, buffer: Buffer, start: int, end: int) -> Buffer:
         """Positions [start, end) in temporal order (end - start <= window)."""
         s, e = start % self.window, end % self.window
         if end - start == 0:
-            return buffer[:, :, :0]
+            return _slots(buffer, 0, 0)
         if s < e or e == 0:
-            return buffer[:, :, s : (e or self.window)]
-        return mx.concatenate([buffer[:, :, s:], buffer[:, :, :e]], axis=2)
+            return _slots(buffer, s, e or self.window)
+        return _concat(_slots(buffer, s, self.window), _slots(buffer, 0, e))
 
-    def _write(self, buffer: mx.array, new: mx.array, start: int) -> mx.array:
+    def _write(self, buffer: Buffer, new: Buffer, start: int) -> Buffer:
         """Write `new` (at most `window` positions) at absolute positions start.. (wrapping)."""
-        n = new.shape[2]
+        n = _length(new)
         s = start % self.window
         first = min(n, self.window - s)
-        buffer[:, :, s : s + first] = new[:, :, :first]
+        _assign(buffer, s, _slots(new, 0, first))
         if first < n:
-            buffer[:, :, : n - first] = new[:, :, first:]
+            _assign(buffer, 0, _slots(new, first, n))
         return buffer
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Buffer, Buffer, int]:
         """Add L new positions; return the keys/values the new queries may see and the absolute
         position of the first returned key.
 
@@ -73,6 +124,7 @@ class SlidingWindowCache(_BaseCache):
         """
         L = keys.shape[2]
         start = self.offset
+        keys, values = self._stored(keys), self._stored(values)
         if L == 1:
             needed = min(start + 1, self.window)
             self.keys = _grow(self.keys, keys, needed, self.window)
@@ -80,18 +132,18 @@ class SlidingWindowCache(_BaseCache):
             self.keys = self._write(self.keys, keys, start)
             self.values = self._write(self.values, values, start)
             self.offset += 1
-            return self.keys[:, :, :needed], self.values[:, :, :needed], max(0, self.offset - self.window)
+            return _slots(self.keys, 0, needed), _slots(self.values, 0, needed), max(0, self.offset - self.window)
         past = min(start, self.window - 1)
         if past:
-            seen_k = mx.concatenate([self._ordered(self.keys, start - past, start), keys], axis=2)
-            seen_v = mx.concatenate([self._ordered(self.values, start - past, start), values], axis=2)
+            seen_k = _concat(self._ordered(self.keys, start - past, start), keys)
+            seen_v = _concat(self._ordered(self.values, start - past, start), values)
         else:
             seen_k, seen_v = keys, values
         kept = min(L, self.window)
         self.keys = _grow(self.keys, keys, min(start + L, self.window), self.window)
         self.values = _grow(self.values, values, min(start + L, self.window), self.window)
-        self.keys = self._write(self.keys, keys[:, :, L - kept :], start + L - kept)
-        self.values = self._write(self.values, values[:, :, L - kept :], start + L - kept)
+        self.keys = self._write(self.keys, _slots(keys, L - kept, L), start + L - kept)
+        self.values = self._write(self.values, _slots(values, L - kept, L), start + L - kept)
         self.offset += L
         return seen_k, seen_v, start - past
 
@@ -101,13 +153,17 @@ class SlidingWindowCache(_BaseCache):
     def empty(self) -> bool:
         return self.keys is None
 
+    def _filled(self) -> tuple[Buffer | None, Buffer | None]:
+        """The ring buffer's filled slots, as `_write` left them."""
+        if self.keys is None:
+            return None, None
+        n = self.size()
+        return _slots(self.keys, 0, n), _slots(self.values, 0, n)
+
     @property
     def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
-        """(keys, values, offset, window): the ring buffer's filled slots, as `_write` left them."""
-        if self.keys is None:
-            return None, None, self.offset, self.window
-        n = self.size()
-        return self.keys[:, :, :n], self.values[:, :, :n], self.offset, self.window
+        """(keys, values, offset, window): the filled slots."""
+        return (*self._filled(), self.offset, self.window)
 
     @state.setter
     def state(self, value: tuple[mx.array | None, mx.array | None, int, int]) -> None:
@@ -115,23 +171,59 @@ class SlidingWindowCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys, self.values)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSlidingWindowCache:
+        """This ring with its slots quantized (mlx-lm's `to_quantized`)."""
+        quantized = QuantizedSlidingWindowCache(self.window, group_size, bits)
+        if self.keys is not None:
+            quantized.keys, quantized.values = quantized._stored(self.keys), quantized._stored(self.values)
+        quantized.offset = self.offset
+        return quantized
+
+
+class QuantizedSlidingWindowCache(SlidingWindowCache):
+    """`SlidingWindowCache` whose slots hold `mx.quantize`d keys and values (`bits`, `group_size`)."""
+
+    def __init__(self, window: int, group_size: int = 64, bits: int = 8):
+        super().__init__(window)
+        self.group_size = group_size
+        self.bits = bits
+
+    def _stored(self, x: mx.array) -> Quantized:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def state(self) -> tuple[Quantized | None, Quantized | None, int, int, int, int]:
+        """(keys, values, offset, window, group_size, bits): the filled slots, as triples."""
+        return (*self._filled(), self.offset, self.window, self.group_size, self.bits)
+
+    @state.setter
+    def state(self, value: tuple[Quantized | None, Quantized | None, int, int, int, int]) -> None:
+        self.keys, self.values, self.offset, self.window, self.group_size, self.bits = value
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSlidingWindowCache:
+        return _already_quantized(self, group_size, bits)
 
 
 class SharedKVCache(_BaseCache):
     """One cached tensor for K=V global layers: the normalized shared projection of every position."""
 
     def __init__(self):
-        self.values: mx.array | None = None
+        self.values: Buffer | None = None
         self.offset = 0
 
-    def update_and_fetch(self, values: mx.array) -> mx.array:
+    def _stored(self, x: mx.array) -> Buffer:
+        return x
+
+    def update_and_fetch(self, values: mx.array) -> Buffer:
         """Append L positions; return all cached positions [B, n_kv, offset, head_dim]."""
         L = values.shape[2]
+        values = self._stored(values)
         self.values = _grow(self.values, values, self.offset + L)
-        self.values[:, :, self.offset : self.offset + L] = values
+        _assign(self.values, self.offset, values)
         self.offset += L
-        return self.values[:, :, : self.offset]
+        return _slots(self.values, 0, self.offset)
 
     def size(self) -> int:
         return self.offset
@@ -139,10 +231,13 @@ class SharedKVCache(_BaseCache):
     def empty(self) -> bool:
         return self.values is None
 
+    def _filled(self) -> Buffer | None:
+        return None if self.values is None else _slots(self.values, 0, self.offset)
+
     @property
     def state(self) -> tuple[mx.array | None, int]:
         """(values, offset): the cached positions."""
-        return (None if self.values is None else self.values[:, :, : self.offset]), self.offset
+        return self._filled(), self.offset
 
     @state.setter
     def state(self, value: tuple[mx.array | None, int]) -> None:
@@ -150,11 +245,138 @@ class SharedKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.values is None else self.values.nbytes
+        return _nbytes(self.values)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSharedKVCache:
+        """This cache with its tensor quantized (mlx-lm's `to_quantized`)."""
+        quantized = QuantizedSharedKVCache(group_size, bits)
+        quantized.values = None if self.values is None else quantized._stored(self.values)
+        quantized.offset = self.offset
+        return quantized
 
 
-LayerCache = SlidingWindowCache | SharedKVCache | KVCache
-LAYER_CACHES: dict[str, type] = {c.__name__: c for c in (SlidingWindowCache, SharedKVCache, KVCache)}
+class QuantizedSharedKVCache(SharedKVCache):
+    """`SharedKVCache` holding the `mx.quantize`d tensor (`bits`, `group_size`)."""
+
+    def __init__(self, group_size: int = 64, bits: int = 8):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = bits
+
+    def _stored(self, x: mx.array) -> Quantized:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def state(self) -> tuple[Quantized | None, int, int, int]:
+        """(values, offset, group_size, bits): the cached positions, as a triple."""
+        return self._filled(), self.offset, self.group_size, self.bits
+
+    @state.setter
+    def state(self, value: tuple[Quantized | None, int, int, int]) -> None:
+        self.values, self.offset, self.group_size, self.bits = value
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSharedKVCache:
+        return _already_quantized(self, group_size, bits)
+
+
+def _already_quantized(cache: QuantizedSlidingWindowCache | QuantizedSharedKVCache, group_size: int, bits: int):
+    # mlx-lm's `maybe_quantize_kv_cache` asks every cache with `to_quantized` again at each step.
+    if (group_size, bits) != (cache.group_size, cache.bits):
+        raise KVQuantizationError(
+            f"this cache is already quantized to {cache.bits} bits in groups of {cache.group_size}; "
+            f"it cannot be requantized to {bits} bits in groups of {group_size}"
+        )
+    return cache
+
+
+LayerCache = (
+    SlidingWindowCache | SharedKVCache | KVCache | QuantizedSlidingWindowCache | QuantizedSharedKVCache
+    | QuantizedKVCache
+)
+LAYER_CACHES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        SlidingWindowCache, SharedKVCache, KVCache, QuantizedSlidingWindowCache, QuantizedSharedKVCache,
+        QuantizedKVCache,
+    )
+}  # fmt: skip
+# The float cache each kind is, quantized or not: the layout a model's `make_cache` gives.
+_FLOAT_KIND: dict[type, type] = {
+    SlidingWindowCache: SlidingWindowCache,
+    QuantizedSlidingWindowCache: SlidingWindowCache,
+    SharedKVCache: SharedKVCache,
+    QuantizedSharedKVCache: SharedKVCache,
+    KVCache: KVCache,
+    QuantizedKVCache: KVCache,
+}
+
+
+def is_quantized(cache: LayerCache) -> bool:
+    return _FLOAT_KIND[type(cache)] is not type(cache)
+
+
+# -- when to quantize -------------------------------------------------------------------------------
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default
+
+
+class KVQuantizationError(InputError):
+    """Bad KV-cache quantization settings (kv_bits, kv_group_size, quantized_kv_start)."""
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """mlx-lm's `kv_bits`, `kv_group_size` and `quantized_kv_start`: every layer's cache is quantized
+    (affine, `bits`, groups of `group_size` along the head dim) once `start` positions are in it.
+
+    The switch is a position, not a moment: prefill ends a pass at `start` (`prefill.prefill`), so
+    positions before `start` are computed against the float cache and every later one against the
+    quantized cache, however the prompt is cut into passes or restored from the prefix cache."""
+
+    bits: int
+    group_size: int = DEFAULT_KV_GROUP_SIZE
+    start: int = DEFAULT_QUANTIZED_KV_START
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise KVQuantizationError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits}")
+        if self.group_size not in KV_GROUP_SIZES:
+            raise KVQuantizationError(
+                f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size}"
+            )
+        if self.start < 0:
+            raise KVQuantizationError(f"quantized_kv_start must be 0 or more, got {self.start}")
+
+    def check(self, head_dims: Sequence[int]) -> None:
+        """Refuse a group size that does not divide every layer's head dim (what is quantized)."""
+        bad = sorted({d for d in head_dims if d % self.group_size})
+        if bad:
+            raise KVQuantizationError(
+                f"kv_group_size {self.group_size} does not divide this model's head dim {bad[0]}: "
+                "each head's keys and values are quantized in whole groups"
+            )
+
+    def apply(self, cache: list[LayerCache]) -> None:
+        """Quantize, in the list, every float layer cache that holds `start` positions or more."""
+        maybe_quantize_kv_cache(cache, self.start, self.group_size, self.bits)
+
+    def variant(self, length: int) -> str:
+        """What the state of a prompt's first `length` positions depends on beyond its tokens: nothing
+        up to `start` (those are the float cache's), these settings after it."""
+        return "" if length <= self.start else f"kv{self.bits}/g{self.group_size}/from{self.start}"
+
+
+def kv_quantization(
+    kv_bits: int | None, kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+) -> KVQuantization | None:
+    """mlx-lm's three arguments as one setting; None (a float cache) when kv_bits is None."""
+    return None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+
+
+# -- copies -----------------------------------------------------------------------------------------
 
 
 def _copy(a: mx.array) -> mx.array:
@@ -165,16 +387,22 @@ def _copy(a: mx.array) -> mx.array:
 def snapshot(cache: Sequence[LayerCache]) -> list[LayerCache]:
     """Copies of every layer's cache as it is now, evaluated, that share no buffer with it: to keep a
     state while the live cache moves on, or to resume from a kept one and leave it untouched."""
-    copies = [
-        type(c).from_state(tuple(_copy(x) if isinstance(x, mx.array) else x for x in c.state)) for c in cache
-    ]
+    copies = [type(c).from_state(tree_map(lambda x: _copy(x) if isinstance(x, mx.array) else x, c.state)) for c in cache]
     mx.eval([c.state for c in copies])
     return copies
 
 
 def same_layout(cache: Sequence[LayerCache], other: Sequence[LayerCache]) -> bool:
-    """Whether two models' caches have the same kinds of layer caches (and sliding windows)."""
+    """Whether two models' caches have the same kinds of layer caches (and sliding windows), float
+    or quantized."""
     return len(cache) == len(other) and all(
-        type(a) is type(b) and getattr(a, "window", None) == getattr(b, "window", None)
+        _FLOAT_KIND[type(a)] is _FLOAT_KIND[type(b)] and getattr(a, "window", None) == getattr(b, "window", None)
         for a, b in zip(cache, other, strict=True)
+    )
+
+
+def quantized_as(cache: Sequence[LayerCache], kv: KVQuantization | None) -> bool:
+    """Whether every quantized layer cache holds what `kv` quantizes to (the float ones always do)."""
+    return all(
+        not is_quantized(c) or (kv is not None and (c.bits, c.group_size) == (kv.bits, kv.group_size)) for c in cache
     )

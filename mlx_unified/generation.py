@@ -16,7 +16,13 @@ import numpy as np
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import LayerCache
+from .cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    KVQuantization,
+    LayerCache,
+    kv_quantization,
+)
 from .emphasis import SpanBias, audio_emphasis_bias
 from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
@@ -79,6 +85,9 @@ def generate_step(
     embeddings: mx.array | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [vocab]) for the prompt `inputs` (the processor's arrays, batch 1): the
     first after a chunked prefill (`prefill.prefill`), then one per decode step, max(max_tokens, 1) in
@@ -91,8 +100,12 @@ def generate_step(
     not move (the yielded logprobs are then computed only if the caller evaluates them).
     key_bias: the global layers' score bias (audio emphasis). embeddings: the prompt's, when already
     computed. snapshot_at / on_snapshot: where prefill ends a chunk to hand its cache out.
+    kv_bits / kv_group_size / quantized_kv_start: mlx-lm's KV-cache quantization (`cache.KVQuantization`):
+    once the cache holds quantized_kv_start positions, every layer's cache is quantized to kv_bits
+    (4 or 8) in groups of kv_group_size, in `prompt_cache` itself; None keeps it in float.
     """
     input_ids = np.asarray(inputs["input_ids"])
+    kv = model_kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
     history = mx.array(input_ids[0].astype(np.int32))
 
@@ -107,6 +120,8 @@ def generate_step(
         return token, logprobs.squeeze(0)
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
+        if kv is not None:
+            kv.apply(cache)
         return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
     logits = prefill(
@@ -119,6 +134,7 @@ def generate_step(
         key_bias=key_bias,
         snapshot_at=snapshot_at,
         on_snapshot=on_snapshot,
+        kv_quantization=kv,
     )
     token, logprobs = sample(logits)
     # Evaluated alone: scheduled together with the next step, the first token would wait for that step.
@@ -131,6 +147,16 @@ def generate_step(
         if upcoming is None:
             return
         token, logprobs = upcoming
+
+
+def model_kv_quantization(
+    model: Model, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int
+) -> KVQuantization | None:
+    """The KV quantization these arguments ask for, checked against the model's head dims."""
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+    if kv is not None:
+        kv.check([layer.self_attn.shape.head_dim for layer in model.language_model.layers])
+    return kv
 
 
 def stop_token_ids(model: Model, tokenizer: Any) -> set[int]:
@@ -186,6 +212,9 @@ def stream_generate(
     task_reminder: str | None = None,
     prefix_cache: PrefixCache | None = None,
     use_prefix_cache: bool = True,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[GenerationResponse]:
     """Yield the reply piece by piece. `prompt`: user text (with `system`/`images`/`audios`/`videos`),
     chat messages, or the processor's output dict.
@@ -195,7 +224,10 @@ def stream_generate(
     plain model). media_first / task_reminder: prompt placement, see `prepare_inputs` and
     `processing.build_messages`. prefix_cache: the prefix cache to reuse and fill (default: the model's
     own in-memory one, see `prefix_cache.default_prefix_cache`); use_prefix_cache=False runs the whole
-    prompt and stores nothing. Output is identical with and without the prefix cache."""
+    prompt and stores nothing. Output is identical with and without the prefix cache.
+    kv_bits / kv_group_size / quantized_kv_start: quantize the KV cache, as mlx-lm (see
+    `generate_step`); prefixes computed with these settings are stored and reused only with them."""
+    kv = model_kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start)
     if seed is not None:
         mx.random.seed(seed)
     tokenizer = processor.tokenizer
@@ -223,7 +255,7 @@ def stream_generate(
         prefix_cache = None
     elif prefix_cache is None:
         prefix_cache = default_prefix_cache(model)
-    plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias)
+    plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias, kv)
     tokens = generate_step(
         model,
         inputs,
@@ -237,6 +269,9 @@ def stream_generate(
         embeddings=embeddings,
         snapshot_at=plan.snapshot_at,
         on_snapshot=plan.on_snapshot,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     for generated, (token, _) in enumerate(tokens, start=1):
         if generated == 1:

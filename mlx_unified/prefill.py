@@ -10,7 +10,7 @@ import numpy as np
 
 from .attention_blocks import PREFILL_CHUNK
 from .budgets import prefill_score_bytes
-from .cache import LayerCache
+from .cache import KVQuantization, LayerCache
 from .emphasis import SpanBias
 from .masks import inside_block, unsplit_spans, vision_block_ids
 from .model import Model
@@ -51,12 +51,14 @@ def prefill(
     key_bias: SpanBias | None = None,
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
+    kv_quantization: KVQuantization | None = None,
 ) -> mx.array:
     """Run the prompt through the model in bounded-memory chunks; logits of the last positions only.
 
     Starts at the cache's offset (a restored prefix is not run again). `embeddings`: the prompt's
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
-    `on_snapshot(position, cache)` is called.
+    `on_snapshot(position, cache)` is called. `kv_quantization`: the cache is quantized (in the list)
+    before the first pass that starts at or after its `start`, where a chunk ends.
 
     Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`). Attention
     runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
@@ -76,8 +78,11 @@ def prefill(
     logits = None
     chunk_size = chunk_size or PREFILL_CHUNK
     score_bytes = prefill_score_bytes(model.nbytes)
-    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
+    boundaries = tuple(snapshot_at) + (() if kv_quantization is None else (kv_quantization.start,))
+    for begin, end in prefill_chunks(mm, length, chunk_size, start, boundaries):
         last = end == length
+        if kv_quantization is not None:
+            kv_quantization.apply(cache)
         logits = model.forward_embeddings(
             embeddings[:, begin:end],
             cache=cache,

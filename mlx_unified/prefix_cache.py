@@ -10,7 +10,10 @@ A prefix is named by everything that determines its KV state:
 - the soft tokens of the media inside it (placeholder ids are the same for every recording, so the
   projected embeddings at media positions are hashed);
 - the attention variant: a key-span bias (audio emphasis) changes the state of every position after
-  the span start, so a prefix reaching past it is named with the bias, one ending before it is not.
+  the span start, so a prefix reaching past it is named with the bias, one ending before it is not;
+- the KV quantization: a prefix longer than its `quantized_kv_start` is named with its bits, group
+  size and start (`KVQuantization.variant`); a shorter one was computed against the float cache, so
+  it is the same state with or without quantization.
 
 `PrefixCache` keeps snapshots in memory (bounded in bytes, least recently used out) and, optionally,
 persists some of them through its `DiskPrefixStore`, the disk part of the cache (safetensors files
@@ -39,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 
 from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
-from .cache import LAYER_CACHES, LayerCache, same_layout, snapshot
+from .cache import LAYER_CACHES, KVQuantization, LayerCache, quantized_as, same_layout, snapshot
 from .checkpoint import model_identity
 from .emphasis import SpanBias
 from .errors import InputError
@@ -49,9 +52,10 @@ from .processing.chat import TURN_START
 
 log = logging.getLogger(__name__)
 
-# Version 2: each layer's cache is stored as its `state` (arrays and scalars, offset included) under
-# its class name; version 1 files are refused, and removed when met.
-FORMAT_VERSION = "2"
+# Version 3: each layer's cache is stored as its `state` (arrays, triples of arrays for quantized
+# tensors, and scalars, offset included) under its class name; files of other versions are refused,
+# and removed when met.
+FORMAT_VERSION = "3"
 DEFAULT_DISK_BYTES = 16 << 30
 SUFFIX = ".safetensors"
 
@@ -86,7 +90,8 @@ class PrefixKeys:
     """Names of the prefixes of one prompt: what a prefix's KV state depends on, hashed.
 
     `media_positions`/`media_rows`: positions of the media soft tokens and their embeddings
-    (float32 bytes); `key_bias`: the span bias the prompt runs with, or None.
+    (float32 bytes); `key_bias`: the span bias the prompt runs with, or None; `kv_quantization`: the
+    KV quantization it runs with, or None.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class PrefixKeys:
         media_positions: np.ndarray | None = None,
         media_rows: np.ndarray | None = None,
         key_bias: SpanBias | None = None,
+        kv_quantization: KVQuantization | None = None,
     ) -> None:
         self.token_ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         self.model = model
@@ -105,14 +111,18 @@ class PrefixKeys:
         )
         self.media_rows = media_rows
         self.key_bias = key_bias
+        self.kv_quantization = kv_quantization
         self._names: dict[int, str] = {}
 
     def variant(self, length: int) -> str:
-        """The attention variant the first `length` tokens were computed under."""
-        bias = self.key_bias
-        if bias is None or length <= bias.start:
-            return ""  # the span's keys are invisible to every position before it
-        return f"span_bias[{bias.start},{bias.stop})={float(bias.value).hex()}"
+        """The attention variant and KV quantization the first `length` tokens were computed under."""
+        bias, kv = self.key_bias, self.kv_quantization
+        parts = []
+        if bias is not None and length > bias.start:  # the span's keys are invisible to every position before it
+            parts.append(f"span_bias[{bias.start},{bias.stop})={float(bias.value).hex()}")
+        if kv is not None and kv.variant(length):
+            parts.append(kv.variant(length))
+        return "|".join(parts)
 
     def name(self, length: int) -> str:
         if length not in self._names:
@@ -129,8 +139,9 @@ class PrefixKeys:
 def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
     """Write a prefix state as safetensors (arrays + metadata), atomically: a temp file, then rename.
 
-    Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, the other
-    entries (offset, window) stay in the metadata."""
+    Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, a
+    quantized tensor's (packed, scales, biases) tensors `layer.<i>.<j>.<k>`, the other entries
+    (offset, window, group size, bits) stay in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"token_ids": mx.array(state.token_ids)}
@@ -141,6 +152,9 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
             if isinstance(item, mx.array):
                 arrays[f"layer.{i}.{j}"] = item
                 entries.append({"tensor": f"layer.{i}.{j}"})
+            elif isinstance(item, (tuple, list)):
+                arrays.update({f"layer.{i}.{j}.{k}": part for k, part in enumerate(item)})
+                entries.append({"tensors": [f"layer.{i}.{j}.{k}" for k in range(len(item))]})
             else:
                 entries.append(item)
         layers.append([type(layer).__name__, entries])
@@ -196,10 +210,17 @@ def load_prefix(
     for kind, entries in json.loads(metadata["layers"]):
         if kind not in LAYER_CACHES:
             raise PrefixCacheError(f"{path}: unknown layer cache {kind!r}")
-        state = tuple(arrays[e["tensor"]] if isinstance(e, dict) else e for e in entries)
+        state = tuple(_entry(arrays, e) for e in entries)
         layers.append(LAYER_CACHES[kind].from_state(state))
     mx.eval([layer.state for layer in layers])
     return PrefixState(metadata["name"], stored, layers)
+
+
+def _entry(arrays: dict[str, mx.array], entry: Any) -> Any:
+    """One item of a stored layer state: a tensor, a quantized tensor's triple, or a scalar."""
+    if isinstance(entry, dict) and "tensors" in entry:
+        return tuple(arrays[name] for name in entry["tensors"])
+    return arrays[entry["tensor"]] if isinstance(entry, dict) else entry
 
 
 class DiskPrefixStore:
@@ -399,10 +420,12 @@ def plan_prefix(
     input_ids: np.ndarray,
     embeddings: mx.array,
     key_bias: SpanBias | None,
+    kv_quantization: KVQuantization | None = None,
 ) -> PrefixPlan:
     """Restore the longest stored prefix of this prompt, and take snapshots at the end of its system
     part (persisted: it repeats across requests and runs) and at its end (the next chat turn extends it).
-    Without a prefix cache, or for a batch, a fresh cache and no snapshots."""
+    Without a prefix cache, or for a batch, a fresh cache and no snapshots. `kv_quantization`: the
+    settings the prompt runs with; only prefixes computed with them are reused."""
     fresh = model.make_cache()
     if prefix_cache is None or input_ids.shape[0] != 1:
         return PrefixPlan(fresh, (), None, 0)
@@ -414,13 +437,14 @@ def plan_prefix(
         media_positions=media,
         media_rows=media_rows(embeddings, media),
         key_bias=key_bias,
+        kv_quantization=kv_quantization,
     )
     turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
     user = tokenizer.encode("user", add_special_tokens=False)
     system_end = last_user_turn_start(ids, turn_start, user) if isinstance(turn_start, int) else None
     hit = prefix_cache.lookup(keys, disk_lengths=() if system_end is None else (system_end,))
     cache, reused = fresh, 0
-    if hit is not None and same_layout(hit.layers, fresh):
+    if hit is not None and same_layout(hit.layers, fresh) and quantized_as(hit.layers, kv_quantization):
         cache, reused = snapshot(hit.layers), hit.length
     boundaries = tuple(b for b in (system_end, len(ids)) if b is not None and b > reused)
 

@@ -1,0 +1,310 @@
+"""Quantized KV caches (8- and 4-bit, mlx-lm's affine groups): what attention reads, how far the logits
+move from the float cache's, when the cache switches, and the settings' refusals.
+
+Two questions are kept apart:
+- Does attention read the quantized cache right? A quantized cache must give what the float model gives
+  when each cached key and value is rounded through `mx.quantize` and back: the same numbers, read
+  through MLX's quantized products (or the kernels' references) instead of float ones. That is exact up
+  to float32 summation order, so the bound is the one every float-path test uses.
+- How much does the rounding itself move the logits? That depends on the model, not on the code; the
+  bounds below are what it does to these random checkpoints, stated with why.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+import mlx_unified
+from mlx_unified import cache as cache_module
+from mlx_unified import model as model_module
+from mlx_unified.cache import (
+    KVQuantization,
+    KVQuantizationError,
+    QuantizedSharedKVCache,
+    QuantizedSlidingWindowCache,
+    SharedKVCache,
+    SlidingWindowCache,
+    kv_quantization,
+    snapshot,
+)
+from mlx_unified.config import default_layer_types
+from mlx_unified.errors import InputError
+from mlx_unified.generation import generate_step
+from mlx_unified.prefill import prefill, prefill_chunks
+from mlx_unified.testing.reference import build_reference_model, text_prompt
+
+RELATIVE_TOLERANCE = 1e-4  # float32 summation order, as in tests/test_model_reference.py
+SIX_LAYERS = default_layer_types(6)
+SHAPES = {
+    # the released proportions: 5 sliding layers (GQA 2) then a global K=V layer of twice the head dim
+    "kv_shared": dict(head_dim=64, global_head_dim=128, num_hidden_layers=6, layer_types=SIX_LAYERS),
+    # global layers with their own v_proj keep mlx-lm's KVCache, quantized to its QuantizedKVCache
+    "separate_kv": dict(
+        head_dim=64, global_head_dim=128, num_hidden_layers=6, layer_types=SIX_LAYERS, attention_k_eq_v=False,
+        num_attention_heads=8, num_key_value_heads=2,
+    ),
+}
+WINDOW = 16  # every prompt below runs past it: the ring wraps
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def model(request, tmp_path_factory):
+    """Reference-built random weights; q_norm and k_norm scaled so that query-key scores have about
+    unit variance, as attention scale 1.0 needs of trained norms (the raw random norms give scores of
+    standard deviation sqrt(head_dim) = 8, an attention that is nearly one-hot)."""
+    path = tmp_path_factory.mktemp(request.param)
+    reference = build_reference_model(seed=5, sliding_window=WINDOW, **SHAPES[request.param])
+    with torch.no_grad():
+        for name, weight in reference.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weight.mul_(weight.shape[0] ** -0.25)
+    reference.save_pretrained(str(path))
+    return mlx_unified.load_model(path, dtype="float32")
+
+
+def rounded_float_caches(monkeypatch, bits: int, group_size: int = 64) -> None:
+    """Make the float caches store every key and value rounded through mx.quantize and back: the
+    numbers a quantized cache holds, read by the float attention paths."""
+
+    def rounded(x: mx.array) -> mx.array:
+        return mx.dequantize(*mx.quantize(x, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+
+    monkeypatch.setattr(SlidingWindowCache, "_stored", lambda self, x: rounded(x))
+    monkeypatch.setattr(SharedKVCache, "_stored", lambda self, x: rounded(x))
+    update = KVCache.update_and_fetch
+    monkeypatch.setattr(KVCache, "update_and_fetch", lambda self, k, v: update(self, rounded(k), rounded(v)))
+
+
+def run(model, ids: np.ndarray, prompt: int, kv: KVQuantization | None, chunk: int = 8) -> np.ndarray:
+    """Logits of every position: the first `prompt` tokens in passes of `chunk` that end at the
+    switch (what `prefill` does, keeping every position's logits), the rest one by one."""
+    cache = model.make_cache()
+    logits = []
+    passes = prefill_chunks(None, prompt, chunk, 0, () if kv is None else (kv.start,))
+    steps = passes + [(i, i + 1) for i in range(prompt, ids.shape[1])]
+    for begin, end in steps:
+        if kv is not None:
+            kv.apply(cache)
+        logits.append(np.array(model(mx.array(ids[:, begin:end]), cache=cache)))
+    return np.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "prefill-path"])
+def test_quantized_cache_gives_what_float_attention_gives_over_the_rounded_cache(model, bits, in_place, monkeypatch):
+    """Chunked prefill (quantized products by query blocks, derived keys on K=V layers), then decoding
+    past the window: through the decode paths (kernels' fallback: MLX's quantized products) or through
+    the prefill path (CUDA's), each position as the float model over the rounded cache."""
+    monkeypatch.setattr(model_module, "decode_in_place", lambda: in_place)
+    ids = text_prompt(np.random.default_rng(1), 44)["input_ids"]
+    quantized = run(model, ids, 30, KVQuantization(bits, 64, start=0))
+    rounded_float_caches(monkeypatch, bits)
+    expected = run(model, ids, 30, None)
+    assert relative_error(quantized, expected) < RELATIVE_TOLERANCE
+
+
+def _quantized_cache(model, bits: int) -> list:
+    cache = model.make_cache()
+    KVQuantization(bits, 64, start=0).apply(cache)
+    return cache
+
+
+def test_every_layer_kind_has_its_quantized_cache(model):
+    kinds = {type(c) for c in _quantized_cache(model, 8)}
+    assert QuantizedSlidingWindowCache in kinds
+    assert (QuantizedSharedKVCache if model.config.text.attention_k_eq_v else QuantizedKVCache) in kinds
+
+
+# Measured on these checkpoints (44 positions, both shapes): max error / max |logit| 0.010 to 0.015 at
+# 8 bits, 0.15 to 0.19 at 4 bits. Why so much: these decoders have random weights, so nothing in them
+# is redundant, and each layer's post-attention norm rescales its attention output (an average of many
+# values, small) back to unit size, magnifying a perturbation of the values with it. The rounding acts
+# as noise would: Gaussian noise of the rounding's RMS added to the float cache moves the logits about
+# as much (the last test below). The bounds leave 2x that margin; 4-bit rounding steps are 17x the
+# 8-bit ones (15 levels against 255), and the errors scale with them.
+LOGIT_BOUND = {8: 0.03, 4: 0.4}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_logits_stay_within_the_stated_bound_of_float_kv_logits(model, bits):
+    ids = text_prompt(np.random.default_rng(2), 44)["input_ids"]
+    float_kv = run(model, ids, 30, None)
+    quantized = run(model, ids, 30, KVQuantization(bits, 64, start=0))
+    assert relative_error(quantized, float_kv) < LOGIT_BOUND[bits]
+    assert relative_error(quantized, float_kv) > 1e-4  # the cache really was quantized
+
+
+def greedy(model, ids: np.ndarray, steps: int, **kv) -> tuple[list[int], list[float]]:
+    """Greedy tokens, and each step's margin between the top two logits."""
+    tokens, margins = [], []
+    for token, logprobs in generate_step(model, {"input_ids": ids}, max_tokens=steps, prefill_chunk_size=8, **kv):
+        top = np.sort(np.array(logprobs))[-2:]
+        tokens.append(token)
+        margins.append(float(top[1] - top[0]))
+    return tokens, margins
+
+
+# A near tie: float top-2 margins below this many logits (5% of these checkpoints' logit range, about
+# 19) are where a 4-bit rounding of the cache may pick the other token, as any perturbation of its size
+# would. The 8-bit cache keeps every greedy token of these prompts, near ties included.
+NEAR_TIE = 1.0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_greedy_tokens_agree_with_float_kv(model, bits):
+    """Greedy decoding through `generate_step` with kv_bits, 16 tokens from two prompts: the float
+    cache's tokens, at 8 bits all of them, at 4 bits all up to the first near tie (one prompt has
+    none, so at least 16 tokens are compared)."""
+    compared = 0
+    for seed in (3, 4):
+        ids = text_prompt(np.random.default_rng(seed), 24)["input_ids"]
+        expected, margins = greedy(model, ids, 16)
+        tokens, _ = greedy(model, ids, 16, kv_bits=bits, quantized_kv_start=0)
+        clear = len(margins) if bits == 8 else next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
+        assert tokens[:clear] == expected[:clear]
+        compared += clear
+    assert compared >= 16
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounding_moves_the_logits_as_noise_of_its_size_does(model, bits, monkeypatch):
+    """The why of the bounds: the same float caches, once with each value rounded, once with Gaussian
+    noise of the rounding's RMS added instead. The logit errors agree within 2x either way."""
+    ids = text_prompt(np.random.default_rng(4), 44)["input_ids"]
+    float_kv = run(model, ids, 30, None)
+    quantized = run(model, ids, 30, KVQuantization(bits, 64, start=0))
+    mx.random.seed(0)
+
+    def noisy(x: mx.array) -> mx.array:
+        error = mx.dequantize(*mx.quantize(x, group_size=64, bits=bits), group_size=64, bits=bits) - x
+        return x + mx.sqrt(mx.mean(error * error)) * mx.random.normal(x.shape)
+
+    monkeypatch.setattr(SlidingWindowCache, "_stored", lambda self, x: noisy(x))
+    monkeypatch.setattr(SharedKVCache, "_stored", lambda self, x: noisy(x))
+    update = KVCache.update_and_fetch
+    monkeypatch.setattr(KVCache, "update_and_fetch", lambda self, k, v: update(self, noisy(k), noisy(v)))
+    noise = run(model, ids, 30, None)
+    ratio = relative_error(quantized, float_kv) / relative_error(noise, float_kv)
+    assert 0.5 < ratio < 2
+
+
+# Passes cut elsewhere compute keys and values in other float32 summation orders: a value within that
+# rounding of a level boundary lands on the neighbouring level, one step (at 8 bits, 1/255 of its
+# group's range) in one element. Such flips move the logits by a small share of what the rounding as a
+# whole does (measured: 4e-4 of the logit range, against 0.015).
+CHUNKING_BOUND = 3e-3
+
+
+def test_the_switch_is_a_position_whatever_the_chunks(model):
+    """quantized_kv_start=13: positions before it see the float cache, later ones the quantized one,
+    whether prefill passes end at 5, 7 or 64 tokens (each ends at 13 too) or the switch comes while
+    decoding; before the switch nothing differs from a float cache."""
+    ids = text_prompt(np.random.default_rng(5), 40)["input_ids"]
+    kv = KVQuantization(8, 64, start=13)
+    runs = [run(model, ids, prompt, kv, chunk) for prompt, chunk in ((30, 5), (30, 7), (30, 64), (10, 4))]
+    for other in runs[1:]:
+        assert relative_error(other, runs[0]) < CHUNKING_BOUND
+        assert np.array_equal(other.argmax(-1), runs[0].argmax(-1))
+    float_kv = run(model, ids, 30, None, 13)
+    assert np.array_equal(runs[2][:, :13], float_kv[:, :13])  # the same first pass [0, 13), no switch yet
+    assert relative_error(runs[0][:, 13:], float_kv[:, 13:]) > 1e-4
+    assert relative_error(runs[0], float_kv) < LOGIT_BOUND[8]
+
+
+def test_prefill_switches_where_its_passes_end(model):
+    """`prefill` itself: the same passes, the same switch, the same last logits as the loop above."""
+    ids = text_prompt(np.random.default_rng(5), 30)["input_ids"]
+    kv = KVQuantization(8, 64, start=13)
+    cache = model.make_cache()
+    last = np.array(prefill(model, {"input_ids": ids}, cache, 5, kv_quantization=kv))
+    assert np.array_equal(last, run(model, ids, 30, kv, 5)[:, -1:])
+    assert all(cache_module.is_quantized(c) for c in cache)
+    short = model.make_cache()
+    prefill(model, {"input_ids": ids[:, :13]}, short, 5, kv_quantization=kv)
+    assert not any(cache_module.is_quantized(c) for c in short)  # 13 positions: still float
+
+
+def test_snapshots_of_quantized_caches_restore_exactly(model):
+    """Rolling back: a snapshot taken mid-decode, restored, decodes exactly as the live cache did."""
+    ids = text_prompt(np.random.default_rng(6), 36)["input_ids"]
+    cache = model.make_cache()
+    kv = KVQuantization(4, 32, start=0)
+    prefill(model, {"input_ids": ids[:, :20]}, cache, 8, kv_quantization=kv)
+    kept = snapshot(cache)
+    live = [np.array(model(mx.array(ids[:, i : i + 1]), cache=cache)) for i in range(20, 36)]
+    restored = snapshot(kept)
+    again = [np.array(model(mx.array(ids[:, i : i + 1]), cache=restored)) for i in range(20, 36)]
+    assert all(np.array_equal(a, b) for a, b in zip(live, again, strict=True))
+    assert kept[0].offset == 20 and restored[0].offset == 36
+
+
+def test_quantized_ring_holds_the_float_ring_rounded():
+    """Slot for slot, across wrap-around and multi-token writes, what a float ring holds, quantized."""
+    float_ring, ring = SlidingWindowCache(8), QuantizedSlidingWindowCache(8, group_size=32, bits=8)
+    for length in (5, 13, 1, 1, 30, 1, 3):
+        x = mx.random.normal((1, 2, length, 64))
+        seen, seen_q = float_ring.update_and_fetch(x, -x), ring.update_and_fetch(x, -x)
+        assert seen[2] == seen_q[2]
+        assert mx.array_equal(mx.dequantize(*seen_q[0], group_size=32, bits=8),
+                              mx.dequantize(*mx.quantize(seen[0], group_size=32, bits=8), group_size=32, bits=8))
+    keys, values, offset, window, group_size, bits = ring.state
+    assert (offset, window, group_size, bits) == (54, 8, 32, 8) and keys[0].shape == (1, 2, 8, 16)
+    restored = QuantizedSlidingWindowCache.from_state(ring.state)
+    assert restored.offset == 54 and all(mx.array_equal(a, b) for a, b in zip(restored.keys, ring.keys, strict=True))
+
+
+def test_quantized_caches_take_what_the_bits_say():
+    shared, quantized8, quantized4 = SharedKVCache(), QuantizedSharedKVCache(64, 8), QuantizedSharedKVCache(64, 4)
+    x = mx.ones((1, 1, 1024, 512), dtype=mx.bfloat16)
+    for c in (shared, quantized8, quantized4):
+        c.update_and_fetch(x)
+    # per element: bits / 8 bytes, plus a bf16 scale and bias per group of 64
+    assert quantized8.nbytes == 1024 * 512 * (1 + 4 / 64) and quantized4.nbytes == 1024 * 512 * (0.5 + 4 / 64)
+    assert shared.nbytes == 1024 * 512 * 2
+
+
+def test_converting_keeps_what_was_cached():
+    ring = SlidingWindowCache(8)
+    x = mx.random.normal((1, 2, 11, 64))
+    ring.update_and_fetch(x, x)
+    quantized = ring.to_quantized(group_size=64, bits=4)
+    assert quantized.offset == 11 and quantized.to_quantized(64, 4) is quantized
+    assert mx.array_equal(quantized.keys[0], mx.quantize(ring.keys, group_size=64, bits=4)[0])
+    empty = SharedKVCache().to_quantized(32, 8)
+    assert empty.values is None and empty.offset == 0 and (empty.group_size, empty.bits) == (32, 8)
+    with pytest.raises(KVQuantizationError, match="already quantized to 4 bits"):
+        quantized.to_quantized(64, 8)
+
+
+def test_settings_are_checked():
+    assert kv_quantization(None) is None
+    assert kv_quantization(8) == KVQuantization(8, 64, 5000)  # mlx-lm's defaults
+    for bad, message in (
+        (dict(bits=3), "kv_bits must be one of 4, 8"),
+        (dict(bits=8, group_size=48), "kv_group_size must be one of 32, 64, 128"),
+        (dict(bits=8, start=-1), "quantized_kv_start must be 0 or more"),
+    ):
+        with pytest.raises(KVQuantizationError, match=message):
+            KVQuantization(**bad)
+    with pytest.raises(KVQuantizationError, match="does not divide this model's head dim 16"):
+        KVQuantization(8, 32).check([16, 32])
+    assert issubclass(KVQuantizationError, InputError)
+
+
+def test_generate_step_refuses_settings_the_model_cannot_take(tiny):
+    """The default tiny checkpoint's heads are 16 and 32 wide: no group size fits them."""
+    with pytest.raises(KVQuantizationError, match="head dim 16"):
+        next(generate_step(tiny.model, {"input_ids": np.array([[2, 5, 6]])}, kv_bits=8))
+
+
+def test_the_cache_module_names_each_kind():
+    assert set(cache_module.LAYER_CACHES) >= {"QuantizedSlidingWindowCache", "QuantizedSharedKVCache",
+                                              "QuantizedKVCache"}
