@@ -124,7 +124,7 @@ def prefill_attention(
             if ctx.observer is not None:
                 ctx.observer(window is not None, block_queries, block_keys.dense(), lo, mask)
             scores_mask = None if mask is None else additive_mask(mask, query_start, stop - first, lo, hi - lo)
-            out = quantized_attention(block_queries, block_keys, block_values, scores_mask)
+            out = quantized_attention(block_queries, block_keys, block_values, scores_mask, ctx.score_bytes)
         else:
             k_slice = slice(lo - key_start, hi - key_start)
             block_keys = keys[:, :, k_slice]

@@ -10,7 +10,8 @@ Global layers without K=V (other configs) use mlx-lm's `KVCache`.
 Each has a quantized form (`QuantizedSlidingWindowCache`, `QuantizedSharedKVCache`, mlx-lm's
 `QuantizedKVCache`) that stores what `mx.quantize` returns, the (packed, scales, biases) triple, in
 place of each tensor; `to_quantized(group_size, bits)` converts a float cache, as in mlx-lm, and
-`KVQuantization` says when (mlx-lm's `kv_bits`, `kv_group_size`, `quantized_kv_start`). The ring and
+`maybe_quantize` does it when `kv_quantization.KVQuantization` says (mlx-lm's `kv_bits`,
+`kv_group_size`, `quantized_kv_start`). The ring and
 the growing buffer are written once, for either storage: a buffer is an array or such a triple, and
 the helpers below slice, write and grow every array of it alike along the positions axis.
 
@@ -22,7 +23,6 @@ it (the prefix cache keeps and restores snapshots, speculative decoding can roll
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -30,7 +30,7 @@ from mlx.utils import tree_map
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
 
-from .errors import InputError
+from .kv_quantization import KVQuantization, KVQuantizationError
 
 GROWTH_STEP = 256
 
@@ -317,63 +317,12 @@ def is_quantized(cache: LayerCache) -> bool:
 
 # -- when to quantize -------------------------------------------------------------------------------
 
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64, 128)
-DEFAULT_KV_GROUP_SIZE = 64
-DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default
 
-
-class KVQuantizationError(InputError):
-    """Bad KV-cache quantization settings (kv_bits, kv_group_size, quantized_kv_start)."""
-
-
-@dataclass(frozen=True)
-class KVQuantization:
-    """mlx-lm's `kv_bits`, `kv_group_size` and `quantized_kv_start`: every layer's cache is quantized
-    (affine, `bits`, groups of `group_size` along the head dim) once `start` positions are in it.
-
-    The switch is a position, not a moment: prefill ends a pass at `start` (`prefill.prefill`), so
-    positions before `start` are computed against the float cache and every later one against the
-    quantized cache, however the prompt is cut into passes or restored from the prefix cache."""
-
-    bits: int
-    group_size: int = DEFAULT_KV_GROUP_SIZE
-    start: int = DEFAULT_QUANTIZED_KV_START
-
-    def __post_init__(self) -> None:
-        if self.bits not in KV_BITS:
-            raise KVQuantizationError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits}")
-        if self.group_size not in KV_GROUP_SIZES:
-            raise KVQuantizationError(
-                f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size}"
-            )
-        if self.start < 0:
-            raise KVQuantizationError(f"quantized_kv_start must be 0 or more, got {self.start}")
-
-    def check(self, head_dims: Sequence[int]) -> None:
-        """Refuse a group size that does not divide every layer's head dim (what is quantized)."""
-        bad = sorted({d for d in head_dims if d % self.group_size})
-        if bad:
-            raise KVQuantizationError(
-                f"kv_group_size {self.group_size} does not divide this model's head dim {bad[0]}: "
-                "each head's keys and values are quantized in whole groups"
-            )
-
-    def apply(self, cache: list[LayerCache]) -> None:
-        """Quantize, in the list, every float layer cache that holds `start` positions or more."""
-        maybe_quantize_kv_cache(cache, self.start, self.group_size, self.bits)
-
-    def variant(self, length: int) -> str:
-        """What the state of a prompt's first `length` positions depends on beyond its tokens: nothing
-        up to `start` (those are the float cache's), these settings after it."""
-        return "" if length <= self.start else f"kv{self.bits}/g{self.group_size}/from{self.start}"
-
-
-def kv_quantization(
-    kv_bits: int | None, kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
-) -> KVQuantization | None:
-    """mlx-lm's three arguments as one setting; None (a float cache) when kv_bits is None."""
-    return None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+def maybe_quantize(cache: list[LayerCache], kv: KVQuantization | None) -> None:
+    """Quantize, in the list, every float layer cache that holds `kv.start` positions or more (mlx-lm's
+    `maybe_quantize_kv_cache`); nothing without `kv`."""
+    if kv is not None:
+        maybe_quantize_kv_cache(cache, kv.start, kv.group_size, kv.bits)
 
 
 # -- copies -----------------------------------------------------------------------------------------

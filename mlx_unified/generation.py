@@ -16,14 +16,14 @@ import numpy as np
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import (
+from .cache import LayerCache, maybe_quantize
+from .emphasis import SpanBias, audio_emphasis_bias
+from .kv_quantization import (
     DEFAULT_KV_GROUP_SIZE,
     DEFAULT_QUANTIZED_KV_START,
     KVQuantization,
-    LayerCache,
     kv_quantization,
 )
-from .emphasis import SpanBias, audio_emphasis_bias
 from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
 from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
@@ -100,7 +100,7 @@ def generate_step(
     not move (the yielded logprobs are then computed only if the caller evaluates them).
     key_bias: the global layers' score bias (audio emphasis). embeddings: the prompt's, when already
     computed. snapshot_at / on_snapshot: where prefill ends a chunk to hand its cache out.
-    kv_bits / kv_group_size / quantized_kv_start: mlx-lm's KV-cache quantization (`cache.KVQuantization`):
+    kv_bits / kv_group_size / quantized_kv_start: mlx-lm's KV-cache quantization (`kv_quantization.KVQuantization`):
     once the cache holds quantized_kv_start positions, every layer's cache is quantized to kv_bits
     (4 or 8) in groups of kv_group_size, in `prompt_cache` itself; None keeps it in float.
     """
@@ -120,8 +120,7 @@ def generate_step(
         return token, logprobs.squeeze(0)
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
-        if kv is not None:
-            kv.apply(cache)
+        maybe_quantize(cache, kv)
         return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
     logits = prefill(

@@ -136,7 +136,7 @@ class Attention(nn.Module):
             return global_kv_attention(queries, cache.values, weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias)
         if quantized:
             key_start = ctx.offset + L - shared[0].shape[2]
-            keys = DerivedKeys.build(shared, weight, key_start, self.rope, cache.group_size, cache.bits)
+            keys = DerivedKeys(shared, weight, key_start, self.rope, cache.group_size, cache.bits)
         else:
             key_start = ctx.offset + L - shared.shape[2]
             keys = rope_fused(shared * weight.astype(shared.dtype), key_start, self.rope)

@@ -10,8 +10,9 @@ import numpy as np
 
 from .attention_blocks import PREFILL_CHUNK
 from .budgets import prefill_score_bytes
-from .cache import KVQuantization, LayerCache
+from .cache import LayerCache, maybe_quantize
 from .emphasis import SpanBias
+from .kv_quantization import KVQuantization
 from .masks import inside_block, unsplit_spans, vision_block_ids
 from .model import Model
 
@@ -81,8 +82,7 @@ def prefill(
     boundaries = tuple(snapshot_at) + (() if kv_quantization is None else (kv_quantization.start,))
     for begin, end in prefill_chunks(mm, length, chunk_size, start, boundaries):
         last = end == length
-        if kv_quantization is not None:
-            kv_quantization.apply(cache)
+        maybe_quantize(cache, kv_quantization)
         logits = model.forward_embeddings(
             embeddings[:, begin:end],
             cache=cache,

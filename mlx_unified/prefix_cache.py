@@ -42,10 +42,11 @@ import mlx.core as mx
 import numpy as np
 
 from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
-from .cache import LAYER_CACHES, KVQuantization, LayerCache, quantized_as, same_layout, snapshot
+from .cache import LAYER_CACHES, LayerCache, quantized_as, same_layout, snapshot
 from .checkpoint import model_identity
 from .emphasis import SpanBias
 from .errors import InputError
+from .kv_quantization import KVQuantization
 from .model import Model
 from .prefill import SnapshotCallback
 from .processing.chat import TURN_START

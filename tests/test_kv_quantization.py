@@ -16,25 +16,26 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from logits_log import run_logged
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 import mlx_unified
 from mlx_unified import cache as cache_module
 from mlx_unified import model as model_module
 from mlx_unified.cache import (
-    KVQuantization,
-    KVQuantizationError,
     QuantizedSharedKVCache,
     QuantizedSlidingWindowCache,
     SharedKVCache,
     SlidingWindowCache,
-    kv_quantization,
+    maybe_quantize,
     snapshot,
 )
 from mlx_unified.config import default_layer_types
 from mlx_unified.errors import InputError
 from mlx_unified.generation import generate_step
+from mlx_unified.kv_quantization import KVQuantization, KVQuantizationError, kv_quantization
 from mlx_unified.prefill import prefill, prefill_chunks
+from mlx_unified.prefix_cache import PrefixCache, PrefixKeys, PrefixState, plan_prefix
 from mlx_unified.testing.reference import build_reference_model, text_prompt
 
 RELATIVE_TOLERANCE = 1e-4  # float32 summation order, as in tests/test_model_reference.py
@@ -91,8 +92,7 @@ def run(model, ids: np.ndarray, prompt: int, kv: KVQuantization | None, chunk: i
     passes = prefill_chunks(None, prompt, chunk, 0, () if kv is None else (kv.start,))
     steps = passes + [(i, i + 1) for i in range(prompt, ids.shape[1])]
     for begin, end in steps:
-        if kv is not None:
-            kv.apply(cache)
+        maybe_quantize(cache, kv)
         logits.append(np.array(model(mx.array(ids[:, begin:end]), cache=cache)))
     return np.concatenate(logits, axis=1)
 
@@ -113,7 +113,7 @@ def test_quantized_cache_gives_what_float_attention_gives_over_the_rounded_cache
 
 def _quantized_cache(model, bits: int) -> list:
     cache = model.make_cache()
-    KVQuantization(bits, 64, start=0).apply(cache)
+    maybe_quantize(cache, KVQuantization(bits, 64, start=0))
     return cache
 
 
@@ -308,3 +308,103 @@ def test_generate_step_refuses_settings_the_model_cannot_take(tiny):
 def test_the_cache_module_names_each_kind():
     assert set(cache_module.LAYER_CACHES) >= {"QuantizedSlidingWindowCache", "QuantizedSharedKVCache",
                                               "QuantizedKVCache"}
+
+
+# -- the prefix cache with quantized KV ---------------------------------------------------------------
+
+LONG_SYSTEM = "You are a careful voice assistant. Answer briefly and never invent facts. " * 3
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_factory):
+    """A tiny checkpoint whose heads (64, global 128) take groups of 64, with its processor."""
+    return tiny_factory(seed=3, sliding_window=WINDOW, head_dim=64, global_head_dim=128)
+
+
+def messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": question}]
+
+
+def system_end(processor, prompt) -> int:
+    ids = processor(prompt)["input_ids"][0]
+    turn = processor.tokenizer.convert_tokens_to_ids("<|turn>")
+    return int(np.nonzero(ids == turn)[0][-2])  # the last user turn starts at the last-but-one marker
+
+
+def reply(chat, prompt, **kwargs):
+    return run_logged(chat.model, chat.processor, prompt, 8, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_restored_quantized_prefix_gives_the_no_cache_output(chat, bits, tmp_path):
+    """The system prompt's quantized KV, from memory and from disk in a fresh store, then the rest of
+    the prompt: bit for bit what a run without the prefix cache gives with the same settings and the
+    same passes (each ends at the system prompt's end), and within the chunking bound of one cut
+    elsewhere, with the same tokens."""
+    first, second = messages("What time is it?"), messages("Tell me a joke.")
+    boundary = system_end(chat.processor, second)
+    kv = dict(kv_bits=bits, quantized_kv_start=8)
+    writer = PrefixCache.for_checkpoint(chat.path, folder=tmp_path)
+    reply(chat, first, prefix_cache=writer, **kv)
+    warm, warm_logits = reply(chat, second, prefix_cache=writer, **kv)
+    from_disk, disk_logits = reply(chat, second, prefix_cache=PrefixCache.for_checkpoint(chat.path, folder=tmp_path),
+                                   **kv)
+    plain, plain_logits = reply(chat, second, use_prefix_cache=False, prefill_chunk_size=boundary, **kv)
+    elsewhere, elsewhere_logits = reply(chat, second, use_prefix_cache=False, **kv)
+    assert warm.cached_tokens == from_disk.cached_tokens == boundary
+    assert warm.tokens == from_disk.tokens == plain.tokens == elsewhere.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(warm_logits, plain_logits, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(disk_logits, plain_logits, strict=True))
+    assert relative_error(np.stack(elsewhere_logits), np.stack(plain_logits)) < CHUNKING_BOUND
+
+
+def test_quantized_prefix_files_are_smaller(chat, tmp_path):
+    sizes = {}
+    for bits in (None, 8, 4):
+        folder = tmp_path / str(bits)
+        reply(chat, messages("Hello."), prefix_cache=PrefixCache.for_checkpoint(chat.path, folder=folder),
+              kv_bits=bits, quantized_kv_start=0)
+        (file,) = folder.glob("*.safetensors")
+        sizes[bits] = file.stat().st_size
+    # float32 test weights: 4 bytes an element, against about 1 (8-bit) and 0.5 (4-bit) with scales
+    assert sizes[4] < sizes[8] < 0.4 * sizes[None]
+
+
+def test_a_prefix_is_reused_only_with_the_settings_it_was_computed_with(chat):
+    """Past quantized_kv_start a prefix depends on the KV settings; before it, it is the float cache's
+    state, shared by every setting whose switch comes later."""
+    prompt = messages("Tell me a joke.")
+    boundary = system_end(chat.processor, prompt)
+    store = PrefixCache()
+    reply(chat, messages("What time is it?"), prefix_cache=store, kv_bits=8, quantized_kv_start=0)
+    for other in (dict(kv_bits=4, quantized_kv_start=0), dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0),
+                  dict(kv_bits=8, quantized_kv_start=5), {}):
+        assert reply(chat, prompt, prefix_cache=store, **other)[0].cached_tokens == 0
+    assert reply(chat, prompt, prefix_cache=store, kv_bits=8, quantized_kv_start=0)[0].cached_tokens == boundary
+    shared = PrefixCache()
+    reply(chat, messages("What time is it?"), prefix_cache=shared)  # float KV
+    late_switch = dict(kv_bits=4, quantized_kv_start=boundary)
+    warm, warm_logits = reply(chat, prompt, prefix_cache=shared, **late_switch)
+    plain, plain_logits = reply(chat, prompt, use_prefix_cache=False, prefill_chunk_size=boundary, **late_switch)
+    assert warm.cached_tokens == boundary and warm.tokens == plain.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(warm_logits, plain_logits, strict=True))
+
+
+def test_a_prefix_of_other_bits_under_the_name_is_not_restored(chat):
+    """The layers record their bits and group size: one quantized otherwise is never restored, even
+    under the name these settings look up."""
+    model, processor = chat.model, chat.processor
+    prompt = messages("Tell me a joke.")
+    ids = processor(prompt)["input_ids"]
+    boundary = system_end(processor, prompt)
+    kv8 = KVQuantization(8, 64, start=0)
+    embeddings = model.embed_inputs(mx.array(ids), {})
+    store = PrefixCache()
+    planned = plan_prefix(model, processor.tokenizer, store, ids, embeddings, None, kv8)
+    cache = model.make_cache()
+    prefill(model, {"input_ids": ids[:, :boundary]}, cache, kv_quantization=KVQuantization(4, 64, start=0))
+    name = PrefixKeys(ids[0], model=f"model-object-{id(model)}", kv_quantization=kv8).name(boundary)
+    store.store(PrefixState(name, ids[0, :boundary].astype(np.int32), snapshot(cache)))
+    assert planned.reused == 0 and store.lookup(PrefixKeys(ids[0], model=f"model-object-{id(model)}",
+                                                           kv_quantization=kv8)) is not None
+    assert plan_prefix(model, processor.tokenizer, store, ids, embeddings, None, kv8).reused == 0

@@ -301,7 +301,7 @@ def quantized_global_kv_attention_primitives(
     """The fallback off Metal: MLX's quantized products over the packed values (`DerivedKeys`)."""
     _check(queries, quantized_shape(values, group_size, bits), length)
     values = tuple(a[:, :, :length] for a in values)
-    keys = DerivedKeys.build(values, k_norm_weight, 0, rope, group_size, bits)
+    keys = DerivedKeys(values, k_norm_weight, 0, rope, group_size, bits)
     n_queries = queries.shape[2]
     mask = None if n_queries == 1 and span_bias is None else causal_bias(length, n_queries, span_bias)
     return quantized_attention(queries, keys, values, mask)

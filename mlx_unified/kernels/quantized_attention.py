@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlx_unified.config import RopeSpec
-from mlx_unified.kernels.rope_tables import inv_freq, rope_reference, rotated_pairs
+from mlx_unified.kernels.rope_tables import rope_periods, rope_reference, rotated_pairs
 
 # What `mx.quantize` returns: packed uint32 values, per-group scales, per-group biases.
 Quantized = tuple[mx.array, mx.array, mx.array]
@@ -69,6 +69,11 @@ class QuantizedKeys:
     def sliced(self, start: int, stop: int) -> QuantizedKeys:
         return QuantizedKeys(_slice(self.keys, start, stop), self.group_size, self.bits)
 
+    def bytes_per_key(self, rows: int) -> int:
+        """Transient bytes of attending one key from `rows` query rows: its float32 score, and the
+        exponential of it the soft-max takes."""
+        return 8 * rows
+
     def scores(self, queries: mx.array) -> mx.array:
         """queries float32 [B, n_kv, rows, D] -> float32 scores [B, n_kv, rows, T]."""
         return mx.quantized_matmul(queries, *self.keys, transpose=True, group_size=self.group_size, bits=self.bits)
@@ -82,36 +87,16 @@ class QuantizedKeys:
 class DerivedKeys:
     """The keys of a K=V layer, rope(k_norm_weight * v) at positions start.., from its quantized v.
 
-    `unrotated_weight` is k_norm_weight with the rotated dims zeroed; `rotated` holds the keys'
-    rotated dims, float32 [B, n_kv, T, 2 * pairs] (dims [0, pairs) then [D/2, D/2 + pairs))."""
+    Scoring rotates only the dims RoPE turns (dims [0, pairs) and [D/2, D/2 + pairs)), dequantized
+    from the groups that hold them, for the keys being scored; the other dims are scored by a quantized
+    product of the queries times k_norm_weight (zero on the rotated dims) with the packed values."""
 
     values: Quantized
-    unrotated_weight: mx.array
-    rotated: mx.array
-    pairs: int
-    start: int
     k_norm_weight: mx.array
+    start: int
     rope: RopeSpec
     group_size: int
     bits: int
-
-    @classmethod
-    def build(
-        cls, values: Quantized, k_norm_weight: mx.array, start: int, rope: RopeSpec, group_size: int, bits: int
-    ) -> DerivedKeys:
-        head_dim = k_norm_weight.shape[0]
-        half, pairs = head_dim // 2, rotated_pairs(rope, head_dim)
-        weight = k_norm_weight.astype(mx.float32)
-        first = dequantize_dims(values, 0, pairs, group_size, bits) * weight[:pairs]
-        second = dequantize_dims(values, half, half + pairs, group_size, bits) * weight[half : half + pairs]
-        positions = mx.arange(start, start + values[0].shape[2]).astype(mx.float32)
-        angle = positions[:, None] * inv_freq(rope, head_dim)[None, :pairs]
-        cos, sin = mx.cos(angle), mx.sin(angle)
-        rotated = mx.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-        dims = mx.arange(head_dim)
-        in_pair = (dims < pairs) | ((dims >= half) & (dims < half + pairs))
-        unrotated = mx.where(in_pair, 0.0, weight)
-        return cls(values, unrotated, rotated, pairs, start, k_norm_weight, rope, group_size, bits)
 
     @property
     def length(self) -> int:
@@ -119,21 +104,47 @@ class DerivedKeys:
 
     def sliced(self, start: int, stop: int) -> DerivedKeys:
         return DerivedKeys(
-            _slice(self.values, start, stop), self.unrotated_weight, self.rotated[:, :, start:stop], self.pairs,
-            self.start + start, self.k_norm_weight, self.rope, self.group_size, self.bits,
+            _slice(self.values, start, stop), self.k_norm_weight, self.start + start, self.rope, self.group_size,
+            self.bits,
         )  # fmt: skip
+
+    def bytes_per_key(self, rows: int) -> int:
+        """Transient bytes of attending one key from `rows` query rows: its scores and their exponential,
+        and deriving its rotated dims (their float32 copies: dequantized, scaled, joined, rotated, with
+        the rotation's tables: about 8 of them, measured on MLX's CPU backend)."""
+        return 8 * rows + 8 * 4 * 2 * rotated_pairs(self.rope, self.k_norm_weight.shape[0])
+
+    def _rotated(self, head_dim: int) -> mx.array:
+        """float32 [B, n_kv, T, 2 * pairs]: the rotated dims of these keys, pairs (i, pairs + i)."""
+        half, pairs = head_dim // 2, rotated_pairs(self.rope, head_dim)
+        weight = self.k_norm_weight.astype(mx.float32)
+        x = mx.concatenate(
+            [
+                dequantize_dims(self.values, 0, pairs, self.group_size, self.bits),
+                dequantize_dims(self.values, half, half + pairs, self.group_size, self.bits),
+            ],
+            axis=-1,
+        ) * mx.concatenate([weight[:pairs], weight[half : half + pairs]])
+        # MLX's fused RoPE over the 2 * pairs dims pairs (i, pairs + i) with the model's frequencies: the
+        # rotation the float path gives these dims (`rope_tables.rope_fused`).
+        periods = rope_periods(self.rope, head_dim)[:pairs]
+        return mx.fast.rope(x, 2 * pairs, traditional=False, base=None, scale=1.0, offset=self.start, freqs=periods)
 
     def scores(self, queries: mx.array) -> mx.array:
         """queries float32 [B, n_kv, rows, D] -> float32 scores [B, n_kv, rows, T]."""
-        half, pairs = queries.shape[-1] // 2, self.pairs
+        head_dim = queries.shape[-1]
+        half, pairs = head_dim // 2, rotated_pairs(self.rope, head_dim)
         rotated_queries = mx.concatenate([queries[..., :pairs], queries[..., half : half + pairs]], axis=-1)
-        if 2 * pairs == queries.shape[-1]:
-            return rotated_queries @ self.rotated.swapaxes(-1, -2)
+        rotated_keys = self._rotated(head_dim).swapaxes(-1, -2)
+        if 2 * pairs == head_dim:
+            return rotated_queries @ rotated_keys
+        dims = mx.arange(head_dim)
+        in_pair = (dims < pairs) | ((dims >= half) & (dims < half + pairs))
+        unrotated = mx.where(in_pair, 0.0, self.k_norm_weight.astype(mx.float32))
         scores = mx.quantized_matmul(
-            queries * self.unrotated_weight, *self.values, transpose=True, group_size=self.group_size, bits=self.bits
+            queries * unrotated, *self.values, transpose=True, group_size=self.group_size, bits=self.bits
         )
-        # Added in place of a second score-sized array.
-        return mx.addmm(scores, rotated_queries, self.rotated.swapaxes(-1, -2))
+        return mx.addmm(scores, rotated_queries, rotated_keys)  # no second score-sized array
 
     def dense(self) -> mx.array:
         """float32 keys [B, n_kv, T, D] (for observers, which take explicit keys)."""
@@ -141,28 +152,77 @@ class DerivedKeys:
         return rope_reference(v, mx.arange(self.start, self.start + self.length), self.rope)
 
 
+def key_block(keys: QuantizedKeys | DerivedKeys, rows: int, score_bytes: int) -> int:
+    """Keys attended at a time by `rows` query rows (all heads) so that what that takes
+    (`bytes_per_key`) fits `score_bytes`; at least MIN_KEY_BLOCK."""
+    return max(score_bytes // keys.bytes_per_key(rows), MIN_KEY_BLOCK)
+
+
+# Fewer keys a block would make the per-block work (a few small products) dominate.
+MIN_KEY_BLOCK = 1024
+# Decoding's bound on one key block's scores: a few query rows see every cached key.
+DECODE_SCORE_BYTES = 64 << 20
+
+
 def quantized_attention(
     queries: mx.array,
     keys: QuantizedKeys | DerivedKeys,
     values: Quantized,
     mask: mx.array | None,
+    score_bytes: int = DECODE_SCORE_BYTES,
 ) -> mx.array:
     """softmax(q k^T + mask) v with scale 1.0 over quantized keys and values, float32 scores and
     soft-max. queries [B, H, L, D]; mask: additive float32 scores, [L, T] (or [B, 1, L, T], or [T]),
-    or None. Returns [B, H, L, D] in the queries' dtype."""
+    or None. Returns [B, H, L, D] in the queries' dtype.
+
+    Keys are attended a block at a time (`key_block`) so that one block's scores, and on K=V layers
+    its derived keys, fit `score_bytes`; blocks are merged with the running maximum and sum of the
+    soft-max (as the decode kernels merge their chunks). A context that fits is one block."""
     batch, heads, length, head_dim = queries.shape
     n_kv = values[0].shape[1]
     group = heads // n_kv
     # Rows g * L + l for query head kv_head * G + g: the products then match the cache's batch axes
     # one to one (broadcasting a KV head over its G query heads made MLX's CPU backend copy the cache).
     q = queries.astype(mx.float32).reshape(batch, n_kv, group * length, head_dim)
-    scores = keys.scores(q)
-    if mask is not None:
-        by_query = scores.reshape(batch, n_kv, group, length, -1)
-        scores = (by_query + (mask[:, :, None] if mask.ndim == 4 else mask)).reshape(scores.shape)
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *values, transpose=False, group_size=keys.group_size, bits=keys.bits)
+    size = key_block(keys, heads * length, score_bytes)
+    total = keys.length
+    if total <= size:
+        weights = mx.softmax(_masked_scores(keys, q, mask, 0, total, group, length), axis=-1, precise=True)
+        out = mx.quantized_matmul(weights, *values, transpose=False, group_size=keys.group_size, bits=keys.bits)
+    else:
+        # m: running maximum, finite at first, so that a block a query is masked from entirely gives
+        # exp(-inf - m) = 0; denom: the running soft-max denominator.
+        m = mx.full((*q.shape[:-1], 1), -3.0e38, dtype=mx.float32)
+        denom = mx.zeros_like(m)
+        out = mx.zeros(q.shape, dtype=mx.float32)
+        for start in range(0, total, size):
+            stop = min(start + size, total)
+            scores = _masked_scores(keys.sliced(start, stop), q, mask, start, stop, group, length)
+            m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
+            p = mx.exp(scores - m_new)
+            correction = mx.exp(m - m_new)
+            denom = denom * correction + p.sum(axis=-1, keepdims=True)
+            block_values = _slice(values, start, stop)
+            out = out * correction + mx.quantized_matmul(
+                p, *block_values, transpose=False, group_size=keys.group_size, bits=keys.bits
+            )
+            m = m_new
+        out = out / denom
     return out.reshape(batch, heads, length, head_dim).astype(queries.dtype)
+
+
+def _masked_scores(
+    keys: QuantizedKeys | DerivedKeys, q: mx.array, mask: mx.array | None, start: int, stop: int, group: int,
+    length: int,
+) -> mx.array:  # fmt: skip
+    """Scores of rows q over keys [start, stop) of `keys` (already sliced there when not whole), with
+    the mask's columns start..stop added."""
+    scores = keys.scores(q)
+    if mask is None:
+        return scores
+    mask = mask[..., start:stop]
+    by_query = scores.reshape(*scores.shape[:2], group, length, stop - start)
+    return (by_query + (mask[:, :, None] if mask.ndim == 4 else mask)).reshape(scores.shape)
 
 
 def quantized_shape(x: Quantized, group_size: int, bits: int) -> tuple[int, ...]:
