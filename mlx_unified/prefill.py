@@ -8,8 +8,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .attention_blocks import PREFILL_CHUNK
-from .budgets import prefill_score_bytes
+from .budgets import prefill_sizes
 from .cache import LayerCache, maybe_quantize
 from .emphasis import SpanBias
 from .kv_quantization import KVQuantization
@@ -61,9 +60,10 @@ def prefill(
     `on_snapshot(position, cache)` is called. `kv_quantization`: the cache is quantized (in the list)
     before the first pass that starts at or after its `start`, where a chunk ends.
 
-    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`). Attention
-    runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
-    left beside the weights (`budgets.prefill_score_bytes`, `attention_blocks.query_block`).
+    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`, shorter when
+    the memory left beside the weights and the prompt's KV cache is tight). Attention runs a block of
+    queries at a time, sized so that one block's scores fit a quarter of that memory
+    (`budgets.prefill_sizes`, `attention_blocks.query_block`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
@@ -77,8 +77,10 @@ def prefill(
             f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
         )
     logits = None
-    chunk_size = chunk_size or PREFILL_CHUNK
-    score_bytes = prefill_score_bytes(model.nbytes)
+    kv = kv_quantization
+    sizes = prefill_sizes(model.config, model.nbytes, length, *(() if kv is None else (kv.bits, kv.group_size)))
+    chunk_size = chunk_size or sizes.chunk
+    score_bytes = sizes.score_bytes
     boundaries = tuple(snapshot_at) + (() if kv_quantization is None else (kv_quantization.start,))
     for begin, end in prefill_chunks(mm, length, chunk_size, start, boundaries):
         last = end == length

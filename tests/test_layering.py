@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 # What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
-# the config, the user-error base, the runtime memory budgets and the prefill sizes its estimate follows.
+# the config, the user-error base, the runtime memory budgets, the prefill sizes its estimate follows and
+# the KV-cache quantization settings it counts.
 CONVERTER_MAY_LOAD = {
     "mlx_unified",
     "mlx_unified.attention_blocks",
@@ -15,6 +16,7 @@ CONVERTER_MAY_LOAD = {
     "mlx_unified.checkpoint",
     "mlx_unified.config",
     "mlx_unified.errors",
+    "mlx_unified.kv_quantization",
 }
 
 

@@ -26,8 +26,10 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
         where = f"a {ram / GIB:g} GB Mac{'' if memory else ' (pass --memory for another size)'}: macOS default GPU limit"
     print(f"GPU memory budget: {budget / GB:.2f} GB, {where}")
     header = (
-        f"{'conversion':<12} {'weights GB':>10} {'bits/w':>7} {'max context':>12}  flags"
+        f"{'conversion':<12} {'weights GB':>10} {'bits/w':>7} {'bf16 KV':>13} {'8-bit KV':>13} "
+        f"{'4-bit KV':>13}  flags"
     )
+    print(f"{'':<31} {'---- max context, with a KV cache of ----':^41}")
     print(header)
     print("-" * len(header))
     parameters = parameter_count(config)
@@ -35,7 +37,8 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
     for row in rows:
         print(
             f"{row.label:<12} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
-            f"{_tokens(row.context_bf16_kv):>12}  {row.convert_flags}"
+            f"{_tokens(row.context_bf16_kv):>13} {_tokens(row.context_kv8):>13} {_tokens(row.context_kv4):>13}  "
+            f"{row.convert_flags}"
         )
     best = recommend(rows, min_context)
     if best is None:
@@ -46,8 +49,9 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
             f"  python convert.py --hf-path google/gemma-4-12B-it --mlx-path gemma-4-12b-mlx {best.convert_flags}"
         )
     print(
-        "Context counts the bf16 KV cache (sliding layers capped at the window, one tensor on K=V layers) "
-        "and one prefill chunk's activations."
+        "Context counts the KV cache (sliding layers capped at the window, one tensor on K=V layers; 8- and "
+        "4-bit: generate.py --kv-bits 8 or 4) and one prefill pass's activations (passes shorten when "
+        "memory is tight). The recommendation assumes a bf16 cache."
     )
 
 

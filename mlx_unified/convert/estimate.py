@@ -14,14 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.attention_blocks import (
-    PREFILL_CHUNK,
-    PREFILL_SCORE_BYTES,
-    global_blocks_together,
-    query_block,
-    sliding_query_block,
-)
-from mlx_unified.budgets import GIB, prefill_score_bytes
+from mlx_unified.budgets import GIB, activation_bytes, kv_bytes, prefill_sizes
 from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import ModelConfig
 from mlx_unified.convert.recipes import (
@@ -33,9 +26,6 @@ from mlx_unified.convert.recipes import (
     quantized_outputs,
     supported_modes,
 )
-
-# Cache quantization groups (mlx-lm's QuantizedKVCache default).
-KV_GROUP_SIZE = 64
 
 
 def weights_bytes(
@@ -52,47 +42,6 @@ def weights_bytes(
         )
         total += sum(t.nbytes for t in quantized_outputs(name, shape, chosen, dtype))
     return total
-
-
-def kv_bytes(config: ModelConfig, context_tokens: int, kv_bits: int | None = None) -> int:
-    """KV cache bytes at `context_tokens` (batch 1, bf16 or `kv_bits`-bit quantized with bf16 scales)."""
-    text = config.text
-    # Per cached element: the packed value plus its share of a group's scale and bias.
-    element_bytes = 2.0 if kv_bits is None else kv_bits / 8 + 2 * 2 / KV_GROUP_SIZE
-    elements = 0
-    for i in range(text.num_hidden_layers):
-        layer = text.layer(i)
-        if layer.is_sliding:
-            elements += 2 * layer.num_kv_heads * min(context_tokens, text.sliding_window) * layer.head_dim
-        else:
-            tensors = 1 if layer.k_eq_v else 2  # K=V layers cache only the values
-            elements += tensors * layer.num_kv_heads * context_tokens * layer.head_dim
-    return int(elements * element_bytes)
-
-
-def activation_bytes(
-    config: ModelConfig, context_tokens: int, chunk: int = PREFILL_CHUNK, score_bytes: int = PREFILL_SCORE_BYTES
-) -> int:
-    """Peak transient memory of the prefill pass that reaches `context_tokens`, float32.
-
-    Counts the MLP intermediates (gate, up and their product) and a few hidden-state copies of one pass,
-    the larger of a global layer's scores (the whole pass's when `global_blocks_together`, else one query
-    block's, see `query_block`: its blocks are then evaluated in turn) and a sliding layer's scores for
-    the whole pass (its blocks, over block + window keys each, are left to evaluate together), and one
-    row of logits.
-    """
-    text = config.text
-    context_tokens = max(context_tokens, 1)
-    tokens = min(chunk, context_tokens)
-    mlp = 3 * tokens * text.intermediate_size
-    hidden = 4 * tokens * text.hidden_size
-    heads = text.num_attention_heads
-    window = text.sliding_window
-    global_queries = tokens
-    if not global_blocks_together(heads, tokens, context_tokens, score_bytes):
-        global_queries = query_block(heads, context_tokens, score_bytes, tokens)
-    scores = heads * max(global_queries * context_tokens, tokens * (window + sliding_query_block(window)))
-    return 4 * (mlp + hidden + scores + text.vocab_size)
 
 
 def estimate(
@@ -114,7 +63,7 @@ def estimate(
     params = None if bits is None else base_params(bits, group_size, mode)
     weights = weights_bytes(config, params, recipe, dtype)
     kv = kv_bytes(config, context_tokens, kv_bits)
-    activations = activation_bytes(config, context_tokens)
+    activations = activation_bytes(config, context_tokens, kv_bits=kv_bits)
     parameters = parameter_count(config)
     return {
         "weights_bytes": weights,
@@ -134,12 +83,13 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def longest_context(config: ModelConfig, budget_bytes: int, weights: int, kv_bits: int | None = None) -> int:
-    """The most context tokens whose KV cache and activations fit beside `weights` (0: nothing fits)."""
-
-    score_bytes = prefill_score_bytes(weights, budget_bytes)
+    """The most context tokens whose KV cache (bf16, or `kv_bits`-bit) and the activations of the
+    prefill that reaches them (passes and attention blocks as `budgets.prefill_sizes` sizes them for
+    that context) fit beside `weights` (0: nothing fits)."""
 
     def fits(tokens: int) -> bool:
-        activations = activation_bytes(config, tokens, score_bytes=score_bytes)
+        sizes = prefill_sizes(config, weights, tokens, kv_bits, budget_bytes=budget_bytes)
+        activations = activation_bytes(config, tokens, sizes.chunk, sizes.score_bytes, kv_bits)
         return weights + kv_bytes(config, tokens, kv_bits) + activations <= budget_bytes
 
     low, high = 0, config.text.max_position_embeddings
@@ -159,6 +109,8 @@ class PlanRow:
     mode: str
     weights_bytes: int
     context_bf16_kv: int
+    context_kv8: int  # with an 8-bit KV cache (`--kv-bits 8`, groups of 64)
+    context_kv4: int  # with a 4-bit one
 
     @property
     def convert_flags(self) -> str:
@@ -189,7 +141,8 @@ _CANDIDATES: list[tuple[str, str | None, int | None, str]] = [
 
 
 def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
-    """Every candidate conversion the installed MLX supports, with the context each leaves room for."""
+    """Every candidate conversion the installed MLX supports, with the context each leaves room for with
+    a bf16, an 8-bit and a 4-bit KV cache."""
     rows = []
     modes = supported_modes()
     for label, recipe, bits, mode in _CANDIDATES:
@@ -204,7 +157,7 @@ def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
                 bits,
                 mode,
                 weights,
-                longest_context(config, budget_bytes, weights),
+                *(longest_context(config, budget_bytes, weights, kv_bits) for kv_bits in (None, 8, 4)),
             )
         )
     return rows

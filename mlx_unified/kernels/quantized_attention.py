@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_unified.attention_blocks import quantized_key_bytes
 from mlx_unified.config import RopeSpec
 from mlx_unified.kernels.rope_tables import rope_periods, rope_reference, rotated_pairs
 
@@ -70,9 +71,7 @@ class QuantizedKeys:
         return QuantizedKeys(_slice(self.keys, start, stop), self.group_size, self.bits)
 
     def bytes_per_key(self, rows: int) -> int:
-        """Transient bytes of attending one key from `rows` query rows: its float32 score, and the
-        exponential of it the soft-max takes."""
-        return 8 * rows
+        return quantized_key_bytes(rows)
 
     def scores(self, queries: mx.array) -> mx.array:
         """queries float32 [B, n_kv, rows, D] -> float32 scores [B, n_kv, rows, T]."""
@@ -109,10 +108,7 @@ class DerivedKeys:
         )  # fmt: skip
 
     def bytes_per_key(self, rows: int) -> int:
-        """Transient bytes of attending one key from `rows` query rows: its scores and their exponential,
-        and deriving its rotated dims (their float32 copies: dequantized, scaled, joined, rotated, with
-        the rotation's tables: about 8 of them, measured on MLX's CPU backend)."""
-        return 8 * rows + 8 * 4 * 2 * rotated_pairs(self.rope, self.k_norm_weight.shape[0])
+        return quantized_key_bytes(rows, 2 * rotated_pairs(self.rope, self.k_norm_weight.shape[0]))
 
     def _rotated(self, head_dim: int) -> mx.array:
         """float32 [B, n_kv, T, 2 * pairs]: the rotated dims of these keys, pairs (i, pairs + i)."""
@@ -154,7 +150,7 @@ class DerivedKeys:
 
 def key_block(keys: QuantizedKeys | DerivedKeys, rows: int, score_bytes: int) -> int:
     """Keys attended at a time by `rows` query rows (all heads) so that what that takes
-    (`bytes_per_key`) fits `score_bytes`; at least MIN_KEY_BLOCK."""
+    (`attention_blocks.quantized_key_bytes`) fits `score_bytes`; at least MIN_KEY_BLOCK."""
     return max(score_bytes // keys.bytes_per_key(rows), MIN_KEY_BLOCK)
 
 
