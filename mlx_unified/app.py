@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import add_kv_cache_arguments
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
@@ -33,6 +34,7 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
 
@@ -158,7 +160,7 @@ def model_config(name: str) -> ModelConfig:
         raise ConfigError(f"{name}: config not available yet ({type(e).__name__})") from e
 
 
-def memory_markdown(name: str | None) -> str:
+def memory_markdown(name: str | None, kv_bits: int | None = None) -> str:
     if not name:
         return ""
     from .budgets import GB, memory_budget_bytes
@@ -171,14 +173,17 @@ def memory_markdown(name: str | None) -> str:
     quantization = config.quantization or {}
     bits = quantization.get("bits")
     group_size = quantization.get("group_size", 64)
-    needed = estimate(config, bits=bits, group_size=group_size, context_tokens=CONTEXT_FOR_ESTIMATE)
+    needed = estimate(
+        config, bits=bits, group_size=group_size, context_tokens=CONTEXT_FOR_ESTIMATE, kv_bits=kv_bits
+    )
     budget, source = memory_budget_bytes()
     verdict = "fits" if needed["total_bytes"] <= budget else "**does not fit**"
     weights = f"{bits}-bit" if bits else "16-bit"
     return (
         f"Memory estimate ({weights} weights, {CONTEXT_FOR_ESTIMATE // 1024}K-token context): "
         f"about **{needed['total_bytes'] / GB:.2f} GB** (weights {needed['weights_bytes'] / GB:.2f} GB, "
-        f"KV cache {needed['kv_bytes'] / GB:.2f} GB); {source}: {budget / GB:.1f} GB, {verdict}."
+        f"KV cache {needed['kv_bytes'] / GB:.2f} GB{f', {kv_bits}-bit' if kv_bits else ''}); {source}: "
+        f"{budget / GB:.1f} GB, {verdict}."
     )
 
 
@@ -346,8 +351,11 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
+    kv_bits: int | None = None,
+    kv_cache: KVCacheSettings | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The chat function: yields the growing list of assistant messages for this turn."""
+    """The chat function: yields the growing list of assistant messages for this turn. `kv_bits`: the
+    KV cache setting (None or 0: not quantized); `kv_cache`: its group size and start."""
     text, files = (
         (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
     )
@@ -384,6 +392,7 @@ def respond(
                     prefix_cache=slot.prefix_cache,
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
+                    **(kv_cache or KVCacheSettings()).arguments(kv_bits),
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -424,24 +433,42 @@ def respond(
 # ---------------------------------------------------------------- the page
 
 
+@dataclass(frozen=True)
+class KVCacheSettings:
+    """The app's KV cache quantization: the bits come from the page's setting, the rest from the
+    command line (mlx-lm's flags)."""
+
+    group_size: int = DEFAULT_KV_GROUP_SIZE
+    start: int = DEFAULT_QUANTIZED_KV_START
+
+    def arguments(self, kv_bits: int | None) -> dict[str, Any]:
+        return {"kv_bits": kv_bits or None, "kv_group_size": self.group_size, "quantized_kv_start": self.start}
+
+
+# The KV cache setting's choices: (label, kv_bits), 0 for no quantization.
+KV_CACHE_CHOICES = [("not quantized", 0), *((f"{bits}-bit", bits) for bits in sorted(KV_BITS, reverse=True))]
+
+
 def build_app(
     slot: ModelSlot,
     settings_file: Path,
     choices: list[str],
     max_tokens: int = 512,
     temperature: float = 1.0,
+    kv_bits: int | None = None,
+    kv_cache: KVCacheSettings | None = None,
 ) -> Any:
     import gradio as gr
 
     settings = read_settings(settings_file)
 
-    def pick(name: str) -> str:
-        return memory_markdown(name)
+    def pick(name: str, bits: int) -> str:
+        return memory_markdown(name, bits or None)
 
     # Gradio spots a progress parameter by its default; tqdm tracking shows the hub download bars.
     download_progress = gr.Progress(track_tqdm=True)
 
-    def load_picked(name: str, progress: Any = download_progress) -> tuple[str, str]:
+    def load_picked(name: str, bits: int, progress: Any = download_progress) -> tuple[str, str]:
         if not name:
             return banner_markdown(slot), "Pick a model first."
         progress(0, desc=f"Loading {name}")
@@ -449,12 +476,13 @@ def build_app(
             slot.load(name)
         except InputError as e:
             return banner_markdown(slot), f"⚠️ {e}"
-        return banner_markdown(slot), memory_markdown(name)
+        return banner_markdown(slot), memory_markdown(name, bits or None)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix):
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, bits):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix
-        )
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix,
+            bits, kv_cache,
+        )  # fmt: skip
 
     with gr.Blocks(title="mlx-unified") as page:
         gr.Markdown("## Gemma 4 unified on MLX")
@@ -468,7 +496,7 @@ def build_app(
                 scale=4,
             )
             load_button = gr.Button("Load", scale=1)
-        memory = gr.Markdown(memory_markdown(slot.name), elem_id="memory-estimate")
+        memory = gr.Markdown(memory_markdown(slot.name, kv_bits), elem_id="memory-estimate")
         with gr.Accordion("System prompt (saved across restarts)", open=False):
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
@@ -488,6 +516,12 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            kv_cache_bits = gr.Dropdown(
+                choices=KV_CACHE_CHOICES,
+                value=kv_bits or 0,
+                label="KV cache (quantized: less memory for long contexts, slightly different replies)",
+                elem_id="kv-cache",
+            )
         gr.ChatInterface(
             chat,
             multimodal=True,
@@ -508,12 +542,14 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                kv_cache_bits,
             ],
             concurrency_limit=1,
             show_progress="full",
         )
-        picker.change(pick, picker, memory)
-        load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
+        picker.change(pick, [picker, kv_cache_bits], memory)
+        kv_cache_bits.change(pick, [picker, kv_cache_bits], memory)
+        load_button.click(load_picked, [picker, kv_cache_bits], [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
     return page
 
@@ -561,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
+    add_kv_cache_arguments(parser)  # --kv-bits sets the KV cache setting's initial value
     return parser
 
 
@@ -586,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         known_models([args.model]),
         args.max_tokens,
         args.temperature,
+        args.kv_bits,
+        KVCacheSettings(args.kv_group_size, args.quantized_kv_start),
     )
     try:
         page.queue(default_concurrency_limit=1).launch(

@@ -8,6 +8,11 @@ the same). Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attent
 it), one block of queries at a time over only the keys that block may see: MLX fuses prefill attention
 only for head dims up to 128 on Metal, so for this model's 256- and 512-dim heads, as on CUDA and the
 CPU, it computes every score of a [queries x keys] product, masked ones included.
+
+A quantized cache (`cache.py`, `kv_quantization`) is read the same ways: decoding through the
+quantized variants of the kernels (each element dequantized as it is loaded; off Metal, MLX's
+quantized products), prefill by the same query blocks through `kernels.quantized_attention`, which
+scores the packed cache with `mx.quantized_matmul` a key block at a time.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS, KV_GROUP_SIZES
 from .processing.limits import SUPPORTED_BUDGETS
 
 if TYPE_CHECKING:
@@ -47,6 +48,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -125,11 +133,36 @@ def build_parser() -> ArgumentParser:
     )
     # The flag's earlier name, still accepted.
     parser.add_argument("--no-prompt-cache", dest="no_prefix_cache", action="store_true", help=argparse.SUPPRESS)
+    add_kv_cache_arguments(parser)
     parser.add_argument("--task-reminder", metavar="TEXT", help="restate the task after the media and the text")
     parser.add_argument(
         "--text-first", action="store_true", help="put the text before the media in the user turn"
     )
     return parser
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV-cache quantization flags (the app takes them too)."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS,
+        help="quantize the KV cache to this many bits (default: no quantization)",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_SIZES,
+        default=DEFAULT_KV_GROUP_SIZE,
+        help=f"group size for KV cache quantization ({DEFAULT_KV_GROUP_SIZE})",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=non_negative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        metavar="N",
+        help=f"with --kv-bits, quantize the KV cache once it holds N tokens ({DEFAULT_QUANTIZED_KV_START})",
+    )
 
 
 def emphasis(text: str) -> float:
@@ -211,6 +244,9 @@ def generation_settings(args: argparse.Namespace, prefix_cache: PrefixCache | No
         "task_reminder": args.task_reminder,
         "use_prefix_cache": not args.no_prefix_cache,
         "prefix_cache": prefix_cache,
+        "kv_bits": args.kv_bits,
+        "kv_group_size": args.kv_group_size,
+        "quantized_kv_start": args.quantized_kv_start,
         "prefill_progress": prefill_progress_bar(),
     }
 
