@@ -31,8 +31,17 @@ from mlx_unified.cache import (
     snapshot,
 )
 from mlx_unified.config import default_layer_types
+from mlx_unified.emphasis import SpanBias
 from mlx_unified.errors import InputError
 from mlx_unified.generation import generate_step
+from mlx_unified.kernels.attention_global import causal_bias
+from mlx_unified.kernels.quantized_attention import (
+    MIN_KEY_BLOCK,
+    DerivedKeys,
+    QuantizedKeys,
+    quantized_attention,
+)
+from mlx_unified.kernels.rope_tables import PROPORTIONAL_ROPE
 from mlx_unified.kv_quantization import KVQuantization, KVQuantizationError, kv_quantization
 from mlx_unified.prefill import prefill, prefill_chunks
 from mlx_unified.prefix_cache import PrefixCache, PrefixKeys, PrefixState, plan_prefix
@@ -408,3 +417,31 @@ def test_a_prefix_of_other_bits_under_the_name_is_not_restored(chat):
     assert planned.reused == 0 and store.lookup(PrefixKeys(ids[0], model=f"model-object-{id(model)}",
                                                            kv_quantization=kv8)) is not None
     assert plan_prefix(model, processor.tokenizer, store, ids, embeddings, None, kv8).reused == 0
+
+
+def test_key_blocks_merge_to_what_one_block_gives():
+    """Attention a key block at a time (a tight score bound: blocks of MIN_KEY_BLOCK keys, the last one
+    partial, one fully masked for some queries) merged by the running soft-max equals one block."""
+    mx.random.seed(7)
+    length = 3 * MIN_KEY_BLOCK + 100
+    values = tuple(mx.quantize(mx.random.normal((1, 1, length, 256)), group_size=64, bits=8))
+    weight = 1 + 0.2 * mx.random.normal((256,))
+    queries = mx.random.normal((1, 4, 3, 256)) * 256**-0.5
+    mask = causal_bias(length, 3, SpanBias(10, 900, 0.5))
+    window = mx.where(mx.arange(length) >= length - 200, 0.0, -mx.inf)  # only the last block is visible
+    for keys, m in ((DerivedKeys(values, weight, 0, PROPORTIONAL_ROPE, 64, 8), mask),
+                    (QuantizedKeys(values, 64, 8), mask + window)):
+        whole = quantized_attention(queries, keys, values, m, score_bytes=1 << 40)
+        blocked = quantized_attention(queries, keys, values, m, score_bytes=1)
+        assert relative_error(np.array(blocked), np.array(whole)) < 1e-5
+
+
+def test_prefill_within_a_tiny_score_bound_equals_a_roomy_one(model):
+    """The model's quantized prefill with every attention block as small as it goes (query blocks of
+    MIN_QUERY_BLOCK, key blocks of MIN_KEY_BLOCK) against one block each."""
+    ids = mx.array(text_prompt(np.random.default_rng(8), 40)["input_ids"])
+    outputs = []
+    for score_bytes in (1, 1 << 40):
+        cache = _quantized_cache(model, 8)
+        outputs.append(np.array(model.forward_embeddings(model.embed_text(ids), cache=cache, score_bytes=score_bytes)))
+    assert relative_error(outputs[0], outputs[1]) < 1e-5
