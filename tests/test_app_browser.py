@@ -86,6 +86,16 @@ def send(page, text: str, attachment: Path | None = None) -> None:
     box.press("Enter")
 
 
+def set_max_tokens(page, tokens: int) -> None:
+    settings = page.get_by_text("Settings", exact=True).first
+    field = page.get_by_label("number input for Max tokens")
+    if not field.is_visible():
+        settings.click()
+    field.fill(str(tokens))
+    field.press("Enter")
+    expect(field).to_have_value(str(tokens))
+
+
 def bot_texts(page) -> list[str]:
     return page.locator('#chat [data-testid="bot"]').all_inner_texts()
 
@@ -142,6 +152,9 @@ def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_pat
         assert after_retry == before_retry and page.get_by_text(DONE).count() == 2
 
         # 5. Stop ends a reply mid-stream: the text stops growing, no statistics, and the model is free.
+        # The reply may run to the slider's most tokens, so that Stop always lands while it streams (200
+        # tokens of the tiny model can end before the click on a loaded machine).
+        set_max_tokens(page, 8192)
         shown = len(bot_texts(page))
         send(page, "Keep talking.")
         deadline = time.monotonic() + 120
@@ -154,6 +167,7 @@ def test_chat_streams_reports_errors_retries_stops_and_recovers(app_url, tmp_pat
         time.sleep(1.0)
         assert len(stopped) == shown + 1 and stopped[-1].strip()  # the partial reply stays, no statistics
         assert bot_texts(page) == stopped and page.get_by_text(DONE).count() == 2
+        set_max_tokens(page, 200)
         send(page, "One more.")
         deadline = time.monotonic() + 120
         while page.get_by_text(DONE).count() < 3:
