@@ -34,7 +34,15 @@ from mlx_unified.config import default_layer_types
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.errors import InputError
 from mlx_unified.generation import generate_step
-from mlx_unified.kernels.attention_global import causal_bias
+from mlx_unified.kernels.attention_global import (
+    causal_bias,
+    quantized_global_kv_attention,
+    quantized_global_kv_attention_reference,
+)
+from mlx_unified.kernels.attention_sliding import (
+    quantized_sliding_window_attention,
+    quantized_sliding_window_attention_reference,
+)
 from mlx_unified.kernels.quantized_attention import (
     MIN_KEY_BLOCK,
     DerivedKeys,
@@ -445,3 +453,22 @@ def test_prefill_within_a_tiny_score_bound_equals_a_roomy_one(model):
         cache = _quantized_cache(model, 8)
         outputs.append(np.array(model.forward_embeddings(model.embed_text(ids), cache=cache, score_bytes=score_bytes)))
     assert relative_error(outputs[0], outputs[1]) < 1e-5
+
+
+def test_off_metal_the_quantized_decode_attention_equals_the_kernels_references():
+    """What decoding runs without Metal (MLX's quantized products over the packed cache) against the
+    references the kernels are proven against: the global K=V layer with a span bias and three
+    queries, and a ring larger than its window, wrapped."""
+    mx.random.seed(9)
+    queries = mx.random.normal((1, 16, 3, 512)) * 512**-0.5
+    values = tuple(mx.quantize(mx.random.normal((1, 1, 160, 512)), group_size=64, bits=4))
+    weight = 1 + 0.2 * mx.random.normal((512,))
+    options = dict(group_size=64, bits=4, span_bias=SpanBias(20, 60, 1.5))
+    got = quantized_global_kv_attention(queries, values, weight, 150, **options)
+    expected = quantized_global_kv_attention_reference(queries, values, weight, 150, **options)
+    assert relative_error(np.array(got), np.array(expected)) < RELATIVE_TOLERANCE
+    queries = mx.random.normal((1, 4, 2, 128)) * 128**-0.5
+    keys, values = (tuple(mx.quantize(mx.random.normal((1, 1, 96, 128)), group_size=32, bits=8)) for _ in range(2))
+    got = quantized_sliding_window_attention(queries, keys, values, 150, 40, group_size=32, bits=8)
+    expected = quantized_sliding_window_attention_reference(queries, keys, values, 150, 40, group_size=32, bits=8)
+    assert relative_error(np.array(got), np.array(expected)) < RELATIVE_TOLERANCE

@@ -287,17 +287,7 @@ def quantized_global_kv_attention_reference(
     return global_kv_attention_reference(queries, dense, k_norm_weight, length, rope=rope, span_bias=span_bias)
 
 
-def quantized_global_kv_attention_primitives(
-    queries: mx.array,
-    values: Quantized,
-    k_norm_weight: mx.array,
-    length: int,
-    *,
-    group_size: int,
-    bits: int,
-    rope: RopeSpec = PROPORTIONAL_ROPE,
-    span_bias: SpanBias | None = None,
-) -> mx.array:
+def _primitives(queries, values, k_norm_weight, length, group_size, bits, rope, span_bias) -> mx.array:
     """The fallback off Metal: MLX's quantized products over the packed values (`DerivedKeys`)."""
     _check(queries, quantized_shape(values, group_size, bits), length)
     values = tuple(a[:, :, :length] for a in values)
@@ -328,6 +318,6 @@ def quantized_global_kv_attention(
         lambda: quantized_global_kv_attention_kernel(
             dispatch.metal_factory(), queries, values, k_norm_weight, length, **options
         ),
-        lambda: quantized_global_kv_attention_primitives(queries, values, k_norm_weight, length, **options),
+        lambda: _primitives(queries, values, k_norm_weight, length, group_size, bits, rope, span_bias),
         supported=_kernel_supports(queries.shape[-1]),
     )

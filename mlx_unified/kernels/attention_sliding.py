@@ -249,16 +249,7 @@ def quantized_sliding_window_attention_reference(
     return sliding_window_attention_reference(queries, dense_keys, dense_values, offset, window)
 
 
-def quantized_sliding_window_attention_primitives(
-    queries: mx.array,
-    keys: Quantized,
-    values: Quantized,
-    offset: int,
-    window: int,
-    *,
-    group_size: int,
-    bits: int,
-) -> mx.array:
+def _primitives(queries, keys, values, offset, window, group_size, bits) -> mx.array:
     """The fallback off Metal: MLX's quantized products over the packed ring."""
     shapes = (quantized_shape(keys, group_size, bits), quantized_shape(values, group_size, bits))
     _check(queries, *shapes, offset, window)
@@ -287,6 +278,6 @@ def quantized_sliding_window_attention(
         lambda: quantized_sliding_window_attention_kernel(
             dispatch.metal_factory(), queries, keys, values, offset, window, **options
         ),
-        lambda: quantized_sliding_window_attention_primitives(queries, keys, values, offset, window, **options),
+        lambda: _primitives(queries, keys, values, offset, window, group_size, bits),
         supported=_kernel_supports(queries.shape[-1]),
     )
