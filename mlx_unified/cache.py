@@ -300,19 +300,20 @@ LAYER_CACHES: dict[str, type] = {
         QuantizedKVCache,
     )
 }  # fmt: skip
-# The float cache each kind is, quantized or not: the layout a model's `make_cache` gives.
-_FLOAT_KIND: dict[type, type] = {
-    SlidingWindowCache: SlidingWindowCache,
+# The float cache each quantized one stands for: the layout a model's `make_cache` gives.
+_FLOAT_OF_QUANTIZED: dict[type, type] = {
     QuantizedSlidingWindowCache: SlidingWindowCache,
-    SharedKVCache: SharedKVCache,
     QuantizedSharedKVCache: SharedKVCache,
-    KVCache: KVCache,
     QuantizedKVCache: KVCache,
 }
 
 
+def _float_kind(cache: LayerCache) -> type:
+    return _FLOAT_OF_QUANTIZED.get(type(cache), type(cache))
+
+
 def is_quantized(cache: LayerCache) -> bool:
-    return _FLOAT_KIND[type(cache)] is not type(cache)
+    return _float_kind(cache) is not type(cache)
 
 
 # -- when to quantize -------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def same_layout(cache: Sequence[LayerCache], other: Sequence[LayerCache]) -> boo
     """Whether two models' caches have the same kinds of layer caches (and sliding windows), float
     or quantized."""
     return len(cache) == len(other) and all(
-        _FLOAT_KIND[type(a)] is _FLOAT_KIND[type(b)] and getattr(a, "window", None) == getattr(b, "window", None)
+        _float_kind(a) is _float_kind(b) and getattr(a, "window", None) == getattr(b, "window", None)
         for a, b in zip(cache, other, strict=True)
     )
 
