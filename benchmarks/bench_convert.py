@@ -29,7 +29,7 @@ from transformers import Gemma4UnifiedConfig
 from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import released_config
 from mlx_unified.convert.estimate import estimate
-from mlx_unified.convert.safetensors_stream import OutputTensor, ShardWriter
+from mlx_unified.safetensors_format import OutputTensor, ShardWriter
 from mlx_unified.testing import TINY_TEXT
 from mlx_unified.testing.tokenizer import write_tokenizer
 

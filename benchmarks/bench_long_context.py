@@ -10,7 +10,7 @@ conversion, then:
 - `generate_step` at the full context: the 8-bit cache is filled to context - 1 positions with random
   keys/values (quantized as they are written, without prefilling them: prefill at this length takes
   hours on a CPU), and the last prompt token and `--decode-tokens` more run through the real loop;
-- the KV bytes held against `budgets.kv_bytes` for this config, and the plan row for the released
+- the KV bytes held against `footprint.kv_bytes` for this config, and the plan row for the released
   model on a 12 GB Mac.
 The scaled checkpoint's sliding heads are 32 wide, so its KV groups are 32 (the released heads take
 mlx-lm's 64). Writes benchmarks/results/long-context.json.
@@ -28,11 +28,12 @@ import numpy as np
 from bench_generate import RESULTS, checkpoint_parser, machine_description
 
 import mlx_unified
-from mlx_unified.budgets import GIB, gpu_budget_bytes, kv_bytes
+from mlx_unified.budgets import GIB, gpu_budget_bytes
 from mlx_unified.cache import maybe_quantize
 from mlx_unified.config import released_config
 from mlx_unified.convert import convert
 from mlx_unified.convert.estimate import plan
+from mlx_unified.footprint import kv_bytes
 from mlx_unified.generation import generate_step, peak_memory_gb, stream_generate
 from mlx_unified.kv_quantization import KVQuantization
 
@@ -89,7 +90,7 @@ def main() -> None:
         decode_s = [s for _, s in steps[1:]]
         print(f"generate_step at {args.context:,} context: first token {steps[0][1]:.2f} s, then "
               f"{len(decode_s) / sum(decode_s):.2f} tokens/s; cache offset {cache[0].offset:,}")
-        print(f"KV cache held {held / 1e6:.1f} MB, budgets.kv_bytes {expected / 1e6:.1f} MB; "
+        print(f"KV cache held {held / 1e6:.1f} MB, footprint.kv_bytes {expected / 1e6:.1f} MB; "
               f"peak memory {peak_memory_gb():.2f} GB")
 
     rows = {row.label: row for row in plan(released_config(), gpu_budget_bytes(12 * GIB))}

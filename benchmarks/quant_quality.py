@@ -42,7 +42,8 @@ CHECKPOINTS = {
     "tiny-4-layers": dict(intermediate_size=128),
     "small-6-layers": scaled_text(hidden=128, heads=4, head_dim=32, window=8, intermediate_size=256),
 }
-# label -> convert() keyword arguments
+# label -> convert() keyword arguments. Plain -q and mixed_* are mlx-vlm's rules (vision projectors in
+# float); float_projectors and mixed_*_attn are ours.
 CONVERSIONS: dict[str, dict[str, Any]] = {
     "8-bit": dict(quantize=True, q_bits=8),
     "6-bit": dict(quantize=True, q_bits=6),
@@ -55,6 +56,10 @@ CONVERSIONS: dict[str, dict[str, Any]] = {
     "mixed_4_6": dict(recipe="mixed_4_6"),
     "mixed_3_6": dict(recipe="mixed_3_6"),
     "mixed_3_4": dict(recipe="mixed_3_4"),
+    "mixed_4_8_attn": dict(recipe="mixed_4_8_attn"),
+    "mixed_4_6_attn": dict(recipe="mixed_4_6_attn"),
+    "mixed_3_6_attn": dict(recipe="mixed_3_6_attn"),
+    "mixed_3_4_attn": dict(recipe="mixed_3_4_attn"),
     "mxfp8": dict(quantize=True, q_mode="mxfp8"),
     "nvfp4": dict(quantize=True, q_mode="nvfp4"),
     "mxfp4": dict(quantize=True, q_mode="mxfp4"),

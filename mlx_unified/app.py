@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import add_kv_cache_arguments
+from .cli import port_number
 from .config import RANDOM_WEIGHTS_WARNING, ConfigError, ModelConfig, load_config
 from .conversation import (
     Media,
     ReplyStats,
     SegmentStart,
+    Thought,
     assistant_message,
     format_memory,
     load_attachments,
@@ -34,21 +35,26 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
-from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
+from .generation_flags import add_kv_cache_flags, generation_params
+from .generation_params import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
+from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
+from .tool_calls import ToolCall
 
 if TYPE_CHECKING:
     from .prefill import ProgressCallback
     from .prefix_cache import PrefixCache
 
 EMPTY_REPLY = "(no visible text in this reply)"
+THINKING_TITLE = "💭 Thinking"
 ERROR_TITLE = "⚠️ Could not answer"
 CONTEXT_FOR_ESTIMATE = 8192
 # Prompts of at least this many tokens show a note with the progress of reading them.
 PREFILL_NOTE_TOKENS = 2048
 # The max-tokens slider's range.
 MAX_TOKENS_SETTING = 8192
+MAX_TEMPERATURE_SETTING = 2.0
 # While a prompt is read, the reply is sent again this often: each send is a point where Stop can end it.
 HEARTBEAT_S = 0.5
 
@@ -87,23 +93,44 @@ class ModelSlot:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.name: str | None = None
+        self.name: str | None = None  # as the user (or the default) named it; the demo: its folder
+        self.note = ""  # why this one, e.g. "the default model for this machine"
+        self.problem: str | None = None  # why no model is loaded, shown in the page
         self.model: Any = None
         self.processor: Any = None
         self.prefix_cache: PrefixCache | None = None
 
-    def load(self, name: str) -> None:
+    def load(
+        self,
+        name: str | None,
+        demo: bool = False,
+        quantize: str | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    ) -> None:
+        """Load `name` (None: the default for this machine; see `model_source.prepare`), after the
+        memory check (with the KV cache setting's `kv_bits`), downloading or converting it first when
+        needed."""
         from .budgets import prefix_cache_bytes
-        from .checkpoint import resolve
         from .loading import load
+        from .model_source import prepare
         from .prefix_cache import PrefixCache
 
-        path = resolve(name)
-        model, processor = load(path)
+        prepared = prepare(
+            name,
+            context_tokens=CONTEXT_FOR_ESTIMATE,
+            demo=demo,
+            quantize=quantize,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+        model, processor = load(prepared.folder)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
-        prefix_cache = PrefixCache.for_checkpoint(path, max_bytes=prefix_cache_bytes(model.nbytes))
+        prefix_cache = PrefixCache.for_checkpoint(prepared.folder, max_bytes=prefix_cache_bytes(model.nbytes))
         with self.lock:
-            self.name, self.model, self.processor = name, model, processor
+            self.name = str(prepared.folder) if demo else prepared.name
+            self.note, self.problem = prepared.note, None
+            self.model, self.processor = model, processor
             self.prefix_cache = prefix_cache
 
     @property
@@ -113,10 +140,16 @@ class ModelSlot:
 
 def banner_markdown(slot: ModelSlot) -> str:
     if slot.model is None:
+        if slot.problem:
+            return (
+                f"⚠️ **No model loaded**: {slot.problem}. Or pick a checkpoint folder or hub id below and "
+                "press *Load*."
+            )
         return "**No model loaded.** Pick a checkpoint folder or hub id below and press *Load*."
+    name = f"{slot.name} ({slot.note})" if slot.note else slot.name
     if slot.random_weights:
-        return f"⚠️ **{slot.name}**: {RANDOM_WEIGHTS_WARNING}."
-    return f"Model: **{slot.name}**"
+        return f"⚠️ **{name}**: {RANDOM_WEIGHTS_WARNING}."
+    return f"Model: **{name}**"
 
 
 def known_models(extra: Sequence[str] = ()) -> list[str]:
@@ -351,6 +384,7 @@ def respond(
     image_tokens: int,
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
+    enable_thinking: bool = False,
     kv_bits: int | None = None,
     kv_cache: KVCacheSettings | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
@@ -374,6 +408,7 @@ def respond(
             earlier = history_messages(history)
             stats = ReplyStats()
             reading: dict[str, Any] | None = None  # the prompt-reading note, once the prompt is long
+            thinking: dict[str, Any] | None = None  # the collapsible block of the thought channel
 
             def reply_events(progress: ProgressCallback) -> Iterator[str | SegmentStart]:
                 return stream_reply(
@@ -392,6 +427,7 @@ def respond(
                     prefix_cache=slot.prefix_cache,
                     use_prefix_cache=bool(use_prefix_cache),
                     prefill_progress=progress,
+                    enable_thinking=bool(enable_thinking),
                     **(kv_cache or KVCacheSettings()).arguments(kv_bits),
                 )
 
@@ -407,6 +443,13 @@ def respond(
                                 f"Reading the prompt: {event.done:,} / {event.total:,} tokens"
                             )
                             reading["metadata"]["status"] = "done" if event.done == event.total else "pending"
+                    elif isinstance(event, Thought):
+                        if thinking is None:
+                            thinking = _note(THINKING_TITLE, status="pending")
+                            notes.append(thinking)
+                        thinking["content"] += event.text
+                    elif isinstance(event, ToolCall):
+                        notes.append(_note(f"Tool call: {event.name}", json.dumps(event.arguments), status="done"))
                     elif isinstance(event, SegmentStart):
                         for note in notes:
                             note["metadata"]["status"] = "done"
@@ -414,6 +457,8 @@ def respond(
                         reply += "\n" if event.index > 1 else ""
                     elif event is not None:  # None: nothing new, sent again so that Stop can act
                         reply += event
+                        if thinking is not None:
+                            thinking["metadata"]["status"] = "done"
                     yield shown()
         for note in notes:
             note["metadata"]["status"] = "done"
@@ -468,20 +513,20 @@ def build_app(
     # Gradio spots a progress parameter by its default; tqdm tracking shows the hub download bars.
     download_progress = gr.Progress(track_tqdm=True)
 
-    def load_picked(name: str, bits: int, progress: Any = download_progress) -> tuple[str, str]:
+    def load_picked(name: str, bits: int = 0, progress: Any = download_progress) -> tuple[str, str]:
         if not name:
             return banner_markdown(slot), "Pick a model first."
         progress(0, desc=f"Loading {name}")
         try:
-            slot.load(name)
+            slot.load(name, kv_bits=bits or None, kv_group_size=(kv_cache or KVCacheSettings()).group_size)
         except InputError as e:
             return banner_markdown(slot), f"⚠️ {e}"
         return banner_markdown(slot), memory_markdown(name, bits or None)
 
-    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, bits):
+    def chat(message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think, bits):
         yield from respond(
             slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix,
-            bits, kv_cache,
+            think, bits, kv_cache,
         )  # fmt: skip
 
     with gr.Blocks(title="mlx-unified") as page:
@@ -501,7 +546,7 @@ def build_app(
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
             temperature_slider = gr.Slider(
-                0.0, 2.0, value=temperature, step=0.05, label="Temperature (0: greedy)"
+                0.0, MAX_TEMPERATURE_SETTING, value=temperature, step=0.05, label="Temperature (0: greedy)"
             )
             top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="Top-p")
             tokens = gr.Slider(1, MAX_TOKENS_SETTING, value=max_tokens, step=1, label="Max tokens")
@@ -516,6 +561,9 @@ def build_app(
                 label="Audio emphasis (1: off; lower: global layers attend more to the recording)",
             )
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
+            thinking_switch = gr.Checkbox(
+                value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
             kv_cache_bits = gr.Dropdown(
                 choices=KV_CACHE_CHOICES,
                 value=kv_bits or 0,
@@ -542,6 +590,7 @@ def build_app(
                 image_tokens,
                 emphasis,
                 reuse_prefix,
+                thinking_switch,
                 kv_cache_bits,
             ],
             concurrency_limit=1,
@@ -552,20 +601,6 @@ def build_app(
         load_button.click(load_picked, [picker, kv_cache_bits], [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
     return page
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (1 to 65535)")
-    return value
-
-
-def max_tokens_setting(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_TOKENS_SETTING:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {MAX_TOKENS_SETTING} (the slider's range)")
-    return value
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -581,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-unified-app", description="Chat with Gemma 4 unified in a browser."
     )
-    parser.add_argument("--model", help="checkpoint folder or hub id to load at start")
+    add_source_arguments(parser, "load")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this Mac only)"
     )
@@ -589,38 +624,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (opt-in)")
     parser.add_argument(
         "--max-tokens",
-        type=max_tokens_setting,
+        type=int,
         default=512,
         help=f"initial value of the max-tokens setting (1 to {MAX_TOKENS_SETTING})",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="initial value of the temperature setting (0: greedy)"
+        "--temperature",
+        "--temp",
+        dest="temperature",
+        type=float,
+        default=1.0,
+        help=f"initial value of the temperature setting (0: greedy, at most {MAX_TEMPERATURE_SETTING})",
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
-    add_kv_cache_arguments(parser)  # --kv-bits sets the KV cache setting's initial value
+    add_kv_cache_flags(parser)  # --kv-bits sets the KV cache setting's initial value
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.temperature <= 2.0:
-        parser.error(f"argument --temperature: {args.temperature} is outside 0 to 2")
+    try:
+        generation_params(args)  # the values every surface accepts
+    except InputError as e:
+        parser.error(str(e))
+    for flag, value, low, high in (
+        ("--max-tokens", args.max_tokens, 1, MAX_TOKENS_SETTING),
+        ("--temperature", args.temperature, 0, MAX_TEMPERATURE_SETTING),
+    ):
+        if value > high:
+            parser.error(f"argument {flag}: {value} is outside {low:g} to {high:g} (the slider's range)")
     slot = ModelSlot()
     try:
         check_port_free(args.host, args.port)
-        if args.model:
-            print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-            slot.load(args.model)
+        named = args.model or args.demo or args.quantize is not None
+        what = args.model or ("the demo checkpoint" if args.demo else "the default model for this machine")
+        print(f"Loading {what} ...", file=sys.stderr, flush=True)
+        try:
+            slot.load(
+                args.model, demo=args.demo, quantize=args.quantize, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size
+            )
+        except InputError as e:
+            if named:
+                raise
+            # The default model is not here (offline, say): the page opens and says so, and how to go on.
+            slot.problem = str(e)
+            print(f"mlx-unified-app: {e}", file=sys.stderr, flush=True)
     except InputError as e:
         print(f"mlx-unified-app: error: {e}", file=sys.stderr)
         return 2
     if slot.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
+    from .model_source import default_model
+
     page = build_app(
         slot,
         args.settings_file or default_settings_file(),
-        known_models([args.model]),
+        known_models([slot.name or default_model()]),
         args.max_tokens,
         args.temperature,
         args.kv_bits,

@@ -17,7 +17,7 @@ from __future__ import annotations
 # Prompt tokens per prefill forward pass, at most: long passes keep a GPU's matrix units busy, and
 # with attention by query blocks a long pass costs the CPU nothing either.
 PREFILL_CHUNK = 2048
-# Shorter passes when the memory beside the weights and the KV cache is tight (`budgets.prefill_sizes`).
+# Shorter passes when the memory beside the weights and the KV cache is tight (`footprint.prefill_sizes`).
 MIN_PREFILL_CHUNK = 256
 BLOCK_WASTE_DIVISOR = 8
 GLOBAL_QUERY_BLOCK = 256

@@ -283,6 +283,7 @@ def _already_quantized(cache: QuantizedSlidingWindowCache | QuantizedSharedKVCac
     # mlx-lm's `maybe_quantize_kv_cache` asks every cache with `to_quantized` again at each step.
     if (group_size, bits) != (cache.group_size, cache.bits):
         raise KVQuantizationError(
+            "kv_bits",
             f"this cache is already quantized to {cache.bits} bits in groups of {cache.group_size}; "
             f"it cannot be requantized to {bits} bits in groups of {group_size}"
         )
@@ -308,12 +309,12 @@ _FLOAT_OF_QUANTIZED: dict[type, type] = {
 }
 
 
-def _float_kind(cache: LayerCache) -> type:
+def float_kind(cache: LayerCache) -> type:
     return _FLOAT_OF_QUANTIZED.get(type(cache), type(cache))
 
 
 def is_quantized(cache: LayerCache) -> bool:
-    return _float_kind(cache) is not type(cache)
+    return float_kind(cache) is not type(cache)
 
 
 # -- when to quantize -------------------------------------------------------------------------------
@@ -340,19 +341,3 @@ def snapshot(cache: Sequence[LayerCache]) -> list[LayerCache]:
     copies = [type(c).from_state(tree_map(lambda x: _copy(x) if isinstance(x, mx.array) else x, c.state)) for c in cache]
     mx.eval([c.state for c in copies])
     return copies
-
-
-def same_layout(cache: Sequence[LayerCache], other: Sequence[LayerCache]) -> bool:
-    """Whether two models' caches have the same kinds of layer caches (and sliding windows), float
-    or quantized."""
-    return len(cache) == len(other) and all(
-        _float_kind(a) is _float_kind(b) and getattr(a, "window", None) == getattr(b, "window", None)
-        for a, b in zip(cache, other, strict=True)
-    )
-
-
-def quantized_as(cache: Sequence[LayerCache], kv: KVQuantization | None) -> bool:
-    """Whether every quantized layer cache holds what `kv` quantizes to (the float ones always do)."""
-    return all(
-        not is_quantized(c) or (kv is not None and (c.bits, c.group_size) == (kv.bits, kv.group_size)) for c in cache
-    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +26,140 @@ RANDOM_WEIGHTS_WARNING = (
 
 class ConfigError(InputError):
     """A checkpoint's config.json is missing, unreadable or describes a model we do not run."""
+
+
+class Rule(NamedTuple):
+    """What one config.json value must be: `test` passes it, `description` says it to the user."""
+
+    description: str
+    test: Callable[[Any], bool]
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: type(v) is int and v > 0)
+TOKEN_ID = Rule("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0)
+POSITIVE_NUMBER = Rule("a positive number", lambda v: _number(v) and v > 0)
+FRACTION = Rule("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1)
+BOOLEAN = Rule("true or false", lambda v: type(v) is bool)
+TEXT = Rule("a string", lambda v: isinstance(v, str))
+OBJECT = Rule("a JSON object", lambda v: isinstance(v, dict))
+TOKEN_IDS = Rule(
+    "a token id or a non-empty list of them",
+    lambda v: TOKEN_ID.test(v) or (isinstance(v, list) and bool(v) and all(TOKEN_ID.test(x) for x in v)),
+)
+LAYER_TYPES = Rule("a list of layer type names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(f"{rule.description} or null", lambda v: v is None or rule.test(v))
+
+
+# The config.json entries the model is built from, by section; entries not listed are not read.
+TEXT_RULES = {
+    "vocab_size": POSITIVE_INT,
+    "hidden_size": POSITIVE_INT,
+    "intermediate_size": POSITIVE_INT,
+    "num_hidden_layers": POSITIVE_INT,
+    "num_attention_heads": POSITIVE_INT,
+    "num_key_value_heads": POSITIVE_INT,
+    "head_dim": POSITIVE_INT,
+    "global_head_dim": POSITIVE_INT,
+    "num_global_key_value_heads": optional(POSITIVE_INT),
+    "per_layer_config": optional(OBJECT),
+    "hidden_activation": TEXT,
+    "rms_norm_eps": POSITIVE_NUMBER,
+    "sliding_window": POSITIVE_INT,
+    "layer_types": optional(LAYER_TYPES),
+    "final_logit_softcapping": optional(POSITIVE_NUMBER),
+    "attention_k_eq_v": BOOLEAN,
+    "attention_bias": BOOLEAN,
+    "use_bidirectional_attention": optional(TEXT),
+    "rope_parameters": optional(OBJECT),
+    "tie_word_embeddings": BOOLEAN,
+    "pad_token_id": optional(TOKEN_ID),
+    "eos_token_id": optional(TOKEN_IDS),
+    "bos_token_id": optional(TOKEN_ID),
+    "max_position_embeddings": POSITIVE_INT,
+    "num_kv_shared_layers": optional(TOKEN_ID),
+}
+PER_LAYER_RULES = {"head_dim": POSITIVE_INT, "num_key_value_heads": POSITIVE_INT}
+ROPE_RULES = {"rope_type": TEXT, "rope_theta": POSITIVE_NUMBER, "partial_rotary_factor": FRACTION}
+VISION_RULES = {
+    "patch_size": POSITIVE_INT,
+    "pooling_kernel_size": POSITIVE_INT,
+    "mm_embed_dim": POSITIVE_INT,
+    "mm_posemb_size": POSITIVE_INT,
+    "output_proj_dims": POSITIVE_INT,
+    "rms_norm_eps": POSITIVE_NUMBER,
+}
+AUDIO_RULES = {"audio_embed_dim": POSITIVE_INT, "rms_norm_eps": POSITIVE_NUMBER}
+# The media token ids of config.json's top level.
+MEDIA_TOKEN_KEYS = (
+    "boi_token_id",
+    "eoi_token_id",
+    "image_token_id",
+    "video_token_id",
+    "boa_token_id",
+    "audio_token_id",
+    "eoa_token_index",
+)
+QUANTIZATION_RULES = {"group_size": POSITIVE_INT, "bits": POSITIVE_INT, "mode": TEXT}
+
+
+def check_entries(section: str, data: dict[str, Any], rules: dict[str, Rule]) -> None:
+    """Each entry of `data` that `rules` names is what its rule says, else a ConfigError naming it."""
+    for key, rule in rules.items():
+        if key in data and not rule.test(data[key]):
+            raise ConfigError(f"{section}{key} must be {rule.description}, got {json.dumps(data[key])}")
+
+
+def _section(data: dict[str, Any], key: str, required: bool) -> dict[str, Any] | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a JSON object, got {json.dumps(value)}")
+    return value
+
+
+def check_config(data: dict[str, Any]) -> None:
+    """The types and ranges of every config.json entry the model is built from (ConfigError naming
+    the first wrong one); `ModelConfig.from_dict` checks the rest (layer types, cross-field rules)."""
+    text = _section(data, "text_config", required=True)
+    check_entries("text_config.", text, TEXT_RULES)
+    for index, override in (text.get("per_layer_config") or {}).items():
+        where = f"text_config.per_layer_config.{index}"
+        if not (str(index).isdigit() and int(index) < text.get("num_hidden_layers", 48)):
+            raise ConfigError(f"{where}: the key must be a layer index")
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where} must be a JSON object, got {json.dumps(override)}")
+        check_entries(f"{where}.", override, PER_LAYER_RULES)
+    for kind, rope in (text.get("rope_parameters") or {}).items():
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"text_config.rope_parameters.{kind} must be a JSON object, got {json.dumps(rope)}")
+        check_entries(f"text_config.rope_parameters.{kind}.", rope or {}, ROPE_RULES)
+    for key, rules in (("vision_config", VISION_RULES), ("audio_config", AUDIO_RULES)):
+        check_entries(f"{key}.", _section(data, key, required=False) or {}, rules)
+    check_entries("", data, dict.fromkeys(MEDIA_TOKEN_KEYS, optional(TOKEN_ID)))
+    vocab = text.get("vocab_size", TextConfig.vocab_size)
+    for key in MEDIA_TOKEN_KEYS:
+        if data.get(key) is not None and data[key] >= vocab:
+            raise ConfigError(f"{key} {data[key]} is outside the vocabulary (text_config.vocab_size {vocab})")
+    for key in ("quantization", "quantization_config"):
+        section = data.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{key} must be a JSON object, got {json.dumps(section)}")
+        check_entries(f"{key}.", section, QUANTIZATION_RULES)
+        for module, override in section.items():
+            if isinstance(override, dict):  # a module's own settings
+                check_entries(f"{key}.{module}.", override, QUANTIZATION_RULES)
 
 
 def default_layer_types(num_layers: int) -> list[str]:
@@ -122,6 +258,18 @@ class TextConfig:
                 f"use_bidirectional_attention={self.use_bidirectional_attention!r} is not a Gemma 4 unified "
                 "checkpoint setting (expected 'vision' or null)"
             )
+        for i in range(self.num_hidden_layers):
+            kv_heads = self.layer(i).num_kv_heads
+            if self.num_attention_heads % kv_heads:
+                raise ConfigError(
+                    f"text_config: layer {i} has {kv_heads} key/value heads, which do not divide "
+                    f"num_attention_heads {self.num_attention_heads}"
+                )
+        special = [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id)]
+        special += [("eos_token_id", eos) for eos in self.eos_token_ids]
+        for key, value in special:
+            if value is not None and value >= self.vocab_size:
+                raise ConfigError(f"text_config.{key} {value} is outside the vocabulary (vocab_size {self.vocab_size})")
 
     def layer(self, index: int) -> LayerShape:
         kind = self.layer_types[index]
@@ -190,25 +338,18 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported: mlx-unified runs '{SUPPORTED_MODEL_TYPE}' checkpoints"
             )
+        check_config(data)
         text = _text_config(data.get("text_config") or {})
         vision = _pick(VisionConfig, data["vision_config"]) if data.get("vision_config") else None
         audio = _pick(AudioConfig, data["audio_config"]) if data.get("audio_config") else None
         if vision is not None and vision.output_proj_dims != vision.mm_embed_dim:
             raise ConfigError("vision_config.output_proj_dims must equal mm_embed_dim")
+        # config.json spells the end-of-audio id `eoa_token_index`.
         ids = {
-            name: data[name]
-            for name in (
-                "boi_token_id",
-                "eoi_token_id",
-                "image_token_id",
-                "video_token_id",
-                "boa_token_id",
-                "audio_token_id",
-            )
+            name.replace("eoa_token_index", "eoa_token_id"): data[name]
+            for name in MEDIA_TOKEN_KEYS
             if data.get(name) is not None
         }
-        if data.get("eoa_token_index") is not None:
-            ids["eoa_token_id"] = data["eoa_token_index"]
         return cls(
             text=text,
             vision=vision,
@@ -263,4 +404,7 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{file}: unreadable config ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: config is not a JSON object")
-    return ModelConfig.from_dict(data)
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from e

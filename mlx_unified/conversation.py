@@ -26,9 +26,8 @@ from .processing import (
     with_system,
 )
 from .processing.limits import MAX_CLIP_SECONDS
-
-# Markers of the model's hidden channel (its thinking); used when a tokenizer does not name them.
-CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+from .reply_parser import ReplyDelta, ReplyParser
+from .tool_calls import ToolCall
 
 
 @dataclass
@@ -128,77 +127,11 @@ def assistant_message(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-class ReplyCleaner:
-    """Turns the streamed text into what a reader should see.
+@dataclass
+class Thought:
+    """A piece of the model's thought channel: shown dimmed (CLI) or in a collapsible block (app)."""
 
-    Drops the hidden channel (`<|channel>thought ... <channel|>`) and every other control token
-    (`<turn|>`, tool-call markers, ...). Pieces arrive cut anywhere, so a tail that could be the start of
-    a marker is held back until the next piece decides it.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.open = getattr(tokenizer, "soc_token", None) or CHANNEL_OPEN
-        self.close = getattr(tokenizer, "eoc_token", None) or CHANNEL_CLOSE
-        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        specials = {token.content for token in decoder.values() if getattr(token, "special", False)}
-        specials.update(getattr(tokenizer, "all_special_tokens", []) or [])
-        self.markers = sorted(specials | {self.open, self.close}, key=len, reverse=True)
-        self.pending = ""
-        self.hidden = False
-        self.started = False
-
-    def feed(self, piece: str) -> str:
-        """The visible text this piece adds."""
-        self.pending += piece
-        visible = []
-        while self.pending:
-            index, marker = self._first_marker()
-            if marker is None:
-                keep = self._partial_marker_length()
-                text, self.pending = (
-                    self.pending[: len(self.pending) - keep],
-                    self.pending[len(self.pending) - keep :],
-                )
-                visible.append(self._show(text))
-                break
-            visible.append(self._show(self.pending[:index]))
-            self.pending = self.pending[index + len(marker) :]
-            if marker == self.open:
-                self.hidden = True
-            elif marker == self.close:
-                self.hidden = False
-        return "".join(visible)
-
-    def finish(self) -> str:
-        """The held-back tail, once the reply is complete."""
-        text, self.pending = self.pending, ""
-        return self._show(text)
-
-    def _show(self, text: str) -> str:
-        if self.hidden or not text:
-            return ""
-        if not self.started:
-            # The answer after a thought channel starts with a line break.
-            text = text.lstrip()
-            self.started = bool(text)
-        return text
-
-    def _first_marker(self) -> tuple[int, str | None]:
-        found: tuple[int, str | None] = (len(self.pending), None)
-        for marker in self.markers:  # longest first: at equal index the longer marker wins
-            index = self.pending.find(marker)
-            if index != -1 and index < found[0]:
-                found = (index, marker)
-        return found
-
-    def _partial_marker_length(self) -> int:
-        longest = 0
-        for marker in self.markers:
-            for size in range(min(len(marker) - 1, len(self.pending)), longest, -1):
-                if marker.startswith(self.pending[-size:]):
-                    longest = size
-                    break
-        return longest
+    text: str
 
 
 def format_memory(gigabytes: float) -> str:
@@ -283,8 +216,9 @@ def stream_reply(
     system: str | None = None,
     task_reminder: str | None = None,
     **generation: Any,
-) -> Iterator[str | SegmentStart]:
-    """Visible reply text for a new user turn, piece by piece; `stats` is filled in as it goes.
+) -> Iterator[str | Thought | ToolCall | SegmentStart]:
+    """The reply to a new user turn, piece by piece: answer text (str), the thought channel (`Thought`)
+    and function calls (`ToolCall`), in the order written; `stats` is filled in as it goes.
 
     A recording longer than one clip (30 s) is cut on pauses (`split_long_audio`) and the turn is
     answered once per segment, in order; a `SegmentStart` precedes each of those answers. Keep the turn
@@ -304,13 +238,17 @@ def stream_reply(
         if segment is not None:
             yield segment
         messages = with_system(system, [*history, user_message(text, part, task_reminder)])
-        cleaner = ReplyCleaner(processor.tokenizer)
+        parser = ReplyParser(processor.tokenizer)
         response = None
         for response in stream_generate(model, processor, messages, **generation):
-            visible = cleaner.feed(response.text)
-            if visible:
-                yield visible
-        tail = cleaner.finish()
-        if tail:
-            yield tail
+            yield from _reply_events(parser.feed(response.text))
+        yield from _reply_events(parser.finish())
         stats.add_pass(response)
+
+
+def _reply_events(delta: ReplyDelta) -> Iterator[str | Thought | ToolCall]:
+    if delta.reasoning:
+        yield Thought(delta.reasoning)
+    if delta.content:
+        yield delta.content
+    yield from delta.tool_calls

@@ -1,7 +1,8 @@
-"""KV-cache quantization settings: mlx-lm's `kv_bits`, `kv_group_size` and `quantized_kv_start`, checked.
+"""KV-cache quantization settings: mlx-lm's `kv_bits`, `kv_group_size` and `quantized_kv_start` as one value.
 
-Plain Python (no MLX), so the front ends can refuse bad values before loading anything and the memory
-estimates can count a quantized cache. The caches themselves are in `cache.py` (`maybe_quantize`).
+Plain Python (no MLX), so the memory estimates can count a quantized cache. The values are checked by
+`generation_params.check_kv_quantization`, the rule `GenerationParams.validate` applies for every
+surface. The caches themselves are in `cache.py` (`maybe_quantize`).
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InputError
+from .generation_params import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    ParameterError,
+    check_kv_quantization,
+)
 
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64, 128)
-DEFAULT_KV_GROUP_SIZE = 64
-DEFAULT_QUANTIZED_KV_START = 5000  # mlx-lm's default
 
-
-class KVQuantizationError(InputError):
-    """Bad KV-cache quantization settings (kv_bits, kv_group_size, quantized_kv_start)."""
+class KVQuantizationError(ParameterError):
+    """KV-cache quantization settings this model or cache cannot take; `param` names the setting."""
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,16 @@ class KVQuantization:
     start: int = DEFAULT_QUANTIZED_KV_START
 
     def __post_init__(self) -> None:
-        if self.bits not in KV_BITS:
-            raise KVQuantizationError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits}")
-        if self.group_size not in KV_GROUP_SIZES:
-            raise KVQuantizationError(
-                f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size}"
-            )
-        if self.start < 0:
-            raise KVQuantizationError(f"quantized_kv_start must be 0 or more, got {self.start}")
+        check_kv_quantization(self.bits, self.group_size, self.start)
 
     def check(self, head_dims: Sequence[int]) -> None:
         """Refuse a group size that does not divide every layer's head dim (what is quantized)."""
         bad = sorted({d for d in head_dims if d % self.group_size})
         if bad:
             raise KVQuantizationError(
-                f"kv_group_size {self.group_size} does not divide this model's head dim {bad[0]}: "
-                "each head's keys and values are quantized in whole groups"
+                "kv_group_size",
+                f"{self.group_size} does not divide this model's head dim {bad[0]}: "
+                "each head's keys and values are quantized in whole groups",
             )
 
     def variant(self, length: int) -> str:

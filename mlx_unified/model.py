@@ -41,6 +41,7 @@ from .kernels import (
 from .kernels.quantized_attention import DerivedKeys, QuantizedKeys
 from .kernels.rope_tables import rope_fused
 from .masks import vision_block_ids
+from .processing.errors import MediaError
 
 MEDIA_KEYS = (
     "pixel_values",
@@ -241,7 +242,8 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: mx.array) -> mx.array:
-        h = self.embed_tokens(input_ids)
+        # In the compute dtype (the norms'): an MX/NV-quantized embedding dequantizes to bf16 whatever it is.
+        h = self.embed_tokens(input_ids).astype(self.norm.weight.dtype)
         # sqrt(hidden) rounded to the weights' dtype, as the reference does (55.4 -> 55.5 in bf16).
         return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
 
@@ -294,7 +296,10 @@ class Model(nn.Module):
     def image_features(self, pixel_values: mx.array, positions: mx.array) -> mx.array:
         """Soft tokens of the non-padding patches of every image, [total_patches, hidden]."""
         if self.config.vision is None:
-            raise ValueError("this checkpoint has no vision_config: it cannot take images")
+            raise MediaError(
+                "this checkpoint is text-only (it holds no vision weights: vision_embedder.*, embed_vision.*): "
+                "it cannot take images or video"
+            )
         pixel_values, positions = mx.array(pixel_values), mx.array(positions)
         if pixel_values.ndim == 2:
             pixel_values, positions = pixel_values[None], positions[None]
@@ -305,7 +310,9 @@ class Model(nn.Module):
         """Soft tokens of the valid frames of every clip, [total_frames, hidden]: one 640-sample frame
         (40 ms at 16 kHz) -> RMSNorm -> linear, no encoder."""
         if self.config.audio is None:
-            raise ValueError("this checkpoint has no audio_config: it cannot take audio")
+            raise MediaError(
+                "this checkpoint is text-only (it holds no audio weights: embed_audio.*): it cannot take audio"
+            )
         frames = mx.array(frames)
         if frames.ndim == 2:
             frames = frames[None]

@@ -8,9 +8,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .budgets import prefill_sizes
 from .cache import LayerCache, maybe_quantize
 from .emphasis import SpanBias
+from .footprint import prefill_sizes
 from .kv_quantization import KVQuantization
 from .masks import inside_block, unsplit_spans, vision_block_ids
 from .model import Model
@@ -63,7 +63,7 @@ def prefill(
     Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`, shorter when
     the memory left beside the weights and the prompt's KV cache is tight). Attention runs a block of
     queries at a time, sized so that one block's scores fit a quarter of that memory
-    (`budgets.prefill_sizes`, `attention_blocks.query_block`).
+    (`footprint.prefill_sizes`, `attention_blocks.query_block`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:

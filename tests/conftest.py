@@ -64,3 +64,14 @@ def prefix_cache_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prefix-cache")
     os.environ["MLX_UNIFIED_CACHE_DIR"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def scripted(tmp_path_factory) -> Path:
+    """A tiny checkpoint taught the conversations of `scripted_replies` (tool calls, thinking)."""
+    from scripted_replies import CONTEXT_TOKENS, REPLIES
+
+    from mlx_unified.testing.scripted import scripted_checkpoint
+
+    folder = tmp_path_factory.mktemp("scripted") / "checkpoint"
+    return scripted_checkpoint(folder, REPLIES, max_position_embeddings=CONTEXT_TOKENS)

@@ -9,12 +9,14 @@ import time
 
 import pytest
 from media_files import write_wav
+from scripted_replies import PLAIN_ANSWER, PRIME, THINKING_ANSWER, THOUGHT
 
 from mlx_unified.app import (
     EMPTY_REPLY,
     ERROR_TITLE,
     KV_CACHE_CHOICES,
     PREFILL_NOTE_TOKENS,
+    THINKING_TITLE,
     KVCacheSettings,
     ModelSlot,
     PrefillProgress,
@@ -174,12 +176,31 @@ def test_long_prompt_shows_its_reading_and_stop_frees_the_model(slot):
     assert not any(t.name == "mlx-unified-reply" for t in threading.enumerate())
 
 
+def test_thinking_switch_shows_the_thought_in_a_collapsible_block(scripted):
+    slot = ModelSlot()
+    slot.load(str(scripted))
+    question = PRIME[0]["content"]
+    *_, final = respond(slot, question, [], "", 0.0, 1.0, 64, 280, 1.0, False, True)
+    thinking = [m for m in final if (m.get("metadata") or {}).get("title") == THINKING_TITLE]
+    assert len(thinking) == 1 and thinking[0]["content"] == THOUGHT and thinking[0]["metadata"]["status"] == "done"
+    answers = [m for m in final if not m.get("metadata")]
+    assert [m["content"] for m in answers] == [THINKING_ANSWER]
+    # The thought is a note: the next turn's history leaves it out.
+    history = [{"role": "user", "content": question}, *final]
+    assert [part["text"] for part in history_messages(history)[1]["content"]] == [THINKING_ANSWER]
+    *_, plain = respond(slot, question, [], "", 0.0, 1.0, 64, 280, 1.0, False, False)
+    assert [m["content"] for m in plain if not m.get("metadata")] == [PLAIN_ANSWER]
+    assert not any((m.get("metadata") or {}).get("title") == THINKING_TITLE for m in plain)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--port", "70000"], "--port: 70000 is not a port number"),
         (["--port", "x"], "--port: invalid port_number value"),
-        (["--max-tokens", "-5"], "--max-tokens: -5 is outside 1 to 8192"),
+        (["--max-tokens", "-5"], "--max-tokens: must be >= 1, got -5"),  # GenerationParams' words, as everywhere
+        (["--max-tokens", "9000"], "--max-tokens: 9000 is outside 1 to 8192 (the slider's range)"),
+        (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
     ],
 )
 def test_refuses_bad_arguments_before_starting(capsys, argv, message):
@@ -209,11 +230,11 @@ def test_the_kv_cache_setting_reaches_generation_and_the_estimate(slot, tiny_fac
     quantized = ModelSlot()
     quantized.load(str(wide.path))
     settings = KVCacheSettings(group_size=32, start=0)
-    shown = list(respond(quantized, "Hi", [], "", 0.0, 1.0, 5, 280, 1.0, False, 4, settings))
+    shown = list(respond(quantized, "Hi", [], "", 0.0, 1.0, 5, 280, 1.0, False, False, 4, settings))
     expected = generate(quantized.model, quantized.processor, "Hi", max_tokens=5, kv_bits=4, kv_group_size=32,
                         quantized_kv_start=0, use_prefix_cache=False)
     assert shown[-1][-2]["content"] == expected.text and "s to first token" in shown[-1][-1]["metadata"]["title"]
-    refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 2, 280, 1.0, False, 8, settings))  # heads of 16
+    refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 2, 280, 1.0, False, False, 8, settings))  # heads of 16
     assert refused[-1][-1]["metadata"]["title"] == ERROR_TITLE and "head dim 16" in refused[-1][-1]["content"]
     assert [value for _, value in KV_CACHE_CHOICES] == [0, 8, 4]
     plain, eight_bit = memory_markdown(str(wide.path)), memory_markdown(str(wide.path), 8)
@@ -221,3 +242,39 @@ def test_the_kv_cache_setting_reaches_generation_and_the_estimate(slot, tiny_fac
     args = build_parser().parse_args(["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"])
     assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start) == (8, 32, 0)
 
+
+def test_a_damaged_checkpoint_is_refused_at_start_and_by_the_load_button(tiny, tmp_path, capsys):
+    import socket
+
+    from test_cli import damaged_copy
+
+    from mlx_unified.app import build_app
+
+    copy = damaged_copy(tiny, tmp_path, "shape")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    assert main(["--model", str(copy), "--port", str(free_port)]) == 2
+    err = capsys.readouterr().err
+    assert "down_proj.weight has shape (64, 127)" in err and "Traceback" not in err
+    slot = ModelSlot()
+    page = build_app(slot, tmp_path / "settings.json", [])
+    load_button = next(f.fn for f in page.fns.values() if getattr(f.fn, "__name__", "") == "load_picked")
+    banner, message = load_button(str(copy), progress=lambda *a, **k: None)
+    assert "down_proj.weight has shape (64, 127)" in message and str(copy) in message
+    assert slot.model is None  # nothing half-loaded
+
+
+def test_an_unusable_cache_folder_costs_no_answer(tiny, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("MLX_UNIFIED_CACHE_DIR", str(cache))
+    with caplog.at_level("WARNING", logger="mlx_unified.prefix_cache"):
+        slot = ModelSlot()
+        slot.load(str(tiny.path))
+        history = []
+        for text in ("Hello", "Again"):
+            shown = list(respond(slot, {"text": text, "files": []}, history, LONG_SYSTEM, 0.0, 1.0, 3, 280))[-1]
+            assert all((m.get("metadata") or {}).get("title") != ERROR_TITLE for m in shown), shown
+            history += [{"role": "user", "content": text}, *shown]
+    assert caplog.text.count("is unusable") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from media_files import voiced_bursts, write_corrupt, write_image, write_video, write_wav
+from scripted_replies import PLAIN_ANSWER, PRIME, THINKING_ANSWER, THOUGHT
 
-from mlx_unified.conversation import Media, ReplyCleaner, ReplyStats, SegmentStart, stream_reply
+from mlx_unified.cli import ThoughtDisplay
+from mlx_unified.conversation import Media, ReplyStats, SegmentStart, stream_reply
 from mlx_unified.generation import GenerationResponse
 from mlx_unified.loading import load
 
@@ -86,13 +89,35 @@ def test_chat_keeps_history_and_media_per_turn(tiny, media):
     assert replies[1]["prompt_tokens"] > replies[0]["prompt_tokens"] + 4
 
 
+def test_max_kv_size_ends_replies_where_the_cache_is_full_and_a_chat_outgrowing_it_goes_on(tiny):
+    first = generate("--model", str(tiny.path), "--prompt", "Hello", "--json", "--max-tokens", "1")
+    assert first.returncode == 0, first.stderr
+    cap = str(json.loads(first.stdout)["prompt_tokens"] + 2)
+    capped = generate("--model", str(tiny.path), "--prompt", "Hello", "--json", "--max-tokens", "40", "--max-kv-size", cap)
+    assert capped.returncode == 0, capped.stderr
+    reply = json.loads(capped.stdout)
+    assert reply["generation_tokens"] <= 2 and (reply["finish_reason"] == "length" or reply["generation_tokens"] < 2)
+    # The second turn holds the first and its reply: past the cap, refused by its flag; the session goes on.
+    chat = generate("--model", str(tiny.path), "--chat", "--json", "--max-kv-size", cap, stdin="Hello\nAgain\n/clear\nHello\n/quit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.splitlines()) == 2 and "Traceback" not in chat.stderr
+    assert "error: --max-kv-size: the prompt is" in chat.stderr and "/clear starts a new conversation" in chat.stderr
+
+
 def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
     not_utf8 = tmp_path / "latin1.txt"
     not_utf8.write_bytes("caf\xe9".encode("latin-1"))
     cases = {
         "missing file": (["--image", str(tmp_path / "nope.png")], "nope.png: no such file"),
         "corrupt audio": (["--audio", str(media["corrupt"])], "broken.wav: cannot decode audio"),
-        "bad flag": (["--temperature", "2"], "unrecognized arguments: --temperature"),
+        "bad flag": (["--temprature", "2"], "unrecognized arguments: --temprature"),
+        # Generation values through GenerationParams, named by their flag, before the model loads.
+        "temperature": (["--temperature", "-1"], "--temperature: must be in [0, inf] (0: greedy), got -1"),
+        "top-p": (["--top-p", "2"], "--top-p: must be in (0, 1] (1: off), got 2"),
+        "max tokens": (["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
+        "prefill step": (["--prefill-step-size", "-1"], "--prefill-step-size: must be >= 1, got -1"),
+        "max kv size": (["--max-kv-size", "0"], "--max-kv-size: must be >= 1, got 0"),
+        "template config": (["--chat-template-config", "[1]"], "--chat-template-config/--chat-template-args: must be a JSON object"),
         "bad budget": (["--image-tokens", "300"], "--image-tokens: invalid choice"),
         "system file": (["--system-file", str(not_utf8)], "not UTF-8 text"),
     }
@@ -116,36 +141,6 @@ def test_refusals_exit_2_with_one_line(tiny, media, tmp_path):
 
 
 # ---------------------------------------------------------------- shared helpers, in-process
-
-
-class FakeTokenizer:
-    soc_token, eoc_token = "<|channel>", "<channel|>"
-    all_special_tokens = [
-        "<bos>",
-        "<turn|>",
-        "<|turn>",
-        "<|channel>",
-        "<channel|>",
-        "<|tool_call>",
-        "<tool_call|>",
-    ]
-
-
-def clean(pieces: list[str]) -> str:
-    cleaner = ReplyCleaner(FakeTokenizer())
-    return "".join(cleaner.feed(p) for p in pieces) + cleaner.finish()
-
-
-def test_cleaner_hides_thinking_and_control_tokens_cut_anywhere():
-    raw = "<|channel>thought\nThe user greets me.<channel|>\nHello! <|tool_call>x<tool_call|>Bye<turn|>"
-    expected = "Hello! xBye"
-    assert clean([raw]) == expected
-    assert clean(list(raw)) == expected  # one character at a time: markers split across pieces
-    assert clean([raw[:5], raw[5:31], raw[31:60], raw[60:]]) == expected
-
-
-def test_cleaner_keeps_plain_text_and_lone_angle_brackets():
-    assert clean(["a < b and c <", "| d <chan", "nel"]) == "a < b and c <| d <channel"
 
 
 def response(tokens: int, tps: float, ttft: float, peak: float) -> GenerationResponse:
@@ -286,9 +281,116 @@ def test_kv_cache_quantization_flags(tiny, tiny_factory):
                       "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0")  # fmt: skip
     assert_reply(result)
     assert json.loads(result.stdout)["generation_tokens"] == 6
-    assert_refused(generate("--model", str(wide.path), "--prompt", "x", "--kv-bits", "3"), "--kv-bits: invalid choice")
+    assert_refused(generate("--model", str(wide.path), "--prompt", "x", "--kv-bits", "3"), "--kv-bits: must be one of 4, 8, got 3")
     assert_refused(generate("--model", str(wide.path), "--prompt", "x", "--kv-bits", "8", "--quantized-kv-start", "-1"),
-                   "--quantized-kv-start: must be 0 or more")
+                   "--quantized-kv-start: must be >= 0, got -1")
     unfit = generate("--model", str(tiny.path), "--prompt", "x", "--kv-bits", "8")  # refused once loaded
     assert unfit.returncode == 2 and "Traceback" not in unfit.stderr
-    assert "kv_group_size 64 does not divide this model's head dim 16" in unfit.stderr.strip().splitlines()[-1]
+    assert "--kv-group-size: 64 does not divide this model's head dim 16" in unfit.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- thinking (scripted checkpoint)
+
+
+def test_thinking_is_shown_apart_from_the_answer(scripted):
+    question = PRIME[0]["content"]
+    shown = generate("--model", str(scripted), "--prompt", question, "--thinking")
+    assert_reply(shown)
+    assert shown.stdout.strip() == THINKING_ANSWER  # piped stdout: the answer only
+    assert THOUGHT in shown.stderr  # the thought goes to stderr when stdout is not a terminal
+    hidden = generate("--model", str(scripted), "--prompt", question, "--enable-thinking", "--hide-thinking")
+    assert hidden.stdout.strip() == THINKING_ANSWER and THOUGHT not in hidden.stderr
+    record = json.loads(generate("--model", str(scripted), "--prompt", question, "--thinking", "--json").stdout)
+    assert (record["text"], record["reasoning"], record["tool_calls"]) == (THINKING_ANSWER, THOUGHT, [])
+    assert generate("--model", str(scripted), "--prompt", question).stdout.strip() == PLAIN_ANSWER
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_thoughts_are_dimmed_on_a_terminal(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    display = ThoughtDisplay(hidden=False)
+    display.show("let me see")
+    display.close()
+    assert terminal.getvalue() == f"{ThoughtDisplay.DIM}let me see{ThoughtDisplay.RESET}\n\n"
+    hidden = ThoughtDisplay(hidden=True)
+    hidden.show("secret")
+    hidden.close()
+    assert "secret" not in terminal.getvalue()
+
+
+# ---------------------------------------------------------------- damaged checkpoints and cache folders
+
+
+def damaged_copy(tiny, folder: Path, damage: str) -> Path:
+    """A copy of the tiny checkpoint with one tensor of the wrong shape, a config entry of the wrong
+    type, or a NaN weight."""
+    import shutil
+
+    import mlx.core as mx
+
+    copy = Path(shutil.copytree(tiny.path, folder / damage))
+    if damage == "config":
+        config = json.loads((copy / "config.json").read_text())
+        config["text_config"]["hidden_size"] = "64"
+        (copy / "config.json").write_text(json.dumps(config))
+        return copy
+    weights = dict(mx.load(str(copy / "model.safetensors")))
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    if damage == "shape":
+        weights[name] = weights[name][:, :-1]
+    else:
+        weights[name] = mx.full(weights[name].shape, float("nan"), weights[name].dtype)
+    mx.save_safetensors(str(copy / "model.safetensors"), weights)
+    return copy
+
+
+DAMAGE = {
+    "shape": "language_model.layers.0.mlp.down_proj.weight has shape (64, 127)",
+    "config": "text_config.hidden_size must be a positive integer, got \"64\"",
+    "nan": "tensor language_model.layers.0.mlp.down_proj.weight holds NaN or infinite values",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(tiny, tmp_path, damage):
+    copy = damaged_copy(tiny, tmp_path, damage)
+    result = generate("--model", str(copy), "--prompt", "x")
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("mlx-unified-generate: error:")]
+    assert len(error) == 1 and DAMAGE[damage] in error[0] and str(copy) in error[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("kind", ["a file", "a read-only folder"])
+def test_an_unusable_cache_folder_costs_no_answer_and_warns_once(tiny, tmp_path, kind):
+    from unprivileged import unprivileged
+
+    cache = tmp_path / "cache"
+    prefix = []
+    if kind == "a file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir(mode=0o555)
+        prefix = unprivileged()
+    env = {**os.environ, "MLX_UNIFIED_CACHE_DIR": str(cache)}
+    args = ["--model", str(tiny.path), "--system", "Be brief. " * 20, "--max-tokens", "5", "--json"]
+    chat = "Hello\nAnd again?\n/quit\n"
+    runs = [
+        subprocess.run([*prefix, sys.executable, str(SCRIPT), *args, *extra], input=stdin, capture_output=True,
+                       text=True, timeout=240, cwd=REPO, env=env)  # fmt: skip
+        for extra, stdin in ((["--chat"], chat), (["--chat", "--no-prefix-cache"], chat))
+    ]
+    for result in runs:
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    cached, plain = runs
+    assert [json.loads(line)["text"] for line in cached.stdout.splitlines()] == [
+        json.loads(line)["text"] for line in plain.stdout.splitlines()
+    ]
+    assert len(cached.stdout.splitlines()) == 2  # both turns answered
+    assert cached.stderr.count("is unusable") == 1 and f"prefix cache folder {cache}" in cached.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 from mlx_lm.utils import load_model as mlx_lm_load_model
+from peers import bits_by_module
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-from mlx_unified.config import ModelConfig
+from mlx_unified.checkpoint import peer_name
 from mlx_unified.convert import ConvertError, convert, main
 from mlx_unified.convert import conversion as convert_module
 from mlx_unified.convert.recipes import RECIPES, QuantizationError
-from mlx_unified.convert.safetensors_stream import ShardWriter
 from mlx_unified.loading import load_model
-from mlx_unified.model import Model
+from mlx_unified.safetensors_format import ShardWriter
 from mlx_unified.testing.reference import (
     build_reference_checkpoint,
     compare,
@@ -103,9 +105,10 @@ def test_unquantized_conversion_is_exact(source, float_logits, tmp_path):
 def test_output_layout_and_copied_files(eight_bit, source):
     index = json.loads((eight_bit / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])
-    assert "language_model.embed_tokens.scales" in names and "lm_head.weight" not in names
-    assert not any(n.startswith("model.") for n in names)
-    assert "language_model.layers.2.self_attn.v_proj.weight" not in names  # K=V global layer
+    # mlx-vlm's and mlx-lm's names: their text model wraps the decoder in a `model`.
+    assert "language_model.model.embed_tokens.scales" in names and "lm_head.weight" not in names
+    assert not any(n.startswith("model.") or n.startswith("language_model.layers.") for n in names)
+    assert "language_model.model.layers.2.self_attn.v_proj.weight" not in names  # K=V global layer
     data = sum(f.stat().st_size for f in eight_bit.glob("*.safetensors"))
     assert 0 < data - index["metadata"]["total_size"] < 1 << 16  # the file is the data plus a header
     for name in (
@@ -115,7 +118,7 @@ def test_output_layout_and_copied_files(eight_bit, source):
         "generation_config.json",
     ):
         assert (eight_bit / name).read_bytes() == (source / name).read_bytes()
-    assert not list(eight_bit.parent.glob(".*partial"))
+    assert not list(eight_bit.parent.glob(".*partial*"))
 
 
 def _conversions() -> list[tuple[str, dict]]:
@@ -133,25 +136,36 @@ def test_every_recipe_and_mode_loads(source, float_logits, tmp_path, label, kwar
     quality = _quality(out, float_logits)
     assert np.isfinite(quality["max_abs_error"])
     assert quality["top1_agreement"] >= 0.6
+    assert section["vision_embedder.patch_dense"] is False  # as mlx-vlm, every recipe keeps vision float
     if kwargs.get("recipe", "uniform").startswith("mixed"):
-        assert section["language_model.embed_tokens"]["bits"] > section["bits"]
-        assert section["embed_audio.embedding_projection"] is False  # projectors stay float
+        assert section["language_model.model.embed_tokens"]["bits"] > section["bits"]
+    if kwargs.get("recipe", "").endswith("_attn"):
+        assert section["embed_audio.embedding_projection"] is False  # ours keep every projector float
+        assert section["language_model.model.layers.0.self_attn.o_proj"]["bits"] > section["bits"]
 
 
 def test_section_is_what_mlx_lm_expects(source, tmp_path):
-    out = convert(source, tmp_path / "mixed", recipe="mixed_4_6")
+    out = convert(source, tmp_path / "mixed", recipe="mixed_4_6_attn")
     config = json.loads((out / "config.json").read_text())
     section = config["quantization"]
     assert config["quantization_config"] == section
     assert {section["bits"], section["group_size"], section["mode"]} == {4, 64, "affine"}
-    modules = {path for path, _ in Model(ModelConfig.from_dict(config)).named_modules()}
+    ours = load_model(out, dtype="float32")
+    modules = {peer_name(path) for path, _ in ours.named_modules()}
     for key, value in section.items():
         if key not in ("bits", "group_size", "mode"):
             assert key in modules and (value is False or set(value) == {"bits", "group_size", "mode"})
-    # mlx-lm's own loader (its class predicate reads the section) builds and strictly loads our model.
-    model, _ = mlx_lm_load_model(out, get_model_classes=lambda config: (Model, ModelConfig))
-    assert model.language_model.layers[0].self_attn.o_proj.bits == 6
-    assert model.language_model.layers[1].mlp.gate_proj.bits == 4
+    # mlx-lm's own loader and its gemma4 model (text only) read the section and the weights.
+    theirs, _ = mlx_lm_load_model(out)
+    assert bits_by_module(theirs) == {
+        path: bits for path, bits in bits_by_module(ours).items() if path.startswith("language_model.")
+    }
+    assert theirs.language_model.model.layers[0].self_attn.o_proj.bits == 6
+    assert theirs.language_model.model.layers[1].mlp.gate_proj.bits == 4
+    prompt = text_prompt(np.random.default_rng(3))
+    expected = logits(ours, prompt)
+    got = np.array(theirs(mx.array(prompt["input_ids"])).astype(mx.float32))
+    assert compare(got, expected)["relative_error"] < 1e-4
 
 
 def test_dequantize_restores_the_released_layout_for_transformers(source, eight_bit, tmp_path):
@@ -307,6 +321,7 @@ def test_refuses_quantizing_twice_and_dequantizing_float(capsys, source, eight_b
         (["-q", "--q-group-size", "16"], "group size"),
         (["--recipe", "mixed_4_6", "--q-bits", "4"], "own bits"),
         (["--recipe", "mixed_4_6", "--q-mode", "mxfp4"], "affine"),
+        (["--recipe", "mixed_4_6", "--q-group-size", "32"], "groups of 64, as mlx-vlm's"),
     ],
 )
 def test_refuses_bad_quantization_settings(capsys, source, tmp_path, flags, message):
@@ -314,8 +329,181 @@ def test_refuses_bad_quantization_settings(capsys, source, tmp_path, flags, mess
     assert not (tmp_path / "o").exists()
 
 
+def test_the_converter_says_what_it_quantized(capsys, source, tmp_path):
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "--recipe", "mixed_4_6"]) == 0
+    report, wrote = capsys.readouterr().out.strip().splitlines()
+    # 4 layers x 6 matrices + embedding + embed_audio + 2 float vision projectors (K=V globals: no v_proj)
+    assert report.startswith("quantized 28 of 30 weight matrices: ") and "at 6 bits (group 64)" in report
+    assert "kept in float: 2 by the recipe" in report and "bits per weight" in report
+    assert wrote == f"wrote {tmp_path / 'q'}"
+
+
+def test_refuses_quantization_that_would_quantize_nothing(capsys, tmp_path):
+    """A hidden size of 96: no matrix input width but the MLP's and the audio frames' is a multiple of 64;
+    with those kept float too (float_projectors, MLP width 96), -q would quantize nothing."""
+    source = tmp_path / "narrow"
+    build_reference_checkpoint(source, seed=1, hidden_size=96, intermediate_size=96, head_dim=24, global_head_dim=24)
+    write_tokenizer(source)
+    capsys.readouterr()  # transformers' progress bar while saving
+    err = _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o"), "-q", "--recipe", "float_projectors"])
+    assert "-q would quantize nothing" in err and "groups of 64" in err and "--q-group-size 32" in err
+    assert not (tmp_path / "o").exists()
+    # Plain -q quantizes the one module that fits, and says how few that is.
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "p"), "-q"]) == 0
+    report = capsys.readouterr().out.splitlines()[0]
+    assert report.startswith("quantized 1 of ") and "whose input width is not a multiple of the group size" in report
+
+
 def test_api_errors_are_typed(source, tmp_path):
     with pytest.raises(ConvertError):
         convert(tmp_path / "missing", tmp_path / "o")
     with pytest.raises(QuantizationError):
         convert(source, tmp_path / "o", quantize=True, q_bits=7)
+
+
+# --- the source is never deleted or written, the output never half-written ------------------------------
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+OUTPUTS_OVER_THE_SOURCE = {
+    "the source": lambda src, tmp: src,
+    "a folder inside it": lambda src, tmp: src / "out",
+    "its parent": lambda src, tmp: src.parent,
+    "its parent, spelled with ..": lambda src, tmp: src / "..",
+    "the source, spelled with ..": lambda src, tmp: tmp / "elsewhere" / ".." / src.name,
+    "a link to the source": lambda src, tmp: _link(tmp / "link", src),
+    "a link to its parent": lambda src, tmp: _link(tmp / "link", src.parent),
+}
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("output", list(OUTPUTS_OVER_THE_SOURCE), ids=list(OUTPUTS_OVER_THE_SOURCE))
+def test_overwrite_never_deletes_or_writes_inside_the_source(capsys, source, tmp_path, output):
+    work = tmp_path / "work"
+    work.mkdir()
+    src = _copy(source, work)
+    (work / "elsewhere").mkdir()
+    (work / "notes.txt").write_text("mine")
+    before = _digest(work)
+    destination = OUTPUTS_OVER_THE_SOURCE[output](src, work)
+    err = _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(destination), "--overwrite"])
+    assert "source checkpoint" in err
+    assert _digest(work) == before and sorted(p.name for p in work.iterdir()) == sorted(
+        ["src", "elsewhere", "notes.txt", *(["link"] if "link" in output else [])]
+    )
+
+
+def test_a_hub_snapshot_s_blobs_count_as_its_source(capsys, source, tmp_path):
+    repo = tmp_path / "models--owner--name"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True), snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(source.iterdir())):
+        blob = shutil.copy(file, blobs / f"{i:064x}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    before = _digest(repo)
+    for destination in (blobs, repo):
+        assert "source checkpoint" in _refused(
+            capsys, ["--hf-path", str(snapshot), "--mlx-path", str(destination), "--overwrite"]
+        )
+    assert _digest(repo) == before
+
+
+def test_a_read_only_output_folder_is_one_line_and_nothing_is_written(source, tmp_path):
+    import subprocess
+    import sys
+
+    from unprivileged import unprivileged
+
+    parent = tmp_path / "read-only"
+    parent.mkdir(mode=0o555)
+    code = f"import sys; from mlx_unified.convert import main; sys.exit(main(['--hf-path', {str(source)!r}, '--mlx-path', {str(parent / 'out')!r}]))"
+    result = subprocess.run([*unprivileged(), sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "Permission denied" in result.stderr and "needs" not in result.stderr
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "failure,message",
+    [(errno.ENOSPC, "disk full, quota reached or no free inodes"), (errno.EROFS, "Read-only file system")],
+)
+def test_a_failure_to_write_config_json_is_one_line_and_nothing_is_written(capsys, source, tmp_path, monkeypatch, failure, message):
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise OSError(failure, os.strerror(failure), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    err = _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o")])
+    assert message in err and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_free_space_is_measured_against_what_is_written(capsys, source, tmp_path, monkeypatch):
+    output_bytes = sum(f.stat().st_size for f in source.iterdir())
+    small = shutil._ntuple_diskusage(10**9, 10**9 - 3 * output_bytes, 3 * output_bytes)
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda _: small)
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "fits")]) == 0  # a small disk that holds it
+    capsys.readouterr()
+    tiny_disk = shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000)
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda _: tiny_disk)
+    err = _refused(capsys, ["--hf-path", str(source), "--mlx-path", str(tmp_path / "o")])
+    assert re.search(r"the output needs \d+\.\d\d (KB|MB), 1\.00 KB free", err), err
+    assert "0.00 GB" not in err
+
+
+def test_a_killed_conversion_s_staging_is_removed_by_the_next_run_in_that_folder(source, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    parent = tmp_path / "models"
+    code = f"""
+import os, signal
+from mlx_unified.convert import conversion
+calls = []
+real = conversion._convert_job
+def killed_on_the_third(job, writer, dtype):
+    calls.append(job)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(job, writer, dtype)
+conversion._convert_job = killed_on_the_third
+conversion.convert({str(source)!r}, {str(parent / "first")!r})
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = parent.iterdir()
+    assert left.name.startswith(".first.partial-") and any(left.iterdir())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        host = convert_module._host()
+        running = parent / f".busy.partial-{host}-{live.pid}-0123abcd"  # a live run's folder
+        other_host = parent / ".busy.partial-another_host-1-0123abcd"  # another machine's: never judged here
+        running.mkdir(), other_host.mkdir()
+        convert(source, parent / "second")  # another output, same folder
+        assert sorted(p.name for p in parent.iterdir()) == sorted([running.name, other_host.name, "second"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_nan_weights_are_refused_by_the_converter_naming_the_tensor(capsys, source, tmp_path):
+    src = _copy(source, tmp_path)
+    weights = dict(mx.load(str(src / "model.safetensors")))
+    name = "model.language_model.layers.1.self_attn.o_proj.weight"
+    weights[name] = mx.where(mx.arange(weights[name].size).reshape(weights[name].shape) == 7, float("inf"), weights[name])
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    err = _refused(capsys, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "-q"])
+    assert f"tensor {name} holds NaN or infinite values" in err and str(src / "model.safetensors") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -34,6 +34,7 @@ from mlx_unified.config import default_layer_types
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.errors import InputError
 from mlx_unified.generation import generate_step
+from mlx_unified.generation_params import GenerationParams, ParameterError
 from mlx_unified.kernels.attention_global import (
     causal_bias,
     quantized_global_kv_attention,
@@ -304,16 +305,21 @@ def test_converting_keeps_what_was_cached():
 def test_settings_are_checked():
     assert kv_quantization(None) is None
     assert kv_quantization(8) == KVQuantization(8, 64, 5000)  # mlx-lm's defaults
-    for bad, message in (
-        (dict(bits=3), "kv_bits must be one of 4, 8"),
-        (dict(bits=8, group_size=48), "kv_group_size must be one of 32, 64, 128"),
-        (dict(bits=8, start=-1), "quantized_kv_start must be 0 or more"),
+    for (bits, group_size, start), message in (
+        ((3, 64, 0), "kv_bits: must be one of 4, 8, got 3"),
+        ((8.0, 64, 0), "kv_bits: must be one of 4, 8, got 8.0"),
+        ((8, 48, 0), "kv_group_size: must be one of 32, 64, 128, got 48"),
+        ((8, 64, -1), "quantized_kv_start: must be >= 0, got -1"),
     ):
-        with pytest.raises(KVQuantizationError, match=message):
-            KVQuantization(**bad)
-    with pytest.raises(KVQuantizationError, match="does not divide this model's head dim 16"):
+        with pytest.raises(ParameterError, match=message):
+            KVQuantization(bits, group_size, start)
+        with pytest.raises(ParameterError, match=message):  # the one validation every surface runs
+            GenerationParams(kv_bits=bits, kv_group_size=group_size, quantized_kv_start=start).validate()
+    with pytest.raises(KVQuantizationError, match="does not divide this model's head dim 16") as refused:
         KVQuantization(8, 32).check([16, 32])
-    assert issubclass(KVQuantizationError, InputError)
+    assert refused.value.param == "kv_group_size"
+    assert issubclass(KVQuantizationError, ParameterError) and issubclass(ParameterError, InputError)
+    assert GenerationParams(kv_bits=8, max_kv_size=1024).validate().kv_bits == 8  # a cap, not a rotation
 
 
 def test_generate_step_refuses_settings_the_model_cannot_take(tiny):

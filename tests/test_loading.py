@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 import mlx_unified
-from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, resolve
+from mlx_unified.checkpoint import ModelLoadError, hf_to_mlx_name, module_quantization, peer_name, resolve
 from mlx_unified.config import GLOBAL, SLIDING, ConfigError, ModelConfig, load_config
 from mlx_unified.kernels.rope_tables import inv_freq
 from mlx_unified.testing import tiny_checkpoint
@@ -85,8 +87,34 @@ def test_weight_names_map_once():
         "embed_vision.embedding_projection.weight"
     )
     assert hf_to_mlx_name("lm_head.weight") is None
-    # our own converted layout passes through unchanged
+    # our own earlier converted layout passes through unchanged; mlx-vlm's and mlx-lm's wrap the decoder
     assert hf_to_mlx_name("language_model.norm.weight") == "language_model.norm.weight"
+    assert hf_to_mlx_name("language_model.model.layers.3.mlp.down_proj.scales") == (
+        "language_model.layers.3.mlp.down_proj.scales"
+    )
+    assert hf_to_mlx_name("vision_embedder.patch_dense.weight") == "vision_embedder.patch_dense.weight"
+    for name in ("language_model.layers.0.self_attn.o_proj", "embed_audio.embedding_projection"):
+        assert hf_to_mlx_name(peer_name(name)) == name
+    assert peer_name("language_model.embed_tokens") == "language_model.model.embed_tokens"
+
+
+def test_quantization_overrides_of_every_layout_are_keyed_by_our_paths():
+    section = {
+        "group_size": 64,
+        "bits": 4,
+        "mode": "affine",
+        "language_model.model.embed_tokens": {"group_size": 64, "bits": 6},  # mlx-vlm's, without a mode
+        "language_model.layers.1.mlp.down_proj": {"group_size": 32, "bits": 8, "mode": "affine"},  # ours
+        "vision_embedder.patch_dense": False,
+    }
+    assert module_quantization(section) == {
+        "group_size": 64,
+        "bits": 4,
+        "mode": "affine",
+        "language_model.embed_tokens": {"group_size": 64, "bits": 6},
+        "language_model.layers.1.mlp.down_proj": {"group_size": 32, "bits": 8, "mode": "affine"},
+        "vision_embedder.patch_dense": False,
+    }
 
 
 def test_sharded_checkpoint_loads_through_its_index(tmp_path, checkpoint):
@@ -175,3 +203,79 @@ def test_tiny_checkpoint_is_the_released_layout(tmp_path):
     got = np.array(model(mx.array(ids)))
     expected = reference_logits(ref, {"input_ids": ids})
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-4
+
+
+# ---------------------------------------------------------------- damaged checkpoints: typed, named refusals
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path):
+    return Path(shutil.copytree(tiny.path, tmp_path / "checkpoint"))
+
+
+def _rewrite_weights(folder, change):
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    change(weights)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_naming_it_and_its_file(tiny_copy):
+    name = "model.language_model.layers.1.mlp.up_proj.weight"
+    _rewrite_weights(tiny_copy, lambda w: w.update({name: w[name][:-1]}))
+    with pytest.raises(ModelLoadError) as refused:
+        mlx_unified.load_model(tiny_copy)
+    message = str(refused.value)
+    assert str(tiny_copy / "model.safetensors") in message
+    assert "language_model.layers.1.mlp.up_proj.weight has shape (127, 64)" in message and "(128, 64)" in message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_refused_naming_the_tensor(tiny_copy, value):
+    name = "model.language_model.layers.2.self_attn.k_norm.weight"
+    _rewrite_weights(tiny_copy, lambda w: w.update({name: mx.concatenate([w[name][:3], mx.array([value], w[name].dtype), w[name][4:]])}))
+    with pytest.raises(ModelLoadError, match="tensor language_model.layers.2.self_attn.k_norm.weight holds NaN or infinite"):
+        mlx_unified.load_model(tiny_copy)
+
+
+# Config entries of the wrong type or range, each refused naming the entry (a ConfigError, not a crash).
+BAD_CONFIG = {
+    "hidden_size as text": ("text_config", "hidden_size", "64", "text_config.hidden_size must be a positive integer"),
+    "hidden_size fractional": ("text_config", "hidden_size", 64.5, "text_config.hidden_size must be a positive integer"),
+    "hidden_size negative": ("text_config", "hidden_size", -64, "text_config.hidden_size must be a positive integer"),
+    "hidden_size zero": ("text_config", "hidden_size", 0, "text_config.hidden_size must be a positive integer"),
+    "hidden_size boolean": ("text_config", "hidden_size", True, "text_config.hidden_size must be a positive integer"),
+    "layers as text": ("text_config", "num_hidden_layers", "6", "text_config.num_hidden_layers must be a positive integer"),
+    "window negative": ("text_config", "sliding_window", -1, "text_config.sliding_window must be a positive integer"),
+    "eps as text": ("text_config", "rms_norm_eps", "1e-6", "text_config.rms_norm_eps must be a positive number"),
+    "layer types not a list": ("text_config", "layer_types", 5, "text_config.layer_types must be a list of layer type names"),
+    "rope parameters a list": ("text_config", "rope_parameters", [1], "text_config.rope_parameters must be a JSON object"),
+    "rope theta as text": ("text_config", "rope_parameters", {"full_attention": {"rope_theta": "big"}}, "rope_parameters.full_attention.rope_theta"),
+    "per-layer key": ("text_config", "per_layer_config", {"x": {}}, "per_layer_config.x: the key must be a layer index"),
+    "eos as text": ("text_config", "eos_token_id", "1", "text_config.eos_token_id must be a token id"),
+    "eos outside the vocabulary": ("text_config", "eos_token_id", 10**6, "text_config.eos_token_id 1000000 is outside the vocabulary"),
+    "heads not divisible": ("text_config", "num_key_value_heads", 3, "which do not divide num_attention_heads 4"),
+    "k=v flag as text": ("text_config", "attention_k_eq_v", "yes", "text_config.attention_k_eq_v must be true or false"),
+    "text config a list": (None, "text_config", [], "text_config must be a JSON object"),
+    "vision config a number": (None, "vision_config", 5, "vision_config must be a JSON object"),
+    "patch size zero": ("vision_config", "patch_size", 0, "vision_config.patch_size must be a positive integer"),
+    "audio frame as text": ("audio_config", "audio_embed_dim", "640", "audio_config.audio_embed_dim must be a positive integer"),
+    "image token negative": (None, "image_token_id", -5, "image_token_id must be a token id"),
+    "image token outside the vocabulary": (None, "image_token_id", 10**6, "image_token_id 1000000 is outside the vocabulary"),
+    "quantization a list": (None, "quantization", [4], "quantization must be a JSON object"),
+    "quantization bits as text": (None, "quantization", {"bits": "4", "group_size": 64}, "quantization.bits must be a positive integer"),
+}
+
+
+def _edit_config(folder, section, key, value):
+    config = json.loads((folder / "config.json").read_text())
+    (config[section] if section else config)[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIG), ids=list(BAD_CONFIG))
+def test_config_entries_of_the_wrong_type_or_range_are_refused_naming_them(tiny_copy, case):
+    section, key, value, message = BAD_CONFIG[case]
+    _edit_config(tiny_copy, section, key, value)
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        mlx_unified.load_model(tiny_copy)
+    assert str(tiny_copy / "config.json") in str(refused.value)

@@ -11,16 +11,16 @@ import torch
 from mlx_unified.attention_blocks import MIN_PREFILL_CHUNK, PREFILL_CHUNK
 from mlx_unified.budgets import (
     GIB,
-    activation_bytes,
     gpu_budget_bytes,
     memory_budget_bytes,
+    parse_size,
     prefill_score_bytes,
-    prefill_sizes,
     prefix_cache_bytes,
 )
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
-from mlx_unified.convert.estimate import estimate, kv_bytes, longest_context, parse_size, plan, recommend
+from mlx_unified.convert.estimate import estimate, longest_context, plan, recommend
+from mlx_unified.footprint import DEFAULT_MIN_CONTEXT, activation_bytes, kv_bytes, prefill_sizes
 from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint
 
@@ -33,7 +33,8 @@ def test_parameter_count_is_the_released_12b():
 
 
 def test_4bit_estimate_matches_the_formula():
-    """Quantized Linear/embedding params cost bits/8 + 2 bf16 (scale, bias) per group; the rest bf16."""
+    """Quantized Linear/embedding params cost bits/8 + 2 bf16 (scale, bias) per group; the rest bf16,
+    the vision projectors included (plain -q keeps them float, as mlx-vlm's does)."""
     attention_sliding = HIDDEN * (16 * 256 + 2 * 8 * 256) + 16 * 256 * HIDDEN
     attention_global = HIDDEN * (16 * 512 + 512) + 16 * 512 * HIDDEN  # K=V: no v_proj
     quantized = (
@@ -41,8 +42,6 @@ def test_4bit_estimate_matches_the_formula():
         + SLIDING * attention_sliding
         + GLOBAL * attention_global
         + LAYERS * 3 * HIDDEN * MLP
-        + HIDDEN * 6912  # patch_dense
-        + HIDDEN * HIDDEN  # embed_vision
         + HIDDEN * 640  # embed_audio
     )
     unquantized = (
@@ -54,6 +53,8 @@ def test_4bit_estimate_matches_the_formula():
         + 2 * 6912
         + HIDDEN
         + 4 * HIDDEN
+        + HIDDEN * 6912  # patch_dense
+        + HIDDEN * HIDDEN  # embed_vision
     )
     formula = quantized * (4 / 8 + 2 * 2 / 64) + unquantized * 2
     result = estimate(released_config(), bits=4, group_size=64)
@@ -162,8 +163,12 @@ def test_plan_trades_bits_for_context():
 
 def test_plan_shows_the_context_quantized_kv_reaches():
     rows = {row.label: row for row in plan(released_config(), gpu_budget_bytes(12 * GIB))}
+    # Where the weights leave a few thousand tokens at most, a quantized cache's prefill attention (key
+    # blocks within up to QUANTIZED_ATTENTION_PEAK score bounds) can cost more than its smaller cache
+    # saves; wherever a usable context is left, quantizing reaches further.
     for row in rows.values():
-        assert row.context_kv4 >= row.context_kv8 >= row.context_bf16_kv
+        if row.context_bf16_kv >= DEFAULT_MIN_CONTEXT:
+            assert row.context_kv4 >= row.context_kv8 >= row.context_bf16_kv
     four_bit = rows["4-bit"]
     assert four_bit.context_bf16_kv < 262144 == four_bit.context_kv8  # the whole context on a 12 GB Mac
     assert four_bit.context_kv8 == longest_context(released_config(), gpu_budget_bytes(12 * GIB),

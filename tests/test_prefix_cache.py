@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -255,3 +256,192 @@ def test_bad_bounds_are_refused():
         PrefixCache(max_bytes=0)
     with pytest.raises(ValueError, match="positive"):
         DiskPrefixStore("/tmp/x", "id", max_bytes=-1)
+
+
+# ---------------------------------------------------------------- identity, integrity, unusable folders
+
+
+def warm_then_ask(checkpoint, folder, **overrides):
+    """Fill `folder` with `checkpoint`'s system prefix, then ask a new question through a fresh cache
+    there (a new process's view); returns (that answer, the same question without any cache)."""
+    model, processor = checkpoint.model, checkpoint.processor
+    run(model, processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=PrefixCache.for_checkpoint(checkpoint.path, folder=folder))
+    return ask(checkpoint, folder, **overrides)
+
+
+def ask(checkpoint, folder, model=None):
+    model = model or checkpoint.model
+    prompt = messages(LONG_SYSTEM, "Tell me a joke.")
+    cached = run(model, checkpoint.processor, prompt, prefix_cache=PrefixCache.for_checkpoint(checkpoint.path, folder=folder))
+    plain = run(model, checkpoint.processor, prompt, use_prefix_cache=False)
+    return cached, plain
+
+
+def stored_files(folder):
+    return sorted(folder.glob("*.safetensors"))
+
+
+def test_checkpoints_alike_in_config_and_file_sizes_never_share_prefixes(tiny_factory, tmp_path):
+    a, b = tiny_factory(seed=3, sliding_window=WINDOW), tiny_factory(seed=4, sliding_window=WINDOW)
+    assert (a.path / "config.json").read_bytes() == (b.path / "config.json").read_bytes()
+    assert (a.path / "model.safetensors").stat().st_size == (b.path / "model.safetensors").stat().st_size
+    run(a.model, a.processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=PrefixCache.for_checkpoint(a.path, folder=tmp_path))
+    (cached, cached_logits), (plain, plain_logits) = ask(b, tmp_path)
+    assert cached.cached_tokens == 0  # A's state is not B's
+    assert cached.tokens == plain.tokens
+    np.testing.assert_allclose(cached_logits[0], plain_logits[0], atol=1e-4)
+
+
+def test_weights_overwritten_in_place_invalidate_their_prefixes(tiny_factory, tmp_path):
+    import shutil
+
+    from conftest import TinyCheckpoint
+
+    original, other = tiny_factory(seed=3, sliding_window=WINDOW), tiny_factory(seed=4, sliding_window=WINDOW)
+    copy = TinyCheckpoint(Path(shutil.copytree(original.path, tmp_path / "checkpoint")))
+    folder = tmp_path / "cache"
+    (reused, _), _ = warm_then_ask(copy, folder)
+    assert reused.cached_tokens > 0
+    weights = copy.path / "model.safetensors"
+    before = weights.stat()
+    with open(weights, "r+b") as f:  # same file, same size, same modification time: new content
+        f.write((other.path / "model.safetensors").read_bytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_ino, weights.stat().st_size) == (before.st_ino, before.st_size)
+    changed = TinyCheckpoint(copy.path)
+    (cached, _), (plain, _) = ask(changed, folder)
+    assert cached.cached_tokens == 0 and cached.tokens == plain.tokens
+
+
+def test_the_weights_are_hashed_once_and_again_when_they_change(tiny, tmp_path, monkeypatch):
+    from mlx_unified import checkpoint as checkpoint_module
+
+    hashed = []
+    content_hash = checkpoint_module._content_hash
+    monkeypatch.setattr(checkpoint_module, "_content_hash", lambda f, first_sight: hashed.append(f) or content_hash(f, first_sight))
+    records = tmp_path / "identities"
+    first = model_identity(tiny.path, records)
+    assert model_identity(tiny.path, records) == first and len(hashed) == 1  # the record stood in
+    os.utime(tiny.path / "model.safetensors")  # touched: hashed again, same content, same identity
+    assert model_identity(tiny.path, records) == first and len(hashed) == 2
+    assert model_identity(tiny.path) == first and len(hashed) == 3  # without records: every time
+
+
+def test_a_hub_snapshot_is_identified_by_its_blob_names_until_a_blob_changes(tiny, tmp_path):
+    import hashlib
+
+    repo = tmp_path / "models--owner--name"
+    blobs, snapshot_folder = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True), snapshot_folder.mkdir(parents=True)
+    for file in tiny.path.iterdir():
+        data = file.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot_folder / file.name).symlink_to(os.path.relpath(blob, snapshot_folder))
+    records = tmp_path / "identities"
+    assert model_identity(snapshot_folder, records) == model_identity(tiny.path)
+    blob = (snapshot_folder / "model.safetensors").resolve()
+    with open(blob, "r+b") as f:  # a damaged blob: its name no longer stands for its content
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    assert model_identity(snapshot_folder, records) != model_identity(tiny.path)
+
+
+def _damage_first_layer_array(file, write):
+    from mlx_unified.safetensors_format import read_header
+
+    tensors, _ = read_header(file)
+    info = tensors["layer.0.0"]
+    with open(file, "r+b") as f:
+        f.seek(info.begin)
+        f.write(write(info.end - info.begin))
+
+
+def test_values_written_into_a_stored_snapshot_are_detected_and_the_file_removed(tiny, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    run(tiny.model, tiny.processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=PrefixCache.for_checkpoint(tiny.path, folder=folder))
+    (file,) = stored_files(folder)
+    _damage_first_layer_array(file, lambda n: np.random.default_rng(0).bytes(n))  # metadata kept
+    with caplog.at_level("WARNING", logger="mlx_unified.prefix_cache"):
+        (cached, _), (plain, _) = ask(tiny, folder)
+    assert cached.cached_tokens == 0 and cached.tokens == plain.tokens
+    assert "do not match their checksum" in caplog.text and "removed it" in caplog.text
+    assert stored_files(folder) == [file]  # removed, and written again by this run
+    (again, _), _ = ask(tiny, folder)
+    assert again.cached_tokens > 0 and again.tokens == plain.tokens
+
+
+def test_a_stored_snapshot_of_the_wrong_shape_is_refused_and_removed(tiny, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    run(tiny.model, tiny.processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=PrefixCache.for_checkpoint(tiny.path, folder=folder))
+    (file,) = stored_files(folder)
+    identity = model_identity(tiny.path)
+    state = load_prefix(file, identity)
+    first = state.layers[0]
+    keys, values, offset, window = first.state
+    state.layers[0] = type(first).from_state((keys[:, :1], values[:, :1], offset, window))  # one KV head fewer
+    save_prefix(file, state, identity)  # a well-formed file, checksum and all, of the wrong shape
+    with caplog.at_level("WARNING", logger="mlx_unified.prefix_cache"):
+        (cached, _), (plain, _) = ask(tiny, folder)
+    assert "does not fit this model's caches (layer 0 holds an array (1, 1," in caplog.text
+    assert cached.cached_tokens == 0 and cached.tokens == plain.tokens
+    (again, _), _ = ask(tiny, folder)  # the later run is not hurt: the file was replaced by a good one
+    assert again.cached_tokens > 0 and again.tokens == plain.tokens
+
+
+def test_a_snapshot_computed_in_another_dtype_is_not_reused(tiny, tmp_path):
+    from mlx_unified.loading import load_model
+
+    folder = tmp_path / "cache"
+    run(tiny.model, tiny.processor, messages(LONG_SYSTEM, "What time is it?"), prefix_cache=PrefixCache.for_checkpoint(tiny.path, folder=folder))
+    bf16 = load_model(tiny.path)  # the float32 run's files hold float32 states
+    prompt = messages(LONG_SYSTEM, "Tell me a joke.")
+    cached = generate(bf16, tiny.processor, prompt, max_tokens=8, prefix_cache=PrefixCache.for_checkpoint(tiny.path, folder=folder))
+    plain = generate(bf16, tiny.processor, prompt, max_tokens=8, use_prefix_cache=False)
+    assert cached.cached_tokens == 0 and cached.tokens == plain.tokens
+
+
+def _unusable_folder(kind, tmp_path, monkeypatch):
+    """A cache folder that cannot be used: a file in its place, one that refuses new files
+    (read-only), or one whose disk fills up while a snapshot is written."""
+    import errno
+
+    from mlx_unified import safetensors_format
+
+    folder = tmp_path / "cache"
+    if kind == "a file":
+        folder.write_text("not a folder")
+    elif kind == "read-only":
+        folder.mkdir()
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(prefix_cache_module.tempfile, "mkstemp", refuse)
+    else:
+        real_write = safetensors_format.ShardWriter.write
+
+        def fill_up(self, name, offset, data):
+            if name.startswith("layer.2"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write(self, name, offset, data)
+
+        monkeypatch.setattr(safetensors_format.ShardWriter, "write", fill_up)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["a file", "read-only", "full disk"])
+def test_an_unusable_cache_folder_means_no_cache_and_one_warning(tiny, tmp_path, monkeypatch, caplog, kind):
+    folder = _unusable_folder(kind, tmp_path, monkeypatch)
+    model, processor = tiny.model, tiny.processor
+    with caplog.at_level("WARNING", logger="mlx_unified.prefix_cache"):
+        store = PrefixCache.for_checkpoint(tiny.path, folder=folder)
+        answers = [run(model, processor, messages(LONG_SYSTEM, q), prefix_cache=store) for q in ("Hi.", "Tell me a joke.")]
+        plain = run(model, processor, messages(LONG_SYSTEM, "Tell me a joke."), use_prefix_cache=False)
+    warnings = [r for r in caplog.records if "is unusable" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert str(folder) in warnings[0].getMessage()
+    assert answers[1][0].tokens == plain[0].tokens
+    assert answers[1][0].cached_tokens > 0  # the memory part still serves the system prefix
+    if folder.is_dir():
+        assert not list(folder.rglob("*.safetensors"))  # no snapshot, and nothing half-written, left

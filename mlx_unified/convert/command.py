@@ -6,13 +6,14 @@ import argparse
 import signal
 import sys
 
-from mlx_unified.budgets import GB, GIB, device_gpu_limit, gpu_budget_bytes
+from mlx_unified.budgets import GB, GIB, device_gpu_limit, gpu_budget_bytes, parse_size
 from mlx_unified.checkpoint import FLOAT_DTYPES, ModelLoadError
 from mlx_unified.config import ModelConfig, load_config, released_config
 from mlx_unified.convert.conversion import convert
-from mlx_unified.convert.estimate import parameter_count, parse_size, plan, recommend
+from mlx_unified.convert.estimate import parameter_count, plan, recommend
 from mlx_unified.convert.planning import ConvertError
 from mlx_unified.convert.recipes import MODES, RECIPES, QuantizationError
+from mlx_unified.footprint import DEFAULT_MIN_CONTEXT
 
 
 def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> None:
@@ -26,17 +27,17 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int) -> Non
         where = f"a {ram / GIB:g} GB Mac{'' if memory else ' (pass --memory for another size)'}: macOS default GPU limit"
     print(f"GPU memory budget: {budget / GB:.2f} GB, {where}")
     header = (
-        f"{'conversion':<12} {'weights GB':>10} {'bits/w':>7} {'bf16 KV':>13} {'8-bit KV':>13} "
+        f"{'conversion':<15} {'weights GB':>10} {'bits/w':>7} {'bf16 KV':>13} {'8-bit KV':>13} "
         f"{'4-bit KV':>13}  flags"
     )
-    print(f"{'':<31} {'---- max context, with a KV cache of ----':^41}")
+    print(f"{'':<34} {'---- max context, with a KV cache of ----':^41}")
     print(header)
     print("-" * len(header))
     parameters = parameter_count(config)
     rows = plan(config, budget)
     for row in rows:
         print(
-            f"{row.label:<12} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
+            f"{row.label:<15} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
             f"{_tokens(row.context_bf16_kv):>13} {_tokens(row.context_kv8):>13} {_tokens(row.context_kv4):>13}  "
             f"{row.convert_flags}"
         )
@@ -84,14 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--dequantize",
         action="store_true",
-        help="turn a quantized folder back into the released bf16 layout",
+        help="turn a converted folder (ours, mlx-vlm's or mlx-lm's, quantized or not) back into the released "
+        "layout, bf16 unless --dtype",
     )
     parser.add_argument("--plan", action="store_true", help="print which conversion fits a Mac's memory")
     parser.add_argument(
         "--memory", help="the Mac's memory for --plan, e.g. 16GB (default: this Mac's, or 16GB)"
     )
     parser.add_argument(
-        "--min-context", type=int, default=16384, help="context the --plan recommendation must leave (tokens)"
+        "--min-context",
+        type=int,
+        default=DEFAULT_MIN_CONTEXT,
+        help=f"context the --plan recommendation must leave (tokens, default {DEFAULT_MIN_CONTEXT})",
     )
     return parser
 
@@ -121,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             dequantize=args.dequantize,
+            report=print,
         )
     except KeyboardInterrupt:
         print(f"error: interrupted; nothing was written to {args.mlx_path}", file=sys.stderr)
         return 130
     except (ConvertError, QuantizationError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder the user named cannot be read or listed
+        print(f"error: {e.filename or args.hf_path}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -1,23 +1,32 @@
 """The conversion itself: every planned tensor read a block of rows at a time from its source shard,
 cast (and quantized, or dequantized), and written at its final offset in an output shard whose header
 was laid out in advance. The output is built in a hidden sibling folder and renamed into place only
-once complete."""
+once complete; it never lies in, contains, or replaces the source.
+
+A staging folder is named `.<output name>.partial-<host>-<pid>-<random>`: a run that was killed
+outright leaves one behind, and the next run in the same parent folder (to any output) removes those
+of processes of this host that are no longer alive; a live run's folder is never touched.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import re
+import secrets
 import shutil
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.budgets import GB
 from mlx_unified.checkpoint import ModelLoadError, float_dtype, resolve
+from mlx_unified.config import GLOBAL, ModelConfig
 from mlx_unified.convert.planning import (
     ConvertError,
     Job,
@@ -27,7 +36,8 @@ from mlx_unified.convert.planning import (
     plan_dequantization,
     read_source,
 )
-from mlx_unified.convert.safetensors_stream import ShardWriter, TensorInfo, read_rows, row_blocks, to_bytes
+from mlx_unified.convert.safetensors_stream import read_rows, row_blocks
+from mlx_unified.safetensors_format import ShardWriter, TensorInfo, to_buffer
 
 # Files copied next to the weights: tokenizer, chat template, processor and generation settings.
 COPIED_FILES = (
@@ -43,8 +53,18 @@ COPIED_FILES = (
     "video_preprocessor_config.json",
     "generation_config.json",
 )
-# Free space kept beyond the output's size (file system overhead, copied files).
-DISK_MARGIN_BYTES = 64 << 20
+# Free space asked beyond the shards and copied files: file system overhead, index and config.
+DISK_SLACK_BYTES = 1 << 20
+STAGING = re.compile(r"\.(?P<name>.+)\.(?:partial|previous)-(?P<host>\w+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _check_finite(block: mx.array, source: TensorInfo) -> None:
+    if mx.issubdtype(block.dtype, mx.floating) and not mx.isfinite(block).all().item():
+        dtype = str(block.dtype).removeprefix("mlx.core.")
+        raise ConvertError(
+            f"{source.file}: tensor {source.name} holds NaN or infinite values (as {dtype}); "
+            "the checkpoint is damaged"
+        )
 
 
 def _convert_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
@@ -54,6 +74,7 @@ def _convert_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
         block = read_rows(job.source, start, stop)
         if mx.issubdtype(block.dtype, mx.floating):
             block = block.astype(dtype)
+        _check_finite(block, job.source)
         q = job.quant
         parts = (
             [block]
@@ -63,7 +84,7 @@ def _convert_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
         mx.eval(parts)
         for output, part in zip(job.outputs, parts, strict=True):
             row_bytes = output.nbytes // output.shape[0] if output.shape else output.nbytes
-            writer.write(output.name, start * row_bytes, to_bytes(part))
+            writer.write(output.name, start * row_bytes, to_buffer(part))
 
 
 def _dequantize_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
@@ -80,8 +101,8 @@ def _dequantize_job(job: Job, writer: ShardWriter, dtype: mx.Dtype) -> None:
         block = mx.dequantize(
             weight, scales, biases[0] if biases else None, group_size=q.group_size, bits=q.bits, mode=q.mode
         ).astype(dtype)
-        mx.eval(block)
-        writer.write(output.name, start * row_bytes, to_bytes(block))
+        _check_finite(block, packed)
+        writer.write(output.name, start * row_bytes, to_buffer(block))
 
 
 def _write_shards(layout: Layout, folder: Path, dtype: mx.Dtype, dequantize: bool) -> dict[str, Any]:
@@ -111,12 +132,69 @@ def _progress(text: str, end: str = "") -> None:
         print(f"\r{text:<60}", end=end, file=sys.stderr, flush=True)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def _check_disk(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
-    if free < needed + DISK_MARGIN_BYTES:
-        raise ConvertError(
-            f"not enough free disk in {folder}: the output needs {needed / GB:.2f} GB, {free / GB:.2f} GB free"
-        )
+    if free < needed:
+        raise ConvertError(f"not enough free disk in {folder}: the output needs {_size(needed)}, {_size(free)} free")
+
+
+def _check_paths(source: Path, destination: Path) -> None:
+    """Refuse an output that would write inside the source or delete it: the source folder itself, a
+    folder inside it, or one that contains it or a file it is made of (symbolic links followed, so a
+    hub snapshot's blobs count as its files)."""
+    root = source.resolve()
+    if destination == root:
+        raise ConvertError(f"--mlx-path {destination} is the source checkpoint; choose another folder")
+    if destination.is_relative_to(root):
+        raise ConvertError(f"--mlx-path {destination} is inside the source checkpoint {root}; choose a folder outside it")
+    for part in (root, *(entry.resolve() for entry in root.iterdir())):
+        if part.is_relative_to(destination):
+            raise ConvertError(
+                f"--mlx-path {destination} contains the source checkpoint ({part}), which writing it would "
+                "delete; choose another folder"
+            )
+
+
+def _host() -> str:
+    return re.sub(r"\W", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders in `parent` that runs of this host left when they were killed (their
+    process is gone); returns them."""
+    host, removed = _host(), []
+    for entry in parent.iterdir():
+        match = STAGING.fullmatch(entry.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            _remove(entry)
+            removed.append(entry)
+    return removed
 
 
 @contextmanager
@@ -125,28 +203,54 @@ def _staging(destination: Path) -> Iterator[Path]:
 
     On any failure or interruption the staging folder is removed and `destination` is untouched.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a run that was killed outright; never a loadable model
+    parent = destination.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(parent)
+    tag = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = parent / f".{destination.name}.partial-{tag}"
+    previous = parent / f".{destination.name}.previous-{tag}"
     staging.mkdir()
     try:
         yield staging
+        if destination.exists() or destination.is_symlink():
+            destination.rename(previous)
+        try:
+            staging.rename(destination)
+        except BaseException:
+            if previous.exists():
+                previous.rename(destination)
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    previous = destination.parent / f".{destination.name}.previous"
-    if destination.exists():
-        destination.rename(previous)
-    staging.rename(destination)
-    if previous.exists():
-        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+    _remove(previous)
 
 
-def _copy_side_files(source: Path, folder: Path) -> None:
-    for name in COPIED_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+def _write_error(destination: Path, e: OSError) -> ConvertError:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "disk full, quota reached or no free inodes"
+        return ConvertError(f"cannot write {destination}: {reason}{where}; nothing was written there")
+    return ConvertError(f"cannot write {destination}: {e.strerror or e}{where}; nothing was written there")
+
+
+def with_peer_defaults(config_dict: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """`config_dict` with this model's values spelled out where the peers would take others: mlx-lm
+    reads gemma4_unified with its gemma4 text module, whose defaults are per-layer inputs, 20 KV-shared
+    layers, double-wide MLPs and a top-level 262144-word vocabulary; and neither peer reads
+    transformers' `per_layer_config` spelling of the global layers' shape (`global_head_dim`,
+    `num_global_key_value_heads`). A value the source states is kept."""
+    text = config.text
+    first_global = text.layer(text.layer_types.index(GLOBAL))
+    spelled = {
+        "num_kv_shared_layers": 0,
+        "hidden_size_per_layer_input": 0,
+        "use_double_wide_mlp": False,
+        "global_head_dim": first_global.head_dim,
+        "num_global_key_value_heads": first_global.num_kv_heads,
+    }
+    text_dict = {**spelled, **(config_dict.get("text_config") or {})}
+    return {"vocab_size": text.vocab_size, **config_dict, "text_config": text_dict}
 
 
 def convert(
@@ -160,48 +264,58 @@ def convert(
     dtype: str | None = None,
     overwrite: bool = False,
     dequantize: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
-    """Convert (or with `dequantize`, restore the released bf16 layout); returns the output folder.
+    """Convert into the layout mlx-vlm and mlx-lm load (or with `dequantize`, restore the released layout,
+    in `dtype`, default bfloat16 as released); returns the output folder. The source is an
+    unquantized folder or hub id, or, to dequantize, a converted folder of ours, mlx-vlm's or mlx-lm's. `report` gets one line saying what
+    is quantized (count, bits per weight) before the shards are written.
 
-    Raises ConvertError or QuantizationError with a one-line reason; nothing is left at `mlx_path`
-    unless the whole output was written.
+    Raises ConvertError or QuantizationError with a one-line reason (also when -q would quantize
+    nothing); nothing is left at `mlx_path` unless the whole output was written.
     """
     destination = Path(mlx_path).expanduser().resolve()
-    if destination.exists() and not overwrite:
-        raise ConvertError(f"{destination} already exists (pass --overwrite to replace it)")
     if dequantize and (quantize or recipe):
         raise ConvertError("--dequantize cannot be combined with -q/--recipe")
     try:
         source_path = resolve(hf_path)
     except ModelLoadError as e:
         raise ConvertError(str(e)) from e
-    if source_path.resolve() == destination:
-        raise ConvertError("--mlx-path must differ from --hf-path")
-    source = read_source(source_path, quantized=dequantize)
+    if source_path.is_dir():
+        _check_paths(source_path, destination)
+    if destination.exists() and not overwrite:
+        raise ConvertError(f"{destination} already exists (pass --overwrite to replace it)")
+    source = read_source(source_path, dequantize=dequantize)
     if dequantize:
         dtype_name = dtype or "bfloat16"
         layout, section = plan_dequantization(source, float_dtype(dtype_name)), {}
+        config = dict(source.config_dict)
+        if report:
+            count = sum(1 for shard in layout.shards for job in shard if job.quant)
+            report(f"to the released layout in {dtype_name}: {count} quantized weight matrices dequantized")
     else:
         settings = Settings(
             quantize or recipe is not None, q_bits, q_group_size, q_mode, recipe or "uniform", dtype
         )
-        layout, section, dtype_name = plan_conversion(source, settings)
-    existing = next(p for p in destination.parents if p.exists())
-    _check_disk(existing, layout.total_bytes)
-
-    config = {k: v for k, v in source.config_dict.items() if k not in ("quantization", "quantization_config")}
+        layout, section, dtype_name, quantization = plan_conversion(source, settings)
+        config = with_peer_defaults(source.config_dict, source.config)
+        if report and quantization:
+            report(quantization.summary())
+    side_files = [source.path / name for name in COPIED_FILES if (source.path / name).is_file()]
+    needed = layout.total_bytes + sum(f.stat().st_size for f in side_files) + DISK_SLACK_BYTES
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["dtype"] = dtype_name
     if section:
         config["quantization"] = section
         config["quantization_config"] = section  # the key transformers-style readers look for
-    with _staging(destination) as staging:
-        try:
+    try:
+        with _staging(destination) as staging:
+            _check_disk(staging, needed)
             index = _write_shards(layout, staging, float_dtype(dtype_name), dequantize)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise ConvertError(f"disk full while writing {destination}; nothing was written there") from e
-            raise ConvertError(f"cannot write {destination}: {e}") from e
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _copy_side_files(source.path, staging)
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+            for file in side_files:
+                shutil.copy2(file, staging / file.name)
+    except OSError as e:
+        raise _write_error(destination, e) from e
     return destination

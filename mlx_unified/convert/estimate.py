@@ -1,9 +1,8 @@
 """How much memory a converted model needs, from its config alone (no weights), and the `--plan` table.
 
 Weights are counted tensor by tensor with the same recipe logic the converter writes, so the estimate
-is the bytes a conversion produces. The KV cache follows `cache.py`: sliding layers keep at most
-`sliding_window` positions of K and V; global K=V layers keep one tensor (the values; keys are derived).
-Activations follow the prefill's pass and query-block sizes (`attention_blocks`).
+is the bytes a conversion produces. The KV cache and the prefill activations are the runtime's count
+(`mlx_unified.footprint`), which the front ends' memory guard uses too.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.budgets import GIB, activation_bytes, kv_bytes, prefill_sizes
 from mlx_unified.checkpoint import tensor_shapes
 from mlx_unified.config import ModelConfig
 from mlx_unified.convert.recipes import (
@@ -26,6 +24,7 @@ from mlx_unified.convert.recipes import (
     quantized_outputs,
     supported_modes,
 )
+from mlx_unified.footprint import activation_bytes, fits, kv_bytes
 
 
 def weights_bytes(
@@ -84,20 +83,14 @@ def parameter_count(config: ModelConfig) -> int:
 
 def longest_context(config: ModelConfig, budget_bytes: int, weights: int, kv_bits: int | None = None) -> int:
     """The most context tokens whose KV cache (bf16, or `kv_bits`-bit) and the activations of the
-    prefill that reaches them (passes and attention blocks as `budgets.prefill_sizes` sizes them for
+    prefill that reaches them (passes and attention blocks as `footprint.prefill_sizes` sizes them for
     that context) fit beside `weights` (0: nothing fits)."""
-
-    def fits(tokens: int) -> bool:
-        sizes = prefill_sizes(config, weights, tokens, kv_bits, budget_bytes=budget_bytes)
-        activations = activation_bytes(config, tokens, sizes.chunk, sizes.score_bytes, kv_bits)
-        return weights + kv_bytes(config, tokens, kv_bits) + activations <= budget_bytes
-
     low, high = 0, config.text.max_position_embeddings
-    if not fits(1):
+    if not fits(config, weights, 1, budget_bytes, kv_bits):
         return 0
     while low < high:  # largest `tokens` that fits; memory grows with context
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        low, high = (mid, high) if fits(config, weights, mid, budget_bytes, kv_bits) else (low, mid - 1)
     return low
 
 
@@ -123,20 +116,22 @@ class PlanRow:
         return f"-q --q-bits {self.bits}" + ("" if self.recipe == "uniform" else f" --recipe {self.recipe}")
 
 
-# Candidate conversions, best quality first (more bits per weight).
+# Candidate conversions, best quality first (more bits per weight). The mixed recipes go by their
+# names: mlx-vlm's (`mixed_4_6`, ...) and ours (`mixed_4_6_attn`, see recipes.py).
 _CANDIDATES: list[tuple[str, str | None, int | None, str]] = [
     ("bf16", None, None, "affine"),
     ("8-bit", "uniform", 8, "affine"),
     ("mxfp8", "uniform", 8, "mxfp8"),
     ("6-bit", "uniform", 6, "affine"),
-    ("mixed 4/8", "mixed_4_8", 4, "affine"),
     ("5-bit", "uniform", 5, "affine"),
-    ("mixed 4/6", "mixed_4_6", 4, "affine"),
+    ("mixed_4_8", "mixed_4_8", 4, "affine"),
+    ("mixed_4_6_attn", "mixed_4_6_attn", 4, "affine"),
+    ("mixed_4_6", "mixed_4_6", 4, "affine"),
     ("4-bit", "uniform", 4, "affine"),
     ("nvfp4", "uniform", 4, "nvfp4"),
     ("mxfp4", "uniform", 4, "mxfp4"),
-    ("mixed 3/6", "mixed_3_6", 3, "affine"),
-    ("mixed 3/4", "mixed_3_4", 3, "affine"),
+    ("mixed_3_6", "mixed_3_6", 3, "affine"),
+    ("mixed_3_4", "mixed_3_4", 3, "affine"),
 ]
 
 
@@ -166,21 +161,3 @@ def plan(config: ModelConfig, budget_bytes: int) -> list[PlanRow]:
 def recommend(rows: list[PlanRow], min_context: int) -> PlanRow | None:
     """The highest-quality row that still leaves `min_context` tokens with a bf16 cache."""
     return next((row for row in rows if row.context_bf16_kv >= min_context), None)
-
-
-def parse_size(text: str) -> int:
-    """A Mac's memory, '16GB', '16G', '16' or '512MB', -> bytes.
-
-    Mac RAM sizes are binary: a "16 GB" Mac has 16 GiB.
-    """
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"G": GIB, "M": 1 << 20, "T": 1 << 40}
-    scale = units.get(value[-1:], GIB)
-    number = value[:-1] if value[-1:] in units else value
-    try:
-        size = float(number) * scale
-    except ValueError as e:
-        raise ValueError(f"cannot read memory size {text!r} (expected e.g. 16GB)") from e
-    if size <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return int(size)

@@ -4,6 +4,7 @@ planned (every tensor's outputs, with the recipe's quantization) before any byte
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,31 +15,30 @@ from mlx_unified.budgets import GB
 from mlx_unified.checkpoint import (
     FLOAT_DTYPES,
     ModelLoadError,
+    drop_absent_media,
     float_dtype,
     hf_to_mlx_name,
+    module_quantization,
+    peer_name,
+    shard_tensors,
     tensor_shapes,
     weight_files,
 )
 from mlx_unified.config import ConfigError, ModelConfig
 from mlx_unified.convert.recipes import (
+    MODES,
     QuantizationError,
     QuantParams,
     base_params,
+    choose_params,
     get_recipe,
     is_quantizable,
-    params_for,
     quantization_section,
     quantized_outputs,
     recipe_default,
 )
-from mlx_unified.convert.safetensors_stream import (
-    OutputTensor,
-    SafetensorsError,
-    TensorInfo,
-    dtype_tag,
-    read_header,
-)
 from mlx_unified.errors import InputError
+from mlx_unified.safetensors_format import NUMPY_DTYPES, OutputTensor, TensorInfo, dtype_tag
 
 SUPPORTED_ARCHITECTURES = {"Gemma4UnifiedForConditionalGeneration"}
 # Output shards stay under 5 GB (decimal, with room for the header), like mlx-lm's and the hub's.
@@ -91,11 +91,12 @@ class Layout:
         return layout
 
 
-def read_source(path: Path, *, quantized: bool) -> Source:
-    """Open and check a checkpoint folder: config, every shard complete, exactly the expected tensors.
+def read_source(path: Path, *, dequantize: bool) -> Source:
+    """Open and check a checkpoint folder: config, every shard complete, exactly the expected tensors
+    (a media part may be absent as a whole: a text-only conversion).
 
-    `quantized`: expect one of our converted, quantized folders (for --dequantize) rather than a
-    released-layout one.
+    To convert, the source is unquantized, in any layout. To `dequantize`, it is a converted folder
+    (ours, mlx-vlm's or mlx-lm's, quantized or not), which goes back to the released layout.
     """
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -113,25 +114,33 @@ def read_source(path: Path, *, quantized: bool) -> Source:
             f"{path}: architecture {', '.join(sorted(architectures))} is not supported "
             f"(expected {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
-    if quantized and not config.quantization:
-        raise ConvertError(f"{path}: not a quantized checkpoint; nothing to dequantize")
-    if not quantized and config.quantization:
+    quantized = bool(config.quantization)
+    if not dequantize and quantized:
         raise ConvertError(
             f"{path}: already quantized; convert from the released checkpoint, or use --dequantize"
         )
 
     try:
-        files = weight_files(path)
         tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            for name, info in sorted(read_header(file).items(), key=lambda item: item[1].begin):
+        released_layout = True
+        for file in weight_files(path):
+            for name, info in sorted(shard_tensors(file).items(), key=lambda item: item[1].begin):
                 mlx_name = hf_to_mlx_name(name)
-                if mlx_name is not None:
-                    tensors[mlx_name] = info
-    except (ModelLoadError, SafetensorsError) as e:
+                if mlx_name is None:
+                    continue
+                if info.dtype not in NUMPY_DTYPES:
+                    raise ConvertError(f"{file}: tensor {name} has dtype {info.dtype}, which the converter does not read")
+                tensors[mlx_name] = info
+                released_layout &= name.startswith("model.")
+    except ModelLoadError as e:
         raise ConvertError(str(e)) from e
     except OSError as e:
         raise ConvertError(f"{path}: cannot read weights ({e})") from e
+    if dequantize and not quantized and released_layout:
+        raise ConvertError(
+            f"{path}: not a quantized checkpoint, and in the released layout already; nothing to dequantize"
+        )
+    config = drop_absent_media(config, tensors.keys())
     _check_tensors(path, config, tensors, quantized)
     return Source(path, config_dict, config, tensors)
 
@@ -171,17 +180,69 @@ class Settings:
     dtype: str | None = None
 
 
-def _output_dtype(settings: Settings, config_dict: dict[str, Any]) -> str:
-    """--dtype, else the source's own float dtype, else bfloat16 (the release's)."""
-    name = settings.dtype or config_dict.get("dtype") or config_dict.get("torch_dtype")
+# safetensors dtype tags of the float dtypes, by MLX's names.
+_FLOAT_TAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _output_dtype(dtype: str | None, source: Source) -> str:
+    """--dtype, else the source's own float dtype (its tensors', which mlx-vlm's config.json does not
+    always say: it keeps the source's `dtype` when it casts), else bfloat16 (the release's)."""
+    if dtype:
+        return dtype
+    tags = [_FLOAT_TAGS[info.dtype] for info in source.tensors.values() if info.dtype in _FLOAT_TAGS]
+    if tags:
+        return max(FLOAT_DTYPES, key=tags.count)
+    config_dict = source.config_dict
+    name = config_dict.get("dtype") or config_dict.get("torch_dtype")
     name = name or (config_dict.get("text_config") or {}).get("dtype")
     return name if name in FLOAT_DTYPES else "bfloat16"
 
 
-def plan_conversion(source: Source, settings: Settings) -> tuple[Layout, dict[str, Any], str]:
-    """Output shards, the config.json `quantization` section (empty when not quantizing) and the float
-    dtype of the unquantized tensors."""
-    dtype_name = _output_dtype(settings, source.config_dict)
+@dataclass
+class QuantizationReport:
+    """What a quantizing conversion does, for the one line the converter prints."""
+
+    quantized: dict[QuantParams, int]  # modules quantized with each setting
+    kept: dict[str, int]  # modules left in float, by reason ("recipe", "width")
+    widths: set[int]  # input widths of the modules whose groups do not fit
+    parameters: int
+    output_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.output_bytes / self.parameters
+
+    def summary(self) -> str:
+        settings = ", ".join(
+            f"{count} at {p.bits} bits" + ("" if p.mode == "affine" else f" {p.mode}") + f" (group {p.group_size})"
+            for p, count in sorted(self.quantized.items(), key=lambda item: -item[1])
+        )
+        total = sum(self.quantized.values()) + sum(self.kept.values())
+        float_parts = []
+        if self.kept.get("recipe"):
+            float_parts.append(f"{self.kept['recipe']} by the recipe")
+        if self.kept.get("width"):
+            float_parts.append(f"{self.kept['width']} whose input width is not a multiple of the group size")
+        kept = f"; kept in float: {', '.join(float_parts)}" if float_parts else ""
+        return (
+            f"quantized {sum(self.quantized.values())} of {total} weight matrices: {settings}{kept}; "
+            f"{self.bits_per_weight:.2f} bits per weight, {_size(self.output_bytes)}"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB // 10 else f"{nbytes / 1e6:.1f} MB"
+
+
+def plan_conversion(
+    source: Source, settings: Settings
+) -> tuple[Layout, dict[str, Any], str, QuantizationReport | None]:
+    """Output shards in mlx-vlm's and mlx-lm's layout (`checkpoint.peer_name`), the config.json
+    `quantization` section keyed by the same names (empty when not quantizing), the float dtype of the
+    unquantized tensors, and what was quantized (None when not quantizing).
+
+    Raises QuantizationError when -q would quantize nothing."""
+    dtype_name = _output_dtype(settings.dtype, source)
     dtype = float_dtype(dtype_name)
     layer_types = source.config.text.layer_types
     base = recipe = None
@@ -190,19 +251,52 @@ def plan_conversion(source: Source, settings: Settings) -> tuple[Layout, dict[st
         recipe = get_recipe(settings.recipe, base)
         if recipe.fixed_bits and settings.bits is not None:
             raise QuantizationError(f"recipe {recipe.name} sets its own bits; drop --q-bits")
+        if recipe.group_size and settings.group_size not in (None, recipe.group_size):
+            raise QuantizationError(
+                f"recipe {recipe.name} uses groups of {recipe.group_size}, as mlx-vlm's does; drop --q-group-size"
+            )
     jobs, choices = [], {}
+    quantized: dict[QuantParams, int] = {}
+    kept: dict[str, int] = {}
+    widths: set[int] = set()
     for name, info in source.tensors.items():
-        quant = params_for(name, info.shape, layer_types, recipe, base) if recipe else None
+        quant = None
         if recipe and is_quantizable(name, info.shape):
-            choices[name.removesuffix(".weight")] = quant
-        jobs.append(Job(info, quantized_outputs(name, info.shape, quant, dtype), quant))
-    section = quantization_section(choices, recipe_default(base, choices)) if base else {}
-    return Layout.pack(jobs), section, dtype_name
+            quant, reason = choose_params(name, info.shape, layer_types, recipe, base)
+            choices[peer_name(name.removesuffix(".weight"))] = quant
+            if quant is None:
+                kept[reason] = kept.get(reason, 0) + 1
+                if reason == "width":
+                    widths.add(info.shape[-1])
+            else:
+                quantized[quant] = quantized.get(quant, 0) + 1
+        jobs.append(Job(info, quantized_outputs(peer_name(name), info.shape, quant, dtype), quant))
+    layout = Layout.pack(jobs)
+    if base is None:
+        return layout, {}, dtype_name, None
+    if not quantized:
+        raise QuantizationError(_nothing_to_quantize(source.path, base, widths))
+    section = quantization_section(choices, recipe_default(base, choices))
+    parameters = sum(math.prod(info.shape) for info in source.tensors.values())
+    return layout, section, dtype_name, QuantizationReport(quantized, kept, widths, parameters, layout.total_bytes)
+
+
+def _nothing_to_quantize(path: Path, base: QuantParams, widths: set[int]) -> str:
+    message = f"{path}: -q would quantize nothing"
+    if not widths:
+        return f"{message}: the recipe keeps every module in float"
+    message += (
+        f": no weight matrix has an input width ({', '.join(map(str, sorted(widths)))}) that groups of "
+        f"{base.group_size} divide"
+    )
+    fitting = [g for g in MODES[base.mode].group_sizes if any(w % g == 0 for w in widths)]
+    return message + (f"; try --q-group-size {max(fitting)}" if fitting else f" in {base.mode} mode")
 
 
 def plan_dequantization(source: Source, dtype: mx.Dtype) -> Layout:
-    """Released-layout shards (`model.` prefix) holding every tensor in `dtype`."""
-    section = source.config.quantization or {}
+    """Released-layout shards (`model.` prefix) holding every tensor in `dtype`, from a quantized folder
+    of any layout (ours, mlx-vlm's, mlx-lm's)."""
+    section = module_quantization(source.config.quantization) or {}
     default = QuantParams(
         section.get("bits", 4), section.get("group_size", 64), section.get("mode", "affine")
     )
@@ -217,7 +311,8 @@ def plan_dequantization(source: Source, dtype: mx.Dtype) -> Layout:
             jobs.append(Job(info, output, None))
             continue
         override = section.get(path)
-        quant = QuantParams(**override) if isinstance(override, dict) else default
+        merged = {**default.as_dict(), **override} if isinstance(override, dict) else default.as_dict()
+        quant = QuantParams(merged["bits"], merged["group_size"], merged["mode"])
         packed = [info, source.tensors[f"{path}.scales"]]
         if quant.mode == "affine":
             packed.append(source.tensors[f"{path}.biases"])

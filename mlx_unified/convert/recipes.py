@@ -17,8 +17,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_unified.convert.safetensors_stream import OutputTensor, dtype_tag
 from mlx_unified.errors import InputError
+from mlx_unified.safetensors_format import OutputTensor, dtype_tag
 
 
 class QuantizationError(InputError):
@@ -87,6 +87,9 @@ def base_params(bits: int | None, group_size: int | None, mode: str = "affine") 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _PROJECTORS = ("vision_embedder.", "embed_vision.", "embed_audio.")
+_VISION = ("vision_embedder.", "embed_vision.")
+# The group size of mlx-vlm's and mlx-lm's mixed recipes, whatever --q-group-size says.
+PEER_MIXED_GROUP_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,18 @@ class ModuleInfo:
         return self.path.startswith(_PROJECTORS)
 
     @property
+    def is_vision(self) -> bool:
+        """The vision projectors: mlx-vlm keeps every module whose path names vision in float."""
+        return self.path.startswith(_VISION)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
     def is_sensitive_layer(self) -> bool:
-        """llama.cpp's Q4_K_M choice (also mlx-lm's): first and last eighth, and every third between."""
+        """llama.cpp's Q4_K_M choice (also mlx-lm's and mlx-vlm's): first and last eighth, and every
+        third between."""
         if self.layer is None:
             return False
         n = self.num_layers
@@ -118,51 +131,90 @@ class Recipe:
     choose: Callable[[ModuleInfo, QuantParams], QuantParams | None]
     fixed_bits: bool = False  # the recipe sets its own bits; --q-bits does not apply
     affine_only: bool = False
+    group_size: int | None = None  # the recipe's own group size; --q-group-size does not apply
 
 
 def _uniform(module: ModuleInfo, base: QuantParams) -> QuantParams | None:
-    return base
+    return None if module.is_vision else base
 
 
 def _float_projectors(module: ModuleInfo, base: QuantParams) -> QuantParams | None:
     return None if module.is_projector else base
 
 
-def _mixed(low: int, high: int) -> Callable[[ModuleInfo, QuantParams], QuantParams | None]:
+def _peer_mixed(low: int, high: int) -> Callable[[ModuleInfo, QuantParams], QuantParams | None]:
+    """mlx-vlm's mixed recipe of these bits, module for module (`mixed_quant_predicate_builder` in its
+    convert.py): vision in float, the embedding (also the tied head) and the sensitive layers' v_proj
+    and down_proj at `high`, everything else, the audio projector included, at `low`, groups of 64."""
+
+    def choose(module: ModuleInfo, base: QuantParams) -> QuantParams | None:
+        if module.is_vision:
+            return None
+        more_bits = module.name == "embed_tokens" or (
+            module.name in ("v_proj", "down_proj") and module.is_sensitive_layer
+        )
+        return QuantParams(high if more_bits else low, PEER_MIXED_GROUP_SIZE, "affine")
+
+    return choose
+
+
+def _attention_mixed(low: int, high: int) -> Callable[[ModuleInfo, QuantParams], QuantParams | None]:
+    """Ours: the peers' choice, plus `high` bits for o_proj and the global layers' k_proj, and every
+    projector in float."""
+
     def choose(module: ModuleInfo, base: QuantParams) -> QuantParams | None:
         if module.is_projector:
             return None  # tiny next to the decoder, and every image or audio token goes through them
-        name = module.path.rsplit(".", 1)[-1]
         more_bits = (
-            name in ("embed_tokens", "o_proj")
-            or (name in ("v_proj", "down_proj") and module.is_sensitive_layer)
+            module.name in ("embed_tokens", "o_proj")
+            or (module.name in ("v_proj", "down_proj") and module.is_sensitive_layer)
             # On K=V global layers k_proj produces the values too, and there are few of them.
-            or (name == "k_proj" and module.is_global)
+            or (module.name == "k_proj" and module.is_global)
         )
         return QuantParams(high if more_bits else low, base.group_size, "affine")
 
     return choose
 
 
+# The names mlx-vlm's convert gives its mixed recipes (mlx-lm's share four of them, with the
+# embedding at the low bits: on this model its text-only conversion differs there).
+PEER_MIXED = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_5": (3, 5), "mixed_3_6": (3, 6),
+              "mixed_3_8": (3, 8), "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}  # fmt: skip
+ATTENTION_MIXED = {"mixed_4_8_attn": (4, 8), "mixed_4_6_attn": (4, 6), "mixed_3_6_attn": (3, 6),
+                   "mixed_3_4_attn": (3, 4)}  # fmt: skip
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("uniform", "every Linear and the embedding at --q-bits (mlx-lm's plain -q)", _uniform),
         Recipe(
-            "float_projectors",
-            "as uniform, with the vision and audio projectors kept in float",
-            _float_projectors,
+            "uniform",
+            "every Linear and the embedding at --q-bits, the vision projectors in float (plain -q, as mlx-vlm)",
+            _uniform,
         ),
-        Recipe(
-            "mixed_4_8",
-            "MLP and q/k/v at 4 bits; embedding/head, o_proj, global k_proj and sensitive down/v_proj at 8",
-            _mixed(4, 8),
-            fixed_bits=True,
-            affine_only=True,
+        Recipe("float_projectors", "as uniform, with the audio projector in float too", _float_projectors),
+        *(
+            Recipe(
+                name,
+                f"mlx-vlm's {name}: embedding and sensitive v/down_proj at {high} bits, the rest at {low}, "
+                "vision in float, groups of 64",
+                _peer_mixed(low, high),
+                fixed_bits=True,
+                affine_only=True,
+                group_size=PEER_MIXED_GROUP_SIZE,
+            )
+            for name, (low, high) in PEER_MIXED.items()
         ),
-        Recipe("mixed_4_6", "as mixed_4_8 with 6 bits for the sensitive modules", _mixed(4, 6), True, True),
-        Recipe("mixed_3_6", "as mixed_4_6 with 3 bits for the rest", _mixed(3, 6), True, True),
-        Recipe("mixed_3_4", "as mixed_4_6 with 3 and 4 bits", _mixed(3, 4), True, True),
+        *(
+            Recipe(
+                name,
+                f"as mixed_{low}_{high}, with o_proj and the global k_proj at {high} bits too and every "
+                "projector in float",
+                _attention_mixed(low, high),
+                fixed_bits=True,
+                affine_only=True,
+            )
+            for name, (low, high) in ATTENTION_MIXED.items()
+        ),
     )
 }
 
@@ -189,16 +241,26 @@ def module_info(mlx_name: str, layer_types: list[str]) -> ModuleInfo:
     return ModuleInfo(path, layer, len(layer_types), is_global)
 
 
+def choose_params(
+    mlx_name: str, shape: tuple[int, ...], layer_types: list[str], recipe: Recipe, base: QuantParams
+) -> tuple[QuantParams | None, str | None]:
+    """The recipe's choice for one quantizable tensor, and why it stays float when it does: "recipe"
+    (the recipe keeps it) or "width" (its input width is not a multiple of the chosen group size)."""
+    params = recipe.choose(module_info(mlx_name, layer_types), base)
+    if params is None:
+        return None, "recipe"
+    if shape[-1] % params.group_size:
+        return None, "width"
+    return params, None
+
+
 def params_for(
     mlx_name: str, shape: tuple[int, ...], layer_types: list[str], recipe: Recipe, base: QuantParams
 ) -> QuantParams | None:
     """The recipe's choice for one tensor, `None` when it stays float (also when groups do not fit)."""
     if not is_quantizable(mlx_name, shape):
         return None
-    params = recipe.choose(module_info(mlx_name, layer_types), base)
-    if params is None or shape[-1] % params.group_size:
-        return None
-    return params
+    return choose_params(mlx_name, shape, layer_types, recipe, base)[0]
 
 
 def quantized_outputs(

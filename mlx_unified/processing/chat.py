@@ -8,8 +8,9 @@ placeholder per media item); each placeholder is then expanded to its soft-token
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..config import TOKEN_TYPES
+from ..generation_params import ParameterError
+from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError, ProcessorConfigError
 from .image import check_budget, image_num_tokens, image_size, preprocess_image
@@ -33,6 +36,8 @@ from .video import frame_num_tokens, load_video_patches, plan_video, video_promp
 MEDIA_TYPES = ("image", "audio", "video")
 # The chat template's turn markers: `<|turn>role\n ... <turn|>`; generation stops at the end of a turn.
 TURN_START, TURN_END = "<|turn>", "<turn|>"
+# A model ends its output with it after a function call (the released generation_config.json stops there).
+TOOL_RESPONSE = "<|tool_response>"
 
 
 # Stands in, while the template renders, for message text that holds control-token strings; tokenized
@@ -94,13 +99,33 @@ class Processor:
             raise ProcessorConfigError(f"{folder / 'processor_config.json'}: {e}") from e
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, media_first: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text with one placeholder per media item (media before the text of its turn)."""
+        """The prompt text with one placeholder per media item (media before the text of its turn).
+
+        `chat_template_kwargs` go to the checkpoint's template (Gemma 4's reads `enable_thinking` and
+        `tools`); `role: "tool"` results are moved where the template renders them (`fold_tool_results`).
+        """
+        return self._render(messages, add_generation_prompt, media_first, chat_template_kwargs)
+
+    def _render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+        control_tokens: Sequence[str] = (),
+        literal_texts: list[str] | None = None,
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            _template_messages(messages, media_first),
+            _template_messages(fold_tool_results(messages), media_first, control_tokens, literal_texts),
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
         )
 
     def __call__(
@@ -110,13 +135,60 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=True)
-        input_ids = np.asarray(self._encode(expanded), dtype=np.int32)[None]
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=True
+        )
+        return self._arrays(self._encode(expanded), expanded.arrays)
+
+    def encode_prompt(
+        self,
+        text: str,
+        *,
+        images: Sequence[Any] = (),
+        audios: Sequence[Any] = (),
+        videos: Sequence[Any] = (),
+        image_tokens: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The arrays of an already-templated prompt (the chat template's output, as
+        `apply_chat_template` writes it, `<bos>` included): its placeholders are filled with the media
+        of their kind in the order given, and its control tokens are markers."""
+        media = {
+            "image": media_list("images", images),
+            "audio": media_list("audios", audios),
+            "video": media_list("videos", videos),
+        }
+        kinds = {token: kind for kind, token in self.placeholders.items()}
+        found = [kinds[token] for token in self._placeholder_pattern.findall(text)]
+        counts = {kind: found.count(kind) for kind in MEDIA_TYPES}
+        if any(counts[kind] != len(media[kind]) for kind in MEDIA_TYPES):
+            given = {kind: len(items) for kind, items in media.items()}
+            raise MediaError(f"<templated prompt>: its placeholders are for {counts} media items, but {given} were given")
+        items = [(kind, media[kind].pop(0)) for kind in found]
+        budget = self.image_budget if image_tokens is None else image_tokens
+        check_budget(budget)
+        expanded = self._fill(text, items, budget, decode=True, literal_texts=[])
+        return self._arrays(self.tokenizer(expanded.text, add_special_tokens=False)["input_ids"], expanded.arrays)
+
+    def encode_ids(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The arrays of a prompt given as token ids (already templated); they carry no media, so a
+        media placeholder among them is refused."""
+        arrays = self._arrays(list(ids), {})
+        placeholders = int((arrays["mm_token_type_ids"] != 0).sum())
+        if placeholders:
+            raise MediaError(
+                f"<token ids>: {placeholders} media placeholder tokens but no media; give a templated prompt "
+                "with the media instead"
+            )
+        return arrays
+
+    def _arrays(self, ids: list[int], media_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        input_ids = np.asarray(ids, dtype=np.int32)[None]
         token_types = np.zeros_like(input_ids)
         for kind, token_id in self.token_ids.items():
             token_types[input_ids == token_id] = TOKEN_TYPES[kind]
-        return {"input_ids": input_ids, "mm_token_type_ids": token_types, **expanded.arrays}
+        return {"input_ids": input_ids, "mm_token_type_ids": token_types, **media_arrays}
 
     def count_tokens(
         self,
@@ -125,9 +197,12 @@ class Processor:
         image_tokens: int | None = None,
         add_generation_prompt: bool = True,
         media_first: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> int:
         """Prompt length in tokens, from image and video headers (no pixel decoding)."""
-        expanded = self._expand(messages, image_tokens, add_generation_prompt, media_first, decode=False)
+        expanded = self._expand(
+            messages, image_tokens, add_generation_prompt, media_first, chat_template_kwargs, decode=False
+        )
         return len(self._encode(expanded))
 
     def _encode(self, expanded: _Expanded) -> list[int]:
@@ -146,15 +221,14 @@ class Processor:
         image_tokens: int | None,
         add_generation_prompt: bool,
         media_first: bool,
+        chat_template_kwargs: dict[str, Any] | None,
         decode: bool,
     ) -> _Expanded:
         image_budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(image_budget)
         literal_texts: list[str] = []
-        text = self.tokenizer.apply_chat_template(
-            _template_messages(messages, media_first, self.control_tokens, literal_texts),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+        text = self._render(
+            messages, add_generation_prompt, media_first, chat_template_kwargs, self.control_tokens, literal_texts
         )
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
@@ -163,6 +237,12 @@ class Processor:
                 f"prompt has placeholders {placeholders} but the messages hold media {[k for k, _ in items]}; "
                 "media tokens typed into message text are not supported"
             )
+        return self._fill(text, items, image_budget, decode, literal_texts)
+
+    def _fill(
+        self, text: str, items: list[tuple[str, Any]], image_budget: int, decode: bool, literal_texts: list[str]
+    ) -> _Expanded:
+        """`text` with each placeholder expanded to the soft-token block of its item (in order)."""
         collected: dict[str, list] = {"image": [], "audio": [], "video": []}
         replacements = []
         for kind, source in items:
@@ -230,13 +310,21 @@ def user_turn(
     `task_reminder`: a short restatement of the task after the text, at the very end of the turn,
     closest to the answer (helps when a long text separates the media from the question).
     """
-    content: list[dict[str, Any]] = [{"type": "image", "image": x} for x in images]
-    content += [{"type": "video", "video": x} for x in videos]
-    content += [{"type": "audio", "audio": x} for x in audios]
+    content: list[dict[str, Any]] = [{"type": "image", "image": x} for x in media_list("images", images)]
+    content += [{"type": "video", "video": x} for x in media_list("videos", videos)]
+    content += [{"type": "audio", "audio": x} for x in media_list("audios", audios)]
     content.append({"type": "text", "text": text})
     if task_reminder:
         content.append({"type": "text", "text": task_reminder})
     return {"role": "user", "content": content}
+
+
+def media_list(name: str, items: Any) -> list[Any]:
+    """`items` as a list of media items; one item on its own (a path, or one image or waveform array)
+    is refused, since iterating it would read its characters or rows as items."""
+    if isinstance(items, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(items, Iterable):
+        raise ParameterError(name, f"must be a list of files or arrays, got one {type(items).__name__}: pass [{name[:-1]}]")
+    return list(items)
 
 
 def system_turn(system: str) -> dict[str, Any]:
@@ -360,6 +448,9 @@ def _template_messages(
         else:
             content = literal(content, role)
         rendered.append({**message, "content": content})
+        if message.get("tool_responses"):  # tool results (see `fold_tool_results`): text from tools
+            responses = [{**r, "response": literal(r.get("response"), "tool")} for r in message["tool_responses"]]
+            rendered[-1]["tool_responses"] = responses
     return rendered
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import tensor_shapes
+from ..checkpoint import float_dtype, tensor_shapes
 from ..config import DEFAULT_ROPE_PARAMETERS, RANDOM_WEIGHTS_FLAG, ModelConfig, default_layer_types
 from .tokenizer import write_tokenizer
 
@@ -100,17 +100,25 @@ def _random_tensor(name: str, shape: tuple[int, ...], normal: Callable[[tuple[in
     return normal(shape, std)
 
 
-def tiny_checkpoint(path: str | Path, seed: int = 0, *, device_random: bool = False, **text_overrides: Any) -> Path:
-    """Write a small random-weight Gemma 4 unified checkpoint (config, bf16 safetensors, tokenizer,
-    chat template) to `path` and return it. `text_overrides` change text_config entries (benchmarks
-    use it for larger shapes; a vocab_size above the tokenizer's leaves the extra rows unused).
-    `device_random` draws with MLX's generator on the default device instead of numpy's: other values,
-    but seconds instead of minutes for the released 12B shapes."""
+def tiny_checkpoint(
+    path: str | Path,
+    seed: int = 0,
+    *,
+    device_random: bool = False,
+    dtype: str = "bfloat16",
+    **text_overrides: Any,
+) -> Path:
+    """Write a small random-weight Gemma 4 unified checkpoint (config, safetensors in `dtype`, bf16 by
+    default as released, tokenizer, chat template) to `path` and return it. `text_overrides` change
+    text_config entries (benchmarks use it for larger shapes; a vocab_size above the tokenizer's leaves
+    the extra rows unused). `device_random` draws with MLX's generator on the default device instead of
+    numpy's: other values, but seconds instead of minutes for the released 12B shapes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     special = write_tokenizer(path)
     vocab_size = max(special["vocab_size"], text_overrides.pop("vocab_size", 0))
     config = tiny_config(special, vocab_size, **text_overrides)
+    config["dtype"] = dtype
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(
         json.dumps(
@@ -134,7 +142,7 @@ def tiny_checkpoint(path: str | Path, seed: int = 0, *, device_random: bool = Fa
     # The released layout: our names with a leading `model.`.
     for name, shape in tensor_shapes(ModelConfig.from_dict(config)).items():
         name = f"model.{name}"
-        weights[name] = _random_tensor(name, shape, normal).astype(mx.bfloat16)
+        weights[name] = _random_tensor(name, shape, normal).astype(float_dtype(dtype))
         mx.eval(weights[name])  # one float32 draw alive at a time
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
     return path

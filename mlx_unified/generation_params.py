@@ -1,0 +1,237 @@
+"""Generation parameters: one dataclass and one validation shared by every surface.
+
+The Python API (`stream_generate`), the CLI, the app and the server all describe a request with
+`GenerationParams` and call `validate`, so a value is refused the same way everywhere: a
+`ParameterError` naming the argument (the server answers it as a 400 with that `param`). Sampling and
+logits processing are mlx-lm's (`make_sampler`, `make_logits_processors`). This module imports MLX and
+mlx-lm only when a sampler is made, so front ends can validate before loading them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence/frequency penalties
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# mlx-lm's KV-cache quantization: bits and group sizes its quantized cache takes, its defaults.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_QUANTIZED_KV_START = 5000
+
+
+class ParameterError(InputError):
+    """A generation parameter out of range or of the wrong type; `param` names it."""
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"{param}: {reason}")
+        self.param = param
+        self.reason = reason
+
+    def renamed(self, names: Mapping[str, str]) -> ParameterError:
+        """The same refusal naming the parameter as `names` spells it (a front end's flag)."""
+        return type(self)(names.get(self.param, self.param), self.reason)
+
+
+class ContextLengthError(ParameterError):
+    """The prompt leaves no room to generate within the model's context."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None, bound: str = "") -> int:
+    if not _is_int(value):
+        raise ParameterError(name, f"must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = bound or (f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}")
+        raise ParameterError(name, f"must be {bound}, got {value}")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, hint: str = "") -> float:
+    if not _is_number(value):
+        raise ParameterError(name, f"must be a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        left = "(" if low_open else "["
+        high_text = "inf" if math.isinf(high) else f"{high:g}"
+        raise ParameterError(name, f"must be in {left}{low:g}, {high_text}]{hint}, got {value:g}")
+    return float(value)
+
+
+@dataclass
+class GenerationParams:
+    """What a reply is generated with (defaults: greedy, no penalties, 256 tokens at most)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float | None = None  # mlx-lm's multiplicative penalty; None: off
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0  # additive, OpenAI's meaning; 0: off
+    presence_context_size: int = 20
+    frequency_penalty: float = 0.0
+    frequency_context_size: int = 20
+    logit_bias: Mapping[int, float] | None = None  # token id -> added logit
+    seed: int | None = None
+    stop: Sequence[str] = ()  # strings that end the reply (not included in it)
+    prefill_chunk_size: int | None = None  # tokens per prefill pass; None: attention_blocks.PREFILL_CHUNK
+    logprobs: bool = False  # report each token's log-probability
+    top_logprobs: int = 0  # and this many likeliest alternatives (needs logprobs)
+    # Most positions the KV cache holds, prompt and reply together; None: the model's context. The reply
+    # ends there: no position is ever dropped (mlx-lm's rotating cache would change what later tokens read).
+    max_kv_size: int | None = None
+    # mlx-lm's KV-cache quantization (`kv_quantization.KVQuantization`); kv_bits None: a float cache.
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+
+    def validate(self, vocab_size: int | None = None) -> GenerationParams:
+        """Check every field (and token ids against `vocab_size` when known); return self, with
+        `stop` as a tuple and `logit_bias` as {int: float}. Raises ParameterError naming the field."""
+        _integer("max_tokens", self.max_tokens, 1)
+        _number("temperature", self.temperature, 0.0, math.inf, hint=" (0: greedy)")
+        _number("top_p", self.top_p, 0.0, 1.0, low_open=True, hint=" (1: off)")
+        _integer("top_k", self.top_k, 0, vocab_size)
+        _number("min_p", self.min_p, 0.0, 1.0, hint=" (0: off)")
+        if self.repetition_penalty is not None:
+            _number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True, hint=" (1: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _number(name, getattr(self, name), *PENALTY_RANGE, hint=" (0: off)")
+        for name in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+            _integer(name, getattr(self, name), 1)
+        if self.seed is not None:
+            _integer("seed", self.seed, 0, SEED_LIMIT - 1, bound="between 0 and 2**64 - 1")
+        if self.prefill_chunk_size is not None:
+            _integer("prefill_chunk_size", self.prefill_chunk_size, 1)
+        if self.max_kv_size is not None:
+            _integer("max_kv_size", self.max_kv_size, 1)
+        if self.kv_bits is not None:
+            check_kv_quantization(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+        if not isinstance(self.logprobs, bool):
+            raise ParameterError("logprobs", f"must be true or false, got {self.logprobs!r}")
+        _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise ParameterError("top_logprobs", "needs logprobs to be true")
+        self.stop = _stop_strings(self.stop)
+        self.logit_bias = _logit_bias(self.logit_bias, vocab_size)
+        return self
+
+    def check_prompt(self, prompt_tokens: int, context_length: int) -> int:
+        """The most tokens this reply may generate: `max_tokens`, cut to what the context (or
+        `max_kv_size`) leaves. Raises ContextLengthError when the prompt alone fills it."""
+        capped = self.max_kv_size is not None and self.max_kv_size < context_length
+        limit = self.max_kv_size if capped else context_length
+        room = limit - prompt_tokens
+        if room < 1:
+            raise ContextLengthError(
+                "max_kv_size" if capped else "messages",
+                f"the prompt is {prompt_tokens} tokens; "
+                + (f"max_kv_size holds {limit} positions" if capped else f"the model's context holds {limit}")
+                + " and at least one must be left to generate",
+            )
+        return min(self.max_tokens, room)
+
+    def make_sampler(self) -> Callable[[Any], Any] | None:
+        """mlx-lm's sampler for these settings; None at temperature 0, where `generate_step` takes the
+        argmax of the logits themselves (which no top-p/top-k/min-p filter would change)."""
+        from mlx_lm.sample_utils import make_sampler
+
+        if self.temperature == 0:
+            return None
+        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def make_logits_processors(self) -> list[Callable[[Any, Any], Any]]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(
+            logit_bias=dict(self.logit_bias) if self.logit_bias else None,
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty or None,
+            presence_context_size=self.presence_context_size,
+            frequency_penalty=self.frequency_penalty or None,
+            frequency_context_size=self.frequency_context_size,
+        )
+
+
+def check_kv_quantization(bits: Any, group_size: Any, start: Any) -> None:
+    """mlx-lm's rule for `kv_bits`, `kv_group_size` and `quantized_kv_start`; ParameterError naming the
+    one that breaks it."""
+    for name, value, allowed in (("kv_bits", bits, KV_BITS), ("kv_group_size", group_size, KV_GROUP_SIZES)):
+        if not _is_int(value) or value not in allowed:
+            raise ParameterError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    _integer("quantized_kv_start", start, 0)
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ParameterError("stop", f"must be a string or a list of strings, got {stop!r}")
+    if any(not s for s in stop):
+        raise ParameterError("stop", "an empty string would stop before the first token")
+    return tuple(stop)
+
+
+def _logit_bias(bias: Any, vocab_size: int | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ParameterError("logit_bias", f"must map token ids to numbers, got {type(bias).__name__}")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            limit = "" if vocab_size is None else f" below {vocab_size}"
+            raise ParameterError("logit_bias", f"keys must be token ids >= 0{limit}, got {key!r}")
+        checked[token] = _number(f"logit_bias[{key}]", value, *LOGIT_BIAS_RANGE)
+    return checked
+
+
+# The sampling settings a checkpoint's generation_config.json may give (mlx-vlm reads the same).
+CHECKPOINT_SAMPLING = ("temperature", "top_p", "top_k")
+
+
+def checkpoint_sampling(folder: str | Path) -> dict[str, Any]:
+    """The sampling defaults in a checkpoint's `generation_config.json`: its temperature, top_p and
+    top_k (missing or null ones left out), temperature 0 when it says `do_sample: false`, as mlx-vlm
+    reads them; {} without the file. Raises ModelLoadError naming the file when it is unreadable or
+    holds a value out of range."""
+    from .checkpoint import ModelLoadError
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    sampling = {name: config[name] for name in CHECKPOINT_SAMPLING if config.get(name) is not None}
+    if config.get("do_sample") is False:
+        sampling["temperature"] = 0.0
+    try:
+        GenerationParams(**sampling).validate()
+    except ParameterError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+    return sampling
