@@ -35,7 +35,8 @@ from .conversation import (
     user_message,
 )
 from .errors import InputError
-from .generation_flags import generation_params
+from .generation_flags import add_kv_cache_flags, generation_params
+from .generation_params import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
 from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS
@@ -101,15 +102,30 @@ class ModelSlot:
         self.drafter: Any = None  # the loaded MTP drafter of `drafter_name`, for this model
         self.drafter_name: str | None = None
 
-    def load(self, name: str | None, demo: bool = False, quantize: str | None = None) -> None:
+    def load(
+        self,
+        name: str | None,
+        demo: bool = False,
+        quantize: str | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    ) -> None:
         """Load `name` (None: the default for this machine; see `model_source.prepare`), after the
-        memory check, downloading or converting it first when needed."""
+        memory check (with the KV cache setting's `kv_bits`), downloading or converting it first when
+        needed."""
         from .budgets import prefix_cache_bytes
         from .loading import load
         from .model_source import prepare
         from .prefix_cache import PrefixCache
 
-        prepared = prepare(name, context_tokens=CONTEXT_FOR_ESTIMATE, demo=demo, quantize=quantize)
+        prepared = prepare(
+            name,
+            context_tokens=CONTEXT_FOR_ESTIMATE,
+            demo=demo,
+            quantize=quantize,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
         model, processor = load(prepared.folder)
         # Reuses the system prompt's prefix across turns, and across restarts from ~/.cache/mlx-unified.
         prefix_cache = PrefixCache.for_checkpoint(prepared.folder, max_bytes=prefix_cache_bytes(model.nbytes))
@@ -194,7 +210,7 @@ def model_config(name: str) -> ModelConfig:
         raise ConfigError(f"{name}: config not available yet ({type(e).__name__})") from e
 
 
-def memory_markdown(name: str | None) -> str:
+def memory_markdown(name: str | None, kv_bits: int | None = None) -> str:
     if not name:
         return ""
     from .budgets import GB, memory_budget_bytes
@@ -207,14 +223,17 @@ def memory_markdown(name: str | None) -> str:
     quantization = config.quantization or {}
     bits = quantization.get("bits")
     group_size = quantization.get("group_size", 64)
-    needed = estimate(config, bits=bits, group_size=group_size, context_tokens=CONTEXT_FOR_ESTIMATE)
+    needed = estimate(
+        config, bits=bits, group_size=group_size, context_tokens=CONTEXT_FOR_ESTIMATE, kv_bits=kv_bits
+    )
     budget, source = memory_budget_bytes()
     verdict = "fits" if needed["total_bytes"] <= budget else "**does not fit**"
     weights = f"{bits}-bit" if bits else "16-bit"
     return (
         f"Memory estimate ({weights} weights, {CONTEXT_FOR_ESTIMATE // 1024}K-token context): "
         f"about **{needed['total_bytes'] / GB:.2f} GB** (weights {needed['weights_bytes'] / GB:.2f} GB, "
-        f"KV cache {needed['kv_bytes'] / GB:.2f} GB); {source}: {budget / GB:.1f} GB, {verdict}."
+        f"KV cache {needed['kv_bytes'] / GB:.2f} GB{f', {kv_bits}-bit' if kv_bits else ''}); {source}: "
+        f"{budget / GB:.1f} GB, {verdict}."
     )
 
 
@@ -385,10 +404,13 @@ def respond(
     audio_emphasis: float = 1.0,
     use_prefix_cache: bool = True,
     enable_thinking: bool = False,
+    kv_bits: int | None = None,
+    kv_cache: KVCacheSettings | None = None,
     draft_model: str = "",
     num_draft_tokens: str = "auto",
 ) -> Iterator[list[dict[str, Any]]]:
-    """The chat function: yields the growing list of assistant messages for this turn. draft_model: a
+    """The chat function: yields the growing list of assistant messages for this turn. `kv_bits`: the
+    KV cache setting (None or 0: not quantized); `kv_cache`: its group size and start. draft_model: a
     drafter's folder or hub id for speculative decoding ("" off), num_draft_tokens "auto" or a count."""
     text, files = (
         (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
@@ -431,6 +453,7 @@ def respond(
                     enable_thinking=bool(enable_thinking),
                     draft_model=drafter,
                     num_draft_tokens=num_draft_tokens,
+                    **(kv_cache or KVCacheSettings()).arguments(kv_bits),
                 )
 
             # Closed inside the lock: after a Stop, the next reply waits for this one's thread.
@@ -480,12 +503,30 @@ def respond(
 # ---------------------------------------------------------------- the page
 
 
+@dataclass(frozen=True)
+class KVCacheSettings:
+    """The app's KV cache quantization: the bits come from the page's setting, the rest from the
+    command line (mlx-lm's flags)."""
+
+    group_size: int = DEFAULT_KV_GROUP_SIZE
+    start: int = DEFAULT_QUANTIZED_KV_START
+
+    def arguments(self, kv_bits: int | None) -> dict[str, Any]:
+        return {"kv_bits": kv_bits or None, "kv_group_size": self.group_size, "quantized_kv_start": self.start}
+
+
+# The KV cache setting's choices: (label, kv_bits), 0 for no quantization.
+KV_CACHE_CHOICES = [("not quantized", 0), *((f"{bits}-bit", bits) for bits in sorted(KV_BITS, reverse=True))]
+
+
 def build_app(
     slot: ModelSlot,
     settings_file: Path,
     choices: list[str],
     max_tokens: int = 512,
     temperature: float = 1.0,
+    kv_bits: int | None = None,
+    kv_cache: KVCacheSettings | None = None,
     draft_model: str | None = None,
 ) -> Any:
     """The page; `draft_model` (else the saved setting) starts the speculative-decoding setting."""
@@ -495,29 +536,30 @@ def build_app(
 
     settings = read_settings(settings_file)
 
-    def pick(name: str) -> str:
-        return memory_markdown(name)
+    def pick(name: str, bits: int) -> str:
+        return memory_markdown(name, bits or None)
 
     # Gradio spots a progress parameter by its default; tqdm tracking shows the hub download bars.
     download_progress = gr.Progress(track_tqdm=True)
 
-    def load_picked(name: str, progress: Any = download_progress) -> tuple[str, str]:
+    def load_picked(name: str, bits: int = 0, progress: Any = download_progress) -> tuple[str, str]:
         if not name:
             return banner_markdown(slot), "Pick a model first."
         progress(0, desc=f"Loading {name}")
         try:
-            slot.load(name)
+            slot.load(name, kv_bits=bits or None, kv_group_size=(kv_cache or KVCacheSettings()).group_size)
         except InputError as e:
             return banner_markdown(slot), f"⚠️ {e}"
-        return banner_markdown(slot), memory_markdown(name)
+        return banner_markdown(slot), memory_markdown(name, bits or None)
 
     def chat(
-        message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think, drafter, drafts
+        message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think, bits,
+        drafter, drafts,
     ):
         yield from respond(
-            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix, think,
-            drafter, drafts,
-        )
+            slot, message, history, system, temperature, top_p, tokens, image_tokens, emphasis, reuse_prefix,
+            think, bits, kv_cache, drafter, drafts,
+        )  # fmt: skip
 
     with gr.Blocks(title="mlx-unified") as page:
         gr.Markdown("## Gemma 4 unified on MLX")
@@ -531,7 +573,7 @@ def build_app(
                 scale=4,
             )
             load_button = gr.Button("Load", scale=1)
-        memory = gr.Markdown(memory_markdown(slot.name), elem_id="memory-estimate")
+        memory = gr.Markdown(memory_markdown(slot.name, kv_bits), elem_id="memory-estimate")
         with gr.Accordion("System prompt (saved across restarts)", open=False):
             system = gr.Textbox(value=settings.get("system_prompt", ""), lines=4, show_label=False)
         with gr.Accordion("Settings", open=False):
@@ -553,6 +595,12 @@ def build_app(
             reuse_prefix = gr.Checkbox(value=True, label="Reuse the system prompt's cached prefix")
             thinking_switch = gr.Checkbox(
                 value=False, label="Thinking (the model thinks first; its thoughts in a collapsible block)"
+            )
+            kv_cache_bits = gr.Dropdown(
+                choices=KV_CACHE_CHOICES,
+                value=kv_bits or 0,
+                label="KV cache (quantized: less memory for long contexts, slightly different replies)",
+                elem_id="kv-cache",
             )
             drafter = gr.Textbox(
                 value=draft_model if draft_model is not None else settings.get("draft_model", ""),
@@ -584,14 +632,16 @@ def build_app(
                 emphasis,
                 reuse_prefix,
                 thinking_switch,
+                kv_cache_bits,
                 drafter,
                 drafts,
             ],
             concurrency_limit=1,
             show_progress="full",
         )
-        picker.change(pick, picker, memory)
-        load_button.click(load_picked, picker, [banner, memory], concurrency_limit=1)
+        picker.change(pick, [picker, kv_cache_bits], memory)
+        kv_cache_bits.change(pick, [picker, kv_cache_bits], memory)
+        load_button.click(load_picked, [picker, kv_cache_bits], [banner, memory], concurrency_limit=1)
         system.change(lambda text: save_setting(settings_file, "system_prompt", text), system, None)
         drafter.change(lambda name: save_setting(settings_file, "draft_model", name.strip()), drafter, None)
     return page
@@ -636,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial draft model (MTP drafter) for speculative decoding; default: the saved setting",
     )
     parser.add_argument("--settings-file", type=Path, default=None, help="where the system prompt is saved")
+    add_kv_cache_flags(parser)  # --kv-bits sets the KV cache setting's initial value
     return parser
 
 
@@ -659,7 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = args.model or ("the demo checkpoint" if args.demo else "the default model for this machine")
         print(f"Loading {what} ...", file=sys.stderr, flush=True)
         try:
-            slot.load(args.model, demo=args.demo, quantize=args.quantize)
+            slot.load(
+                args.model, demo=args.demo, quantize=args.quantize, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size
+            )
         except InputError as e:
             if named:
                 raise
@@ -679,6 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         known_models([slot.name or default_model()]),
         args.max_tokens,
         args.temperature,
+        args.kv_bits,
+        KVCacheSettings(args.kv_group_size, args.quantized_kv_start),
         args.draft_model,
     )
     try:

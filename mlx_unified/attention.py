@@ -8,6 +8,11 @@ the same). Prefill, and decoding on CUDA, use `mx.fast.scaled_dot_product_attent
 it), one block of queries at a time over only the keys that block may see: MLX fuses prefill attention
 only for head dims up to 128 on Metal, so for this model's 256- and 512-dim heads, as on CUDA and the
 CPU, it computes every score of a [queries x keys] product, masked ones included.
+
+A quantized cache (`cache.py`, `kv_quantization`) is read the same ways: decoding through the
+quantized variants of the kernels (each element dequantized as it is loaded; off Metal, MLX's
+quantized products), prefill by the same query blocks through `kernels.quantized_attention`, which
+scores the packed cache with `mx.quantized_matmul` a key block at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 from .attention_blocks import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
 from .emphasis import SpanBias
 from .kernels import kernels_enabled
-from .masks import attention_mask, unsplit_spans
+from .kernels.quantized_attention import DerivedKeys, Quantized, QuantizedKeys, quantized_attention
+from .masks import additive_mask, attention_mask, unsplit_spans
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
 AttentionObserver = Callable[[bool, mx.array, mx.array, int, "mx.array | str | None"], None]
@@ -78,8 +84,8 @@ class AttentionContext:
 
 def prefill_attention(
     queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
+    keys: mx.array | QuantizedKeys | DerivedKeys,
+    values: mx.array | Quantized,
     ctx: AttentionContext,
     key_start: int,
     window: int | None,
@@ -90,32 +96,48 @@ def prefill_attention(
     it may see, its sliding `window` or, on global layers (`window` None), the keys up to its last
     query. One product over all queries and keys would compute and then mask away the rest. Blocks are
     sized so that what they mask away stays small (`attention_blocks.sliding_query_block`,
-    `attention_blocks.query_block`); global blocks also keep their scores within ctx.score_bytes."""
+    `attention_blocks.query_block`); global blocks also keep their scores within ctx.score_bytes.
+
+    Keys and values are float arrays (MLX's fused attention), or a quantized cache's: its keys
+    (`QuantizedKeys`, or on K=V layers `DerivedKeys`) and values (`mx.quantize`'s triple), read with
+    MLX's quantized products (`quantized_attention`)."""
+    quantized = not isinstance(keys, mx.array)
+    num_keys = keys.length if quantized else keys.shape[2]
     heads, length = queries.shape[1], queries.shape[2]
     if ctx.observer is not None:
         spans = [(0, length)]  # diagnostics see the whole call at once: one block over every key
     elif window is None:
-        spans = ctx.query_spans(length, query_block(heads, keys.shape[2], ctx.score_bytes, length))
+        spans = ctx.query_spans(length, query_block(heads, num_keys, ctx.score_bytes, length))
     else:
         spans = ctx.query_spans(length, sliding_query_block(window))
     # Each evaluation in turn waits for the device: a short pass, whose blocks together hold no
     # more scores than one full block, need not.
     in_turn = window is None and len(spans) > 1 and not global_blocks_together(
-        heads, length, keys.shape[2], ctx.score_bytes
+        heads, length, num_keys, ctx.score_bytes
     )
     outputs = []
     for first, stop in spans:
         query_start = ctx.offset + first
         lo = key_start if window is None else max(key_start, query_start - window + 1)
         hi = ctx.offset + stop  # blocks never split a vision block: no key past its last query
-        mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, keys.dtype)
-        k_slice = slice(lo - key_start, hi - key_start)
-        block_queries, block_keys = queries[:, :, first:stop], keys[:, :, k_slice]
-        if ctx.observer is not None:
-            ctx.observer(window is not None, block_queries, block_keys, lo, mask)
-        out = mx.fast.scaled_dot_product_attention(
-            block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
-        )
+        mask_dtype = mx.float32 if quantized else keys.dtype
+        mask = ctx.mask(query_start, stop - first, lo, hi - lo, window, key_bias, mask_dtype)
+        block_queries = queries[:, :, first:stop]
+        if quantized:
+            block_keys = keys.sliced(lo - key_start, hi - key_start)
+            block_values = tuple(v[:, :, lo - key_start : hi - key_start] for v in values)
+            if ctx.observer is not None:
+                ctx.observer(window is not None, block_queries, block_keys.dense(), lo, mask)
+            scores_mask = None if mask is None else additive_mask(mask, query_start, stop - first, lo, hi - lo)
+            out = quantized_attention(block_queries, block_keys, block_values, scores_mask, ctx.score_bytes)
+        else:
+            k_slice = slice(lo - key_start, hi - key_start)
+            block_keys = keys[:, :, k_slice]
+            if ctx.observer is not None:
+                ctx.observer(window is not None, block_queries, block_keys, lo, mask)
+            out = mx.fast.scaled_dot_product_attention(
+                block_queries, block_keys, values[:, :, k_slice], scale=1.0, mask=mask
+            )
         if in_turn:
             # Left lazy, every block's scores are alive at once; evaluated in turn, one block's
             # (mx.depends or async_eval still kept several blocks' alive).

@@ -17,6 +17,8 @@ from __future__ import annotations
 # Prompt tokens per prefill forward pass, at most: long passes keep a GPU's matrix units busy, and
 # with attention by query blocks a long pass costs the CPU nothing either.
 PREFILL_CHUNK = 2048
+# Shorter passes when the memory beside the weights and the KV cache is tight (`footprint.prefill_sizes`).
+MIN_PREFILL_CHUNK = 256
 BLOCK_WASTE_DIVISOR = 8
 GLOBAL_QUERY_BLOCK = 256
 MIN_QUERY_BLOCK = 16
@@ -51,3 +53,13 @@ def sliding_query_block(window: int) -> int:
     its queries need, so the masked-away share is (block - 1) / window. Small windows (test models)
     still get blocks of several queries, up to MIN_QUERY_BLOCK."""
     return max(window // BLOCK_WASTE_DIVISOR, min(window, MIN_QUERY_BLOCK))
+
+
+def quantized_key_bytes(rows: int, rotated_dims: int = 0) -> int:
+    """Transient bytes of attending one key of a quantized cache from `rows` query rows (all heads):
+    its float32 score and the exponential of it; on K=V layers, where keys are derived, also its
+    `rotated_dims` rotated dims (about 8 float32 copies of them: dequantized, scaled, joined, rotated,
+    and the rotation's tables, as measured on MLX's CPU backend). Keys are attended in blocks that keep
+    this within a score bound (`kernels.quantized_attention.key_block`)."""
+    return 8 * rows + 32 * rotated_dims
+

@@ -64,11 +64,11 @@ def _spare(weights_bytes: int, budget_bytes: int | None, share: int, low: int, h
     return min(max(max(budget_bytes - weights_bytes, 0) // share, low), high)
 
 
-def prefill_score_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:
+def prefill_score_bytes(weights_bytes: int, budget_bytes: int | None = None, kv_cache_bytes: int = 0) -> int:
     """Bound on one prefill attention block's scores (`attention_blocks.query_block`): a quarter of what
-    the memory budget leaves beside the weights, kept between 128 MiB and 4 GiB, so that a long context
-    on a small Mac shrinks the global layers' query blocks instead of swapping."""
-    return _spare(weights_bytes, budget_bytes, 4, PREFILL_SCORE_MIN_BYTES, PREFILL_SCORE_MAX_BYTES)
+    the memory budget leaves beside the weights and the KV cache, kept between 128 MiB and 4 GiB, so
+    that a long context on a small Mac shrinks the global layers' query blocks instead of swapping."""
+    return _spare(weights_bytes + kv_cache_bytes, budget_bytes, 4, PREFILL_SCORE_MIN_BYTES, PREFILL_SCORE_MAX_BYTES)
 
 
 def prefix_cache_bytes(weights_bytes: int, budget_bytes: int | None = None) -> int:

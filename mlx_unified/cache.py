@@ -1,4 +1,4 @@
-"""KV caches for the two layer kinds.
+"""KV caches for the two layer kinds, in float or quantized.
 
 - `SlidingWindowCache`: a ring buffer of the last `window` positions for sliding layers (a few slots
   more for speculative decoding); a longer prompt never makes it grow past that.
@@ -7,10 +7,18 @@
   stores half of what a K-and-V cache would.
 Global layers without K=V (other configs) use mlx-lm's `KVCache`.
 
-All three follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays, then its
-offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through it
-(the prefix cache keeps and restores snapshots). All can `trim` their newest positions, which
-speculative decoding does after verifying drafts.
+Each has a quantized form (`QuantizedSlidingWindowCache`, `QuantizedSharedKVCache`, mlx-lm's
+`QuantizedKVCache`) that stores what `mx.quantize` returns, the (packed, scales, biases) triple, in
+place of each tensor; `to_quantized(group_size, bits)` converts a float cache, as in mlx-lm, and
+`maybe_quantize` does it when `kv_quantization.KVQuantization` says (mlx-lm's `kv_bits`,
+`kv_group_size`, `quantized_kv_start`). The ring and
+the growing buffer are written once, for either storage: a buffer is an array or such a triple, and
+the helpers below slice, write and grow every array of it alike along the positions axis.
+
+All follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays or triples, then
+its offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through
+it (the prefix cache keeps and restores snapshots). All can `trim` their newest positions, which
+speculative decoding does after verifying drafts (a ring puts back the slots it overwrote, `saved_for_trim`).
 """
 
 from __future__ import annotations
@@ -20,22 +28,66 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx.utils import tree_map
+from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
+
+from .kv_quantization import KVQuantization, KVQuantizationError
 
 GROWTH_STEP = 256
 
+# A quantized tensor as `mx.quantize` returns it: packed uint32 values, then per-group scales and biases.
+Quantized = tuple[mx.array, mx.array, mx.array]
+Buffer = mx.array | Quantized
 
-def _grow(buffer: mx.array | None, like: mx.array, needed: int, limit: int | None = None) -> mx.array:
+
+def _arrays(buffer: Buffer) -> Sequence[mx.array]:
+    return buffer if isinstance(buffer, (tuple, list)) else (buffer,)
+
+
+def _length(buffer: Buffer) -> int:
+    """Positions (axis 2) a buffer holds."""
+    return _arrays(buffer)[0].shape[2]
+
+
+def _slots(buffer: Buffer, start: int, stop: int) -> Buffer:
+    return tree_map(lambda a: a[:, :, start:stop], buffer)
+
+
+def _take(buffer: Buffer, index: mx.array | slice) -> Buffer:
+    """The slots `index` picks (a slice, or slot numbers in the order wanted)."""
+    return tree_map(lambda a: a[:, :, index], buffer)
+
+
+def _concat(first: Buffer, second: Buffer) -> Buffer:
+    return tree_map(lambda a, b: mx.concatenate([a, b], axis=2), first, second)
+
+
+def _assign(buffer: Buffer, start: int, new: Buffer) -> None:
+    """Write `new` into slots start.. of `buffer`, in place."""
+    for a, b in zip(_arrays(buffer), _arrays(new), strict=True):
+        a[:, :, start : start + b.shape[2]] = b
+
+
+def _grow(buffer: Buffer | None, like: Buffer, needed: int, limit: int | None = None) -> Buffer:
     """Return `buffer` with at least `needed` slots on axis 2 (rounded up to GROWTH_STEP, capped)."""
-    have = 0 if buffer is None else buffer.shape[2]
+    have = 0 if buffer is None else _length(buffer)
     if have >= needed:
         return buffer
     size = -(-needed // GROWTH_STEP) * GROWTH_STEP
     if limit is not None:
         size = min(size, limit)
-    B, H, _, D = like.shape
-    extra = mx.zeros((B, H, size - have, D), dtype=like.dtype)
-    return extra if buffer is None else mx.concatenate([buffer, extra], axis=2)
+
+    def extra(a: mx.array) -> mx.array:
+        B, H, _, D = a.shape
+        return mx.zeros((B, H, size - have, D), dtype=a.dtype)
+
+    added = tree_map(extra, like)
+    return added if buffer is None else _concat(buffer, added)
+
+
+def _nbytes(*buffers: Buffer | None) -> int:
+    return sum(a.nbytes for b in buffers if b is not None for a in _arrays(b))
 
 
 class SlidingWindowCache(_BaseCache):
@@ -51,48 +103,52 @@ class SlidingWindowCache(_BaseCache):
             raise ValueError(f"a ring of {capacity} slots cannot hold a window of {window} positions")
         self.window = window
         self.capacity = capacity
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.keys: Buffer | None = None
+        self.values: Buffer | None = None
         self.offset = 0
 
-    def _slots(self, start: int, stop: int) -> mx.array | slice:
+    def _stored(self, x: mx.array) -> Buffer:
+        """New keys or values as the buffers hold them."""
+        return x
+
+    def _ring_index(self, start: int, stop: int) -> mx.array | slice:
         """The slots of positions [start, stop) (stop - start <= capacity), in position order."""
         s = start % self.capacity
         if stop - start <= self.capacity - s:
             return slice(s, s + stop - start)
         return mx.concatenate([mx.arange(s, self.capacity), mx.arange(0, stop - start - self.capacity + s)])
 
-    def positions(self, start: int, stop: int) -> tuple[mx.array, mx.array]:
+    def positions(self, start: int, stop: int) -> tuple[Buffer, Buffer]:
         """Keys and values of positions [start, stop) in position order; the ring must still hold them."""
         if not (max(0, self.offset - self.capacity) <= start <= stop <= self.offset):
             raise ValueError(
                 f"positions {start}..{stop - 1}: the ring holds {max(0, self.offset - self.capacity)}..{self.offset - 1}"
             )
-        slots = self._slots(start, stop)
-        return self.keys[:, :, slots], self.values[:, :, slots]
+        index = self._ring_index(start, stop)
+        return _take(self.keys, index), _take(self.values, index)
 
-    def _write(self, buffer: mx.array, new: mx.array, start: int) -> mx.array:
+    def _write(self, buffer: Buffer, new: Buffer, start: int) -> Buffer:
         """Write `new` (at most `capacity` positions) at absolute positions start.. (wrapping)."""
-        n = new.shape[2]
+        n = _length(new)
         s = start % self.capacity
         first = min(n, self.capacity - s)
-        buffer[:, :, s : s + first] = new[:, :, :first]
+        _assign(buffer, s, _slots(new, 0, first))
         if first < n:
-            buffer[:, :, : n - first] = new[:, :, first:]
+            _assign(buffer, 0, _slots(new, first, n))
         return buffer
 
-    def append(self, keys: mx.array, values: mx.array) -> None:
-        """Add L new positions; only the last `capacity` of them stay."""
-        L = keys.shape[2]
+    def append(self, keys: Buffer, values: Buffer) -> None:
+        """Add L new positions (stored form: see `_stored`); only the last `capacity` of them stay."""
+        L = _length(keys)
         kept = min(L, self.capacity)
         filled = min(self.offset + L, self.capacity)
         self.keys = _grow(self.keys, keys, filled, self.capacity)
         self.values = _grow(self.values, values, filled, self.capacity)
-        self.keys = self._write(self.keys, keys[:, :, L - kept :], self.offset + L - kept)
-        self.values = self._write(self.values, values[:, :, L - kept :], self.offset + L - kept)
+        self.keys = self._write(self.keys, _slots(keys, L - kept, L), self.offset + L - kept)
+        self.values = self._write(self.values, _slots(values, L - kept, L), self.offset + L - kept)
         self.offset += L
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Buffer, Buffer, int]:
         """Add L new positions; return the keys/values the new queries may see and the absolute
         position of the first returned key.
 
@@ -101,18 +157,19 @@ class SlidingWindowCache(_BaseCache):
         """
         L = keys.shape[2]
         start = self.offset
+        keys, values = self._stored(keys), self._stored(values)
         past = min(start, self.window - 1)
         if L == 1 and self.capacity == self.window:
             self.append(keys, values)
             n = self.size()
-            return self.keys[:, :, :n], self.values[:, :, :n], self.offset - n
+            return _slots(self.keys, 0, n), _slots(self.values, 0, n), self.offset - n
         if past + L <= self.capacity:  # the ring keeps every key these queries see: write, then read
             self.append(keys, values)
             return *self.positions(start - past, start + L), start - past
         # A long pass: its first queries see keys that its last ones push out of the ring.
         if past:
             old_keys, old_values = self.positions(start - past, start)
-            seen_k, seen_v = mx.concatenate([old_keys, keys], axis=2), mx.concatenate([old_values, values], axis=2)
+            seen_k, seen_v = _concat(old_keys, keys), _concat(old_values, values)
         else:
             seen_k, seen_v = keys, values
         self.append(keys, values)
@@ -124,8 +181,8 @@ class SlidingWindowCache(_BaseCache):
         first = max(self.offset, self.capacity)
         if first >= self.offset + length:
             return None
-        slots = self._slots(first, self.offset + length)
-        return RingSlots(first - self.capacity, self.keys[:, :, slots], self.values[:, :, slots])
+        index = self._ring_index(first, self.offset + length)
+        return RingSlots(first - self.capacity, _take(self.keys, index), _take(self.values, index))
 
     def is_trimmable(self) -> bool:
         return True
@@ -140,11 +197,11 @@ class SlidingWindowCache(_BaseCache):
         if saved is not None:
             # Positions offset - capacity .. of the dropped slots, from the saved ones starting at saved.start.
             begin = max(self.offset - self.capacity, saved.start)
-            end = min(self.offset + n - self.capacity, saved.start + saved.keys.shape[2])
+            end = min(self.offset + n - self.capacity, saved.start + _length(saved.keys))
             if begin < end:
-                rows = slice(begin - saved.start, end - saved.start)
-                self.keys = self._write(self.keys, saved.keys[:, :, rows], begin)
-                self.values = self._write(self.values, saved.values[:, :, rows], begin)
+                rows = (begin - saved.start, end - saved.start)
+                self.keys = self._write(self.keys, _slots(saved.keys, *rows), begin)
+                self.values = self._write(self.values, _slots(saved.values, *rows), begin)
         return n
 
     def reserve(self, capacity: int) -> None:
@@ -166,25 +223,40 @@ class SlidingWindowCache(_BaseCache):
     def empty(self) -> bool:
         return self.keys is None
 
+    def _filled(self) -> tuple[Buffer | None, Buffer | None]:
+        """The ring buffer's filled slots, as `_write` left them."""
+        if self.keys is None:
+            return None, None
+        n = self.size()
+        return _slots(self.keys, 0, n), _slots(self.values, 0, n)
+
+    def _restored(self) -> None:
+        # A ring that wrapped is exactly its slots; one that did not lays positions out at their index,
+        # as a ring of the window (or of more slots) would.
+        held = 0 if self.keys is None else _length(self.keys)
+        self.capacity = held if self.offset > held else max(self.window, held)
+
     @property
     def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
-        """(keys, values, offset, window): the ring buffer's filled slots, as `_write` left them."""
-        if self.keys is None:
-            return None, None, self.offset, self.window
-        n = self.size()
-        return self.keys[:, :, :n], self.values[:, :, :n], self.offset, self.window
+        """(keys, values, offset, window): the filled slots."""
+        return (*self._filled(), self.offset, self.window)
 
     @state.setter
     def state(self, value: tuple[mx.array | None, mx.array | None, int, int]) -> None:
         self.keys, self.values, self.offset, self.window = value
-        # A ring that wrapped is exactly its slots; one that did not lays positions out at their index,
-        # as a ring of the window (or of more slots) would.
-        held = 0 if self.keys is None else self.keys.shape[2]
-        self.capacity = held if self.offset > held else max(self.window, held)
+        self._restored()
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys, self.values)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSlidingWindowCache:
+        """This ring with its slots quantized (mlx-lm's `to_quantized`)."""
+        quantized = QuantizedSlidingWindowCache(self.window, group_size, bits, capacity=self.capacity)
+        if self.keys is not None:
+            quantized.keys, quantized.values = quantized._stored(self.keys), quantized._stored(self.values)
+        quantized.offset = self.offset
+        return quantized
 
 
 @dataclass
@@ -192,30 +264,62 @@ class RingSlots:
     """Keys and values of consecutive positions start.. copied out of a ring (`saved_for_trim`)."""
 
     start: int
-    keys: mx.array
-    values: mx.array
+    keys: Buffer
+    values: Buffer
+
+
+class QuantizedSlidingWindowCache(SlidingWindowCache):
+    """`SlidingWindowCache` whose slots hold `mx.quantize`d keys and values (`bits`, `group_size`)."""
+
+    def __init__(self, window: int, group_size: int = 64, bits: int = 8, capacity: int | None = None):
+        super().__init__(window, capacity)
+        self.group_size = group_size
+        self.bits = bits
+
+    def _stored(self, x: mx.array) -> Quantized:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def state(self) -> tuple[Quantized | None, Quantized | None, int, int, int, int]:
+        """(keys, values, offset, window, group_size, bits): the filled slots, as triples."""
+        return (*self._filled(), self.offset, self.window, self.group_size, self.bits)
+
+    @state.setter
+    def state(self, value: tuple[Quantized | None, Quantized | None, int, int, int, int]) -> None:
+        self.keys, self.values, self.offset, self.window, self.group_size, self.bits = value
+        self._restored()
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSlidingWindowCache:
+        return _already_quantized(self, group_size, bits)
 
 
 class SharedKVCache(_BaseCache):
     """One cached tensor for K=V global layers: the normalized shared projection of every position."""
 
     def __init__(self):
-        self.values: mx.array | None = None
+        self.values: Buffer | None = None
         self.offset = 0
 
-    def update_and_fetch(self, values: mx.array) -> mx.array:
+    def _stored(self, x: mx.array) -> Buffer:
+        return x
+
+    def update_and_fetch(self, values: mx.array) -> Buffer:
         """Append L positions; return all cached positions [B, n_kv, offset, head_dim]."""
         L = values.shape[2]
+        values = self._stored(values)
         self.values = _grow(self.values, values, self.offset + L)
-        self.values[:, :, self.offset : self.offset + L] = values
+        _assign(self.values, self.offset, values)
         self.offset += L
-        return self.values[:, :, : self.offset]
+        return _slots(self.values, 0, self.offset)
 
     def size(self) -> int:
         return self.offset
 
     def empty(self) -> bool:
         return self.values is None
+
+    def _filled(self) -> Buffer | None:
+        return None if self.values is None else _slots(self.values, 0, self.offset)
 
     def is_trimmable(self) -> bool:
         return True
@@ -229,7 +333,7 @@ class SharedKVCache(_BaseCache):
     @property
     def state(self) -> tuple[mx.array | None, int]:
         """(values, offset): the cached positions."""
-        return (None if self.values is None else self.values[:, :, : self.offset]), self.offset
+        return self._filled(), self.offset
 
     @state.setter
     def state(self, value: tuple[mx.array | None, int]) -> None:
@@ -237,11 +341,89 @@ class SharedKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.values is None else self.values.nbytes
+        return _nbytes(self.values)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSharedKVCache:
+        """This cache with its tensor quantized (mlx-lm's `to_quantized`)."""
+        quantized = QuantizedSharedKVCache(group_size, bits)
+        quantized.values = None if self.values is None else quantized._stored(self.values)
+        quantized.offset = self.offset
+        return quantized
 
 
-LayerCache = SlidingWindowCache | SharedKVCache | KVCache
-LAYER_CACHES: dict[str, type] = {c.__name__: c for c in (SlidingWindowCache, SharedKVCache, KVCache)}
+class QuantizedSharedKVCache(SharedKVCache):
+    """`SharedKVCache` holding the `mx.quantize`d tensor (`bits`, `group_size`)."""
+
+    def __init__(self, group_size: int = 64, bits: int = 8):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = bits
+
+    def _stored(self, x: mx.array) -> Quantized:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def state(self) -> tuple[Quantized | None, int, int, int]:
+        """(values, offset, group_size, bits): the cached positions, as a triple."""
+        return self._filled(), self.offset, self.group_size, self.bits
+
+    @state.setter
+    def state(self, value: tuple[Quantized | None, int, int, int]) -> None:
+        self.values, self.offset, self.group_size, self.bits = value
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedSharedKVCache:
+        return _already_quantized(self, group_size, bits)
+
+
+def _already_quantized(cache: QuantizedSlidingWindowCache | QuantizedSharedKVCache, group_size: int, bits: int):
+    # mlx-lm's `maybe_quantize_kv_cache` asks every cache with `to_quantized` again at each step.
+    if (group_size, bits) != (cache.group_size, cache.bits):
+        raise KVQuantizationError(
+            "kv_bits",
+            f"this cache is already quantized to {cache.bits} bits in groups of {cache.group_size}; "
+            f"it cannot be requantized to {bits} bits in groups of {group_size}"
+        )
+    return cache
+
+
+LayerCache = (
+    SlidingWindowCache | SharedKVCache | KVCache | QuantizedSlidingWindowCache | QuantizedSharedKVCache
+    | QuantizedKVCache
+)
+LAYER_CACHES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        SlidingWindowCache, SharedKVCache, KVCache, QuantizedSlidingWindowCache, QuantizedSharedKVCache,
+        QuantizedKVCache,
+    )
+}  # fmt: skip
+# The float cache each quantized one stands for: the layout a model's `make_cache` gives.
+_FLOAT_OF_QUANTIZED: dict[type, type] = {
+    QuantizedSlidingWindowCache: SlidingWindowCache,
+    QuantizedSharedKVCache: SharedKVCache,
+    QuantizedKVCache: KVCache,
+}
+
+
+def float_kind(cache: LayerCache) -> type:
+    return _FLOAT_OF_QUANTIZED.get(type(cache), type(cache))
+
+
+def is_quantized(cache: LayerCache) -> bool:
+    return float_kind(cache) is not type(cache)
+
+
+# -- when to quantize -------------------------------------------------------------------------------
+
+
+def maybe_quantize(cache: list[LayerCache], kv: KVQuantization | None) -> None:
+    """Quantize, in the list, every float layer cache that holds `kv.start` positions or more (mlx-lm's
+    `maybe_quantize_kv_cache`); nothing without `kv`."""
+    if kv is not None:
+        maybe_quantize_kv_cache(cache, kv.start, kv.group_size, kv.bits)
+
+
+# -- copies -----------------------------------------------------------------------------------------
 
 
 def _copy(a: mx.array) -> mx.array:
@@ -252,16 +434,6 @@ def _copy(a: mx.array) -> mx.array:
 def snapshot(cache: Sequence[LayerCache]) -> list[LayerCache]:
     """Copies of every layer's cache as it is now, evaluated, that share no buffer with it: to keep a
     state while the live cache moves on, or to resume from a kept one and leave it untouched."""
-    copies = [
-        type(c).from_state(tuple(_copy(x) if isinstance(x, mx.array) else x for x in c.state)) for c in cache
-    ]
+    copies = [type(c).from_state(tree_map(lambda x: _copy(x) if isinstance(x, mx.array) else x, c.state)) for c in cache]
     mx.eval([c.state for c in copies])
     return copies
-
-
-def same_layout(cache: Sequence[LayerCache], other: Sequence[LayerCache]) -> bool:
-    """Whether two models' caches have the same kinds of layer caches (and sliding windows)."""
-    return len(cache) == len(other) and all(
-        type(a) is type(b) and getattr(a, "window", None) == getattr(b, "window", None)
-        for a, b in zip(cache, other, strict=True)
-    )

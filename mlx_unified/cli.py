@@ -226,6 +226,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         demo=args.demo,
         quantize=args.quantize,
         draft_model=args.draft_model,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
     )
     path = prepared.folder
     say(f"Loading {describe(prepared)} from {path} ...")

@@ -17,10 +17,16 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .budgets import wired_limit
-from .cache import LayerCache
+from .cache import LayerCache, maybe_quantize
 from .drafter import Drafter
 from .emphasis import SpanBias, audio_emphasis_bias
 from .generation_params import GenerationParams, ParameterError, parse_num_draft_tokens
+from .kv_quantization import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    KVQuantization,
+    kv_quantization,
+)
 from .model import Model
 from .prefill import ProgressCallback, SnapshotCallback, prefill
 from .prefix_cache import PrefixCache, default_prefix_cache, plan_prefix
@@ -117,6 +123,9 @@ def generate_step(
     draft_model: Drafter | None = None,
     num_draft_tokens: int | str = "auto",
     draft_stats: SpeculativeStats | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs [vocab]) for the prompt `inputs` (the processor's arrays, batch 1): the
     first after a chunked prefill (`prefill.prefill`), then one per decode step, max(max_tokens, 1) in
@@ -135,8 +144,12 @@ def generate_step(
     `sampling.make_sampler` samplers by the rejection rule, any other sampler by matching its own
     samples). num_draft_tokens: "auto" (chosen round by round, down to plain decoding) or a fixed
     count. draft_stats: filled in with the rounds, drafts and acceptances.
+    kv_bits / kv_group_size / quantized_kv_start: mlx-lm's KV-cache quantization (`kv_quantization.KVQuantization`):
+    once the cache holds quantized_kv_start positions, every layer's cache is quantized to kv_bits
+    (4 or 8) in groups of kv_group_size, in `prompt_cache` itself; None keeps it in float.
     """
     input_ids = np.asarray(inputs["input_ids"])
+    kv = model_kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
     drafts = None
     if draft_model is not None:
@@ -156,6 +169,7 @@ def generate_step(
         return token, logprobs.squeeze(0)
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
+        maybe_quantize(cache, kv)
         return sample(model.forward_embeddings(model.embed_text(token[None]), cache=cache, key_bias=key_bias))
 
     # Wired on a Mac while generating, as the peers do: macOS does not page the weights out between steps.
@@ -171,6 +185,7 @@ def generate_step(
             snapshot_at=snapshot_at,
             on_snapshot=on_snapshot,
             return_hidden=draft_model is not None,
+            kv_quantization=kv,
         )
         if draft_model is not None:
             logits, hidden = logits
@@ -180,7 +195,7 @@ def generate_step(
         if draft_model is not None:
             speculation = Speculation(
                 model, draft_model, cache, token, hidden[:, -1], history,
-                sampler=sampler, logits_processors=logits_processors, key_bias=key_bias,
+                sampler=sampler, logits_processors=logits_processors, key_bias=key_bias, kv_quantization=kv,
             )  # fmt: skip
             first = (int(token.item()), logprobs)
             yield from speculative_decode(
@@ -195,6 +210,16 @@ def generate_step(
             if upcoming is None:
                 return
             token, logprobs = upcoming
+
+
+def model_kv_quantization(
+    model: Model, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int
+) -> KVQuantization | None:
+    """The KV quantization these arguments ask for, checked against the model's head dims."""
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+    if kv is not None:
+        kv.check([layer.self_attn.shape.head_dim for layer in model.language_model.layers])
+    return kv
 
 
 def stop_token_ids(model: Model, tokenizer: Any, extra_eos_tokens: Sequence[str | int] = ()) -> set[int]:
@@ -361,6 +386,9 @@ def stream_generate(
     use_prefix_cache: bool = True,
     draft_model: Drafter | None = None,
     num_draft_tokens: int | str = "auto",
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[GenerationResponse]:
     """Yield the reply piece by piece. `prompt` is one of:
     - the user's text (str), with `system`, `images`, `audios`, `videos`: templated here;
@@ -387,7 +415,9 @@ def stream_generate(
     likeliest alternatives. The reply also ends where the model's context is full, or the KV cache holds
     `max_kv_size` positions (prompt and reply; finish_reason "length"): positions are never dropped.
     draft_model / num_draft_tokens: speculative decoding with an MTP drafter (`load_drafter`), see
-    `generate_step`; the responses then count its drafts and acceptance."""
+    `generate_step`; the responses then count its drafts and acceptance.
+    kv_bits / kv_group_size / quantized_kv_start: quantize the KV cache, as mlx-lm (see
+    `generate_step`); prefixes computed with these settings are stored and reused only with them."""
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -408,7 +438,11 @@ def stream_generate(
         top_logprobs=top_logprobs,
         max_kv_size=max_kv_size,
         num_draft_tokens=num_draft_tokens,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     ).validate(vocab_size=model.config.text.vocab_size)
+    kv = model_kv_quantization(model, params.kv_bits, params.kv_group_size, params.quantized_kv_start)
     settings = template_settings(enable_thinking, tools, chat_template_kwargs)
     if params.seed is not None:
         mx.random.seed(params.seed)
@@ -438,7 +472,7 @@ def stream_generate(
         prefix_cache = None
     elif prefix_cache is None:
         prefix_cache = default_prefix_cache(model)
-    plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias)
+    plan = plan_prefix(model, tokenizer, prefix_cache, input_ids, embeddings, key_bias, kv)
     drafts = SpeculativeStats()
     tokens = generate_step(
         model,
@@ -456,6 +490,9 @@ def stream_generate(
         draft_model=draft_model,
         num_draft_tokens=params.num_draft_tokens,
         draft_stats=drafts,
+        kv_bits=params.kv_bits,
+        kv_group_size=params.kv_group_size,
+        quantized_kv_start=params.quantized_kv_start,
     )
     for generated, (token, logprobs_row) in enumerate(tokens, start=1):
         if generated == 1:

@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from .generation_params import CHECKPOINT_SAMPLING, GenerationParams, ParameterError
+from .generation_params import (
+    CHECKPOINT_SAMPLING,
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    GenerationParams,
+    ParameterError,
+)
 
 # API parameter -> the flag that sets it (mlx-lm's or mlx-vlm's name for it), to name a refused value.
 FLAG_NAMES = {
@@ -32,6 +38,9 @@ FLAG_NAMES = {
     "prefill_chunk_size": "--prefill-step-size",
     "max_kv_size": "--max-kv-size",
     "num_draft_tokens": "--num-draft-tokens",
+    "kv_bits": "--kv-bits",
+    "kv_group_size": "--kv-group-size",
+    "quantized_kv_start": "--quantized-kv-start",
     "extra_eos_tokens": "--extra-eos-token",
 }
 FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else"
@@ -97,6 +106,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_tokens: int) -> No
         help="most positions the KV cache holds, prompt and reply together: the reply ends there "
         "(default: the model's context). No position is dropped, unlike mlx-lm's rotating cache",
     )
+    add_kv_cache_flags(parser)
     parser.add_argument(
         "--draft-model",
         metavar="PATH_OR_ID",
@@ -118,6 +128,31 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_tokens: int) -> No
         default={},
         metavar="JSON",
         help="variables for the chat template, e.g. '{\"enable_thinking\": true}'",
+    )
+
+
+def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV-cache quantization flags (the app takes them alone)."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        metavar="B",
+        help="quantize the KV cache to 4 or 8 bits, as mlx-lm (default: not quantized); "
+        "--max-kv-size may be given with it",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=DEFAULT_KV_GROUP_SIZE,
+        metavar="G",
+        help=f"group size of the KV cache quantization: 32, 64 or 128 ({DEFAULT_KV_GROUP_SIZE})",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        metavar="N",
+        help=f"quantize the KV cache once it holds N positions ({DEFAULT_QUANTIZED_KV_START})",
     )
 
 

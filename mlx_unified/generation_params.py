@@ -23,6 +23,11 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence/frequency penalties
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_DRAFTS = 16  # a fixed draft length beyond this only wastes verification
+# mlx-lm's KV-cache quantization: bits and group sizes its quantized cache takes, its defaults.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_QUANTIZED_KV_START = 5000
 
 
 class ParameterError(InputError):
@@ -113,6 +118,10 @@ class GenerationParams:
     # ends there: no position is ever dropped (mlx-lm's rotating cache would change what later tokens read).
     max_kv_size: int | None = None
     num_draft_tokens: int | str = "auto"  # with a draft model: "auto" (adaptive) or a fixed count
+    # mlx-lm's KV-cache quantization (`kv_quantization.KVQuantization`); kv_bits None: a float cache.
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
 
     def validate(self, vocab_size: int | None = None) -> GenerationParams:
         """Check every field (and token ids against `vocab_size` when known); return self, with
@@ -135,6 +144,8 @@ class GenerationParams:
         if self.max_kv_size is not None:
             _integer("max_kv_size", self.max_kv_size, 1)
         parse_num_draft_tokens(self.num_draft_tokens)
+        if self.kv_bits is not None:
+            check_kv_quantization(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
         if not isinstance(self.logprobs, bool):
             raise ParameterError("logprobs", f"must be true or false, got {self.logprobs!r}")
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
@@ -180,6 +191,15 @@ class GenerationParams:
             frequency_penalty=self.frequency_penalty or None,
             frequency_context_size=self.frequency_context_size,
         )
+
+
+def check_kv_quantization(bits: Any, group_size: Any, start: Any) -> None:
+    """mlx-lm's rule for `kv_bits`, `kv_group_size` and `quantized_kv_start`; ParameterError naming the
+    one that breaks it."""
+    for name, value, allowed in (("kv_bits", bits, KV_BITS), ("kv_group_size", group_size, KV_GROUP_SIZES)):
+        if not _is_int(value) or value not in allowed:
+            raise ParameterError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    _integer("quantized_kv_start", start, 0)
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:

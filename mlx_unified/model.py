@@ -27,10 +27,19 @@ from .attention import (
     prefill_attention,
 )
 from .attention_blocks import PREFILL_SCORE_BYTES
-from .cache import LayerCache, SharedKVCache, SlidingWindowCache
+from .cache import LayerCache, SharedKVCache, SlidingWindowCache, is_quantized
 from .config import LayerShape, ModelConfig, TextConfig, VisionConfig
 from .emphasis import SpanBias
-from .kernels import audio_norm, global_kv_attention, norm_rope, sliding_window_attention, vision_tail
+from .kernels import (
+    audio_norm,
+    global_kv_attention,
+    norm_rope,
+    quantized_global_kv_attention,
+    quantized_sliding_window_attention,
+    sliding_window_attention,
+    vision_tail,
+)
+from .kernels.quantized_attention import DerivedKeys, QuantizedKeys
 from .kernels.rope_tables import rope_fused
 from .masks import vision_block_ids
 from .processing.errors import MediaError
@@ -116,14 +125,23 @@ class Attention(nn.Module):
         self, queries: mx.array, shared: mx.array, ctx: AttentionContext, cache: SharedKVCache | None, decoding: bool
     ) -> mx.array:
         L = queries.shape[2]
+        quantized = cache is not None and is_quantized(cache)
         if cache is not None:
             shared = cache.update_and_fetch(shared)
+        weight = self.k_norm.weight
+        if decoding and quantized:
+            return quantized_global_kv_attention(
+                queries, cache.values, weight, cache.offset, group_size=cache.group_size, bits=cache.bits,
+                rope=self.rope, span_bias=ctx.key_bias,
+            )  # fmt: skip
         if decoding:
-            return global_kv_attention(
-                queries, cache.values, self.k_norm.weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias
-            )
-        key_start = ctx.offset + L - shared.shape[2]
-        keys = self.shared_keys(shared, key_start)
+            return global_kv_attention(queries, cache.values, weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias)
+        if quantized:
+            key_start = ctx.offset + L - shared[0].shape[2]
+            keys = DerivedKeys(shared, weight, key_start, self.rope, cache.group_size, cache.bits)
+        else:
+            key_start = ctx.offset + L - shared.shape[2]
+            keys = self.shared_keys(shared, key_start)
         return prefill_attention(queries, keys, shared, ctx, key_start, None, ctx.key_bias)
 
     def shared_keys(self, shared: mx.array, start: int) -> mx.array:
@@ -142,16 +160,29 @@ class Attention(nn.Module):
     ) -> mx.array:
         L = queries.shape[2]
         key_start = ctx.offset
+        quantized = cache is not None and is_quantized(cache)
         if isinstance(cache, SlidingWindowCache):
-            # The kernel reads the ring in place when it keeps every key these queries see: one
-            # token, or the few of a speculative verification in a ring with spare slots.
-            if decoding and L <= cache.capacity - cache.window + 1:
-                cache.append(keys, values)
-                return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
-            keys, values, key_start = cache.update_and_fetch(keys, values)
+            if quantized:
+                keys, values, key_start = cache.update_and_fetch(keys, values)
+                # The quantized kernel reads a ring of exactly the window, one token at a time; the
+                # few tokens of a speculative verification take the blockwise path below.
+                if decoding and L == 1 and cache.capacity == cache.window:
+                    return quantized_sliding_window_attention(
+                        queries, cache.keys, cache.values, cache.offset, self.sliding_window,
+                        group_size=cache.group_size, bits=cache.bits,
+                    )  # fmt: skip
+            else:
+                # The kernel reads the ring in place when it keeps every key these queries see: one
+                # token, or the few of a speculative verification in a ring with spare slots.
+                if decoding and L <= cache.capacity - cache.window + 1:
+                    cache.append(keys, values)
+                    return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
+                keys, values, key_start = cache.update_and_fetch(keys, values)
         elif cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-            key_start = ctx.offset + L - keys.shape[2]
+            key_start = ctx.offset + L - (keys[0] if quantized else keys).shape[2]
+        if quantized:
+            keys = QuantizedKeys(keys, cache.group_size, cache.bits)
         key_bias = None if self.shape.is_sliding else ctx.key_bias  # emphasis acts on global layers only
         return prefill_attention(queries, keys, values, ctx, key_start, self.sliding_window, key_bias)
 

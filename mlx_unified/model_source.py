@@ -32,6 +32,7 @@ from .checkpoint import HUB_PATTERNS, resolve, stored_weight_bytes
 from .config import ModelConfig, load_config, released_config
 from .errors import InputError
 from .footprint import DEFAULT_MIN_CONTEXT, fits, run_bytes
+from .generation_params import DEFAULT_KV_GROUP_SIZE
 
 # The community conversions of the 12B model (mlx_vlm.convert's, as the model cards name them), most
 # bits first, with their quantization bits (None: unquantized bf16).
@@ -196,22 +197,27 @@ def check_memory(
     weights_bytes: int,
     context_tokens: int,
     budget: tuple[int, str] | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> None:
-    """Refuse (MemoryGuardError) a model whose weights, KV cache and prefill at `context_tokens` exceed
-    the budget (default: this machine's), naming a conversion that fits."""
+    """Refuse (MemoryGuardError) a model whose weights, KV cache (bf16, or `kv_bits`-bit in groups of
+    `kv_group_size`) and prefill at `context_tokens` exceed the budget (default: this machine's), naming
+    a conversion that fits."""
     budget_bytes, where = budget or memory_budget_bytes()
-    needed = run_bytes(config, weights_bytes, context_tokens, budget_bytes)
+    needed = run_bytes(config, weights_bytes, context_tokens, budget_bytes, kv_bits, kv_group_size)
     if needed <= budget_bytes:
         return
     raise MemoryGuardError(
         f"{name}: needs about {needed / GB:.1f} GB ({weights_bytes / GB:.1f} GB of weights, the rest for "
-        f"{context_tokens:,} tokens of context) but {where} is {budget_bytes / GB:.1f} GB: it would swap. "
-        f"{_what_fits(name, config, budget_bytes, context_tokens)} "
+        f"{context_tokens:,} tokens of context{f', {kv_bits}-bit KV cache' if kv_bits else ''}) but {where} is {budget_bytes / GB:.1f} GB: it would swap. "
+        f"{_what_fits(name, config, budget_bytes, context_tokens, kv_bits, kv_group_size)} "
         f"({BUDGET_VARIABLE}=<size>, e.g. 20GB, overrides the budget.)"
     )
 
 
-def _what_fits(name: str, config: ModelConfig, budget_bytes: int, context_tokens: int) -> str:
+def _what_fits(
+    name: str, config: ModelConfig, budget_bytes: int, context_tokens: int, kv_bits: int | None, kv_group_size: int
+) -> str:
     row = recommended_row(config, budget_bytes, context_tokens)
     quantization = None if row is None else row_quantization(row)
     if quantization is None:
@@ -228,7 +234,7 @@ def _what_fits(name: str, config: ModelConfig, budget_bytes: int, context_tokens
         )
     community = default_model(budget_bytes)
     weights = community_weights_bytes(dict(COMMUNITY_MODELS)[community])
-    if fits(released_config(), weights, context_tokens, budget_bytes):
+    if fits(released_config(), weights, context_tokens, budget_bytes, kv_bits, kv_group_size):
         return f"Run --model {community} instead, which fits."
     return f"Convert the official weights to fit ({size}): --model {OFFICIAL_MODEL} --quantize {quantization.value}."
 
@@ -298,12 +304,16 @@ def prepare(
     quantize: str | None = None,
     draft_model: str | None = None,
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> Prepared:
     """The checkpoint to load for `name` (None: the default for this machine), checked against the
-    memory budget before any weight is downloaded or read; `quantize` (see `parse_quantize`; "" for the
-    plan's recommendation) converts unquantized weights once into the cache folder. `draft_model`: a
-    drafter loaded beside it (speculative decoding), whose stored weights the check counts too. `say`
-    reports the slow steps (downloading, converting)."""
+    memory budget (with a KV cache of `context_tokens`, bf16 or `kv_bits`-bit) before any weight is
+    downloaded or read; `quantize` (see `parse_quantize`; "" for the plan's recommendation) converts
+    unquantized weights once into the cache folder. `draft_model`: a drafter loaded beside it
+    (speculative decoding), whose stored weights the check counts too. `say` reports the slow steps
+    (downloading, converting)."""
+    kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
     if demo:
         if name or quantize is not None:
             raise InputError("--demo runs the random demo checkpoint: drop --model and --quantize")
@@ -320,11 +330,11 @@ def prepare(
         size = stored_weight_bytes(preview)
     config = load_config(preview)
     if quantize is not None:
-        converted = _converted(name, preview, config, quantize, context_tokens, hub, say)
+        converted = _converted(name, preview, config, quantize, context_tokens, hub, say, kv)
         if converted is not None:
             return converted
     if size is not None:
-        check_memory(name, config, size + _drafter_bytes(draft_model), context_tokens)
+        check_memory(name, config, size + _drafter_bytes(draft_model), context_tokens, **kv)
     if hub:
         say(f"Fetching {shown} from the hub ({_gb(size)}; kept in the hub cache, resumed if interrupted) ...")
         folder = _download(name, shown)
@@ -349,6 +359,7 @@ def _converted(
     context_tokens: int,
     hub: bool,
     say: Callable[[str], None],
+    kv: dict[str, Any],
 ) -> Prepared | None:
     """The conversion of `name` with `quantize`, made now or found from an earlier run; None when the
     plan's pick is the unquantized model itself."""
@@ -371,9 +382,11 @@ def _converted(
             return None
     target = converted_folder(name, quantization)
     if (target / "config.json").is_file():
-        check_memory(str(target), load_config(target), stored_weight_bytes(target) or 0, context_tokens)
+        check_memory(str(target), load_config(target), stored_weight_bytes(target) or 0, context_tokens, **kv)
         return Prepared(target, name, f"converted earlier with --quantize {quantization.label}")
-    check_memory(f"{name} --quantize {quantization.label}", config, quantization.weights_bytes(config), context_tokens)
+    check_memory(
+        f"{name} --quantize {quantization.label}", config, quantization.weights_bytes(config), context_tokens, **kv
+    )
     from .convert import convert
 
     source = preview

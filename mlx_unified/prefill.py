@@ -8,10 +8,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .attention_blocks import PREFILL_CHUNK
-from .budgets import prefill_score_bytes
-from .cache import LayerCache
+from .cache import LayerCache, maybe_quantize
 from .emphasis import SpanBias
+from .footprint import prefill_sizes
+from .kv_quantization import KVQuantization
 from .masks import inside_block, unsplit_spans, vision_block_ids
 from .model import Model
 
@@ -52,17 +52,20 @@ def prefill(
     snapshot_at: Sequence[int] = (),
     on_snapshot: SnapshotCallback | None = None,
     return_hidden: bool = False,
+    kv_quantization: KVQuantization | None = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """Run the prompt through the model in bounded-memory chunks; logits of the last positions only
     (with return_hidden, also their hidden states after the final norm, which the drafter reads).
 
     Starts at the cache's offset (a restored prefix is not run again). `embeddings`: the prompt's
     embeddings when already computed. A chunk ends at each of `snapshot_at`, where
-    `on_snapshot(position, cache)` is called.
+    `on_snapshot(position, cache)` is called. `kv_quantization`: the cache is quantized (in the list)
+    before the first pass that starts at or after its `start`, where a chunk ends.
 
-    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`). Attention
-    runs a block of queries at a time, sized so that one block's scores fit a quarter of the memory
-    left beside the weights (`budgets.prefill_score_bytes`, `attention_blocks.query_block`).
+    Passes are at most `chunk_size` tokens (default: `attention_blocks.PREFILL_CHUNK`, shorter when
+    the memory left beside the weights and the prompt's KV cache is tight). Attention runs a block of
+    queries at a time, sized so that one block's scores fit a quarter of that memory
+    (`footprint.prefill_sizes`, `attention_blocks.query_block`).
     """
     input_ids = np.asarray(inputs["input_ids"])
     if embeddings is None:
@@ -76,10 +79,14 @@ def prefill(
             f"the cache holds {start} positions; the prompt has {length}: nothing left to prefill"
         )
     logits = None
-    chunk_size = chunk_size or PREFILL_CHUNK
-    score_bytes = prefill_score_bytes(model.nbytes)
-    for begin, end in prefill_chunks(mm, length, chunk_size, start, snapshot_at):
+    kv = kv_quantization
+    sizes = prefill_sizes(model.config, model.nbytes, length, *(() if kv is None else (kv.bits, kv.group_size)))
+    chunk_size = chunk_size or sizes.chunk
+    score_bytes = sizes.score_bytes
+    boundaries = tuple(snapshot_at) + (() if kv_quantization is None else (kv_quantization.start,))
+    for begin, end in prefill_chunks(mm, length, chunk_size, start, boundaries):
         last = end == length
+        maybe_quantize(cache, kv_quantization)
         logits = model.forward_embeddings(
             embeddings[:, begin:end],
             cache=cache,

@@ -10,7 +10,10 @@ A prefix is named by everything that determines its KV state:
 - the soft tokens of the media inside it (placeholder ids are the same for every recording, so the
   projected embeddings at media positions are hashed);
 - the attention variant: a key-span bias (audio emphasis) changes the state of every position after
-  the span start, so a prefix reaching past it is named with the bias, one ending before it is not.
+  the span start, so a prefix reaching past it is named with the bias, one ending before it is not;
+- the KV quantization: a prefix longer than its `quantized_kv_start` is named with its bits, group
+  size and start (`KVQuantization.variant`); a shorter one was computed against the float cache, so
+  it is the same state with or without quantization.
 
 and the model that computes it: its identity (`checkpoint.model_identity`: config.json and the weights'
 content hash, for a disk cache; the model object, for a cache in memory only), the compute dtype, and
@@ -48,10 +51,11 @@ import mlx.core as mx
 import numpy as np
 
 from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
-from .cache import LAYER_CACHES, LayerCache, same_layout, snapshot
+from .cache import LAYER_CACHES, LayerCache, float_kind, is_quantized, snapshot
 from .checkpoint import ModelLoadError, model_identity
 from .emphasis import SpanBias
 from .errors import InputError
+from .kv_quantization import KVQuantization
 from .model import Model
 from .prefill import SnapshotCallback
 from .processing.chat import TURN_START
@@ -68,9 +72,9 @@ from .safetensors_format import (
 
 log = logging.getLogger(__name__)
 
-# Version 3: each layer's cache is stored as its `state` (arrays and scalars, offset included) under
-# its class name, with a sha256 over the arrays and the metadata; earlier files are refused, and
-# removed when met.
+# Version 3: each layer's cache is stored as its `state` (arrays, triples of arrays for quantized
+# tensors, and scalars, offset included) under its class name, with a sha256 over the arrays and the
+# metadata; earlier files are refused, and removed when met.
 FORMAT_VERSION = "3"
 DEFAULT_DISK_BYTES = 16 << 30
 SUFFIX = ".safetensors"
@@ -127,7 +131,8 @@ class PrefixKeys:
     """Names of the prefixes of one prompt: what a prefix's KV state depends on, hashed.
 
     `media_positions`/`media_rows`: positions of the media soft tokens and their embeddings
-    (float32 bytes); `key_bias`: the span bias the prompt runs with, or None.
+    (float32 bytes); `key_bias`: the span bias the prompt runs with, or None; `kv_quantization`: the
+    KV quantization it runs with, or None.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class PrefixKeys:
         media_positions: np.ndarray | None = None,
         media_rows: np.ndarray | None = None,
         key_bias: SpanBias | None = None,
+        kv_quantization: KVQuantization | None = None,
     ) -> None:
         self.token_ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         self.model = model
@@ -146,14 +152,18 @@ class PrefixKeys:
         )
         self.media_rows = media_rows
         self.key_bias = key_bias
+        self.kv_quantization = kv_quantization
         self._names: dict[int, str] = {}
 
     def variant(self, length: int) -> str:
-        """The attention variant the first `length` tokens were computed under."""
-        bias = self.key_bias
-        if bias is None or length <= bias.start:
-            return ""  # the span's keys are invisible to every position before it
-        return f"span_bias[{bias.start},{bias.stop})={float(bias.value).hex()}"
+        """The attention variant and KV quantization the first `length` tokens were computed under."""
+        bias, kv = self.key_bias, self.kv_quantization
+        parts = []
+        if bias is not None and length > bias.start:  # the span's keys are invisible to every position before it
+            parts.append(f"span_bias[{bias.start},{bias.stop})={float(bias.value).hex()}")
+        if kv is not None and kv.variant(length):
+            parts.append(kv.variant(length))
+        return "|".join(parts)
 
     def name(self, length: int) -> str:
         if length not in self._names:
@@ -181,8 +191,9 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
     """Write a prefix state as safetensors (arrays + metadata + their checksum), atomically: a temporary
     file, then a rename. OSError when the folder cannot take it.
 
-    Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, the other
-    entries (offset, window) stay in the metadata."""
+    Each layer is its cache's class name and `state`: arrays become tensors `layer.<i>.<j>`, a
+    quantized tensor's (packed, scales, biases) tensors `layer.<i>.<j>.<k>`, the other entries
+    (offset, window, group size, bits) stay in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"token_ids": mx.array(state.token_ids.astype(np.int32))}
@@ -193,6 +204,9 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
             if isinstance(item, mx.array):
                 arrays[f"layer.{i}.{j}"] = item
                 entries.append({"tensor": f"layer.{i}.{j}"})
+            elif isinstance(item, (tuple, list)):
+                arrays.update({f"layer.{i}.{j}.{k}": part for k, part in enumerate(item)})
+                entries.append({"tensors": [f"layer.{i}.{j}.{k}" for k in range(len(item))]})
             else:
                 entries.append(item)
         layers.append([type(layer).__name__, entries])
@@ -235,45 +249,84 @@ class LayerLayout:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """What a model's caches hold: every layer's kind, heads and head size, and the dtype; a restored
-    prefix must match it exactly, or attention would read past its arrays or mix dtypes."""
+    """What a model's caches hold: every layer's kind, heads and head size, the dtype, and the KV
+    quantization the run uses; a restored prefix must match it exactly, or attention would read past
+    its arrays, mix dtypes, or read a cache quantized otherwise than this run's."""
 
     layers: tuple[LayerLayout, ...]
     dtype: mx.Dtype
+    kv_quantization: KVQuantization | None = None
 
     @classmethod
-    def of(cls, model: Model, caches: Sequence[LayerCache]) -> CacheLayout:
-        """The layout of `model`, whose fresh caches are `caches`."""
+    def of(cls, model: Model, caches: Sequence[LayerCache], kv_quantization: KVQuantization | None = None) -> CacheLayout:
+        """The layout of `model`, whose fresh caches are `caches`, run with `kv_quantization`."""
         layers = []
         for i, cache in enumerate(caches):
             shape = model.config.text.layer(i)
             layers.append(LayerLayout(type(cache).__name__, shape.num_kv_heads, shape.head_dim, getattr(cache, "window", None)))
-        return cls(tuple(layers), model.dtype)
+        return cls(tuple(layers), model.dtype, kv_quantization)
 
     def mismatch(self, layers: Sequence[LayerCache], length: int) -> str | None:
         """Why `layers` (a restored prefix of `length` tokens) do not fit this layout; None when they do."""
         if len(layers) != len(self.layers):
             return f"{len(layers)} layers, the model has {len(self.layers)}"
         for i, (spec, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            if type(cache).__name__ != spec.kind or getattr(cache, "window", None) != spec.window:
+            if float_kind(cache).__name__ != spec.kind or getattr(cache, "window", None) != spec.window:
                 return f"layer {i} is a {type(cache).__name__}, the model's is a {spec.kind}"
             if type(cache.offset) is not int or cache.offset != length:
                 return f"layer {i} holds {cache.offset!r} positions, the prefix has {length}"
+            reason = self._quantization_mismatch(cache, length)
+            if reason is not None:
+                return f"layer {i} {reason}"
             rows = cache.size()
-            for array in (a for a in cache.state if isinstance(a, mx.array)):
-                shape = tuple(array.shape)
-                if (
-                    len(shape) != 4
-                    or shape[0] != 1
-                    or shape[1] != spec.kv_heads
-                    or shape[3] != spec.head_dim
-                    or array.dtype != self.dtype
-                    or not (shape[2] >= rows if spec.kind == "KVCache" else shape[2] == rows)
-                ):
-                    return (
-                        f"layer {i} holds an array {shape} of {array.dtype}, the model's cache holds "
-                        f"(1, {spec.kv_heads}, {rows}, {spec.head_dim}) of {self.dtype}"
-                    )
+            for item in cache.state:
+                reason = self._array_mismatch(spec, cache, item, rows)
+                if reason is not None:
+                    return f"layer {i} holds {reason}"
+        return None
+
+    def _quantization_mismatch(self, cache: LayerCache, length: int) -> str | None:
+        # The run quantizes every layer once it holds `start` positions (`cache.maybe_quantize`): a
+        # longer prefix must be quantized as it is, a shorter one must not be; at `start` exactly both are
+        # the same positions (the run quantizes a float one before reading it).
+        kv = self.kv_quantization
+        if is_quantized(cache):
+            if kv is None or (cache.bits, cache.group_size) != (kv.bits, kv.group_size) or length < kv.start:
+                wanted = "a float KV cache" if kv is None else f"{kv.bits} bits in groups of {kv.group_size} from {kv.start}"
+                return f"is quantized to {cache.bits} bits in groups of {cache.group_size}; this run's is {wanted}"
+        elif kv is not None and length > kv.start:
+            return f"is not quantized; this run quantizes to {kv.bits} bits from position {kv.start}"
+        return None
+
+    def _array_mismatch(self, spec: LayerLayout, cache: LayerCache, item: Any, rows: int) -> str | None:
+        """Why one entry of a layer's state is not the array (or quantized triple) the model's cache
+        holds; None when it is (or is not an array)."""
+        if isinstance(item, mx.array):
+            expected = [(spec.head_dim, self.dtype)]
+            arrays = [item]
+        elif isinstance(item, (tuple, list)) and is_quantized(cache):
+            groups = spec.head_dim // cache.group_size
+            expected = [(spec.head_dim * cache.bits // 32, mx.uint32), (groups, self.dtype), (groups, self.dtype)]
+            arrays = list(item)
+            if len(arrays) != 3 or not all(isinstance(a, mx.array) for a in arrays):
+                return f"a quantized tensor of {len(arrays)} parts, not (packed, scales, biases)"
+        else:
+            return None
+        growable = spec.kind == "KVCache"  # mlx-lm's cache keeps its grown buffer
+        for array, (last, dtype) in zip(arrays, expected, strict=True):
+            shape = tuple(array.shape)
+            if (
+                len(shape) != 4
+                or shape[0] != 1
+                or shape[1] != spec.kv_heads
+                or shape[3] != last
+                or array.dtype != dtype
+                or not (shape[2] >= rows if growable else shape[2] == rows)
+            ):
+                return (
+                    f"an array {shape} of {array.dtype}, the model's cache holds "
+                    f"(1, {spec.kv_heads}, {rows}, {last}) of {dtype}"
+                )
         return None
 
 
@@ -331,9 +384,7 @@ def _decode_prefix(
     for kind, entries in json.loads(metadata["layers"]):
         if kind not in LAYER_CACHES:
             raise PrefixCacheError(f"{path}: unknown layer cache {kind!r}")
-        state = tuple(
-            to_array(raw[e["tensor"]], tensors[e["tensor"]].dtype) if isinstance(e, dict) else e for e in entries
-        )
+        state = tuple(_entry(tensors, raw, e) for e in entries)
         layers.append(LAYER_CACHES[kind].from_state(state))
     if layout is not None:
         reason = layout.mismatch(layers, len(stored))
@@ -341,6 +392,15 @@ def _decode_prefix(
             raise PrefixCacheError(f"{path}: does not fit this model's caches ({reason})")
     mx.eval([layer.state for layer in layers])
     return PrefixState(metadata["name"], stored.copy(), layers)
+
+
+def _entry(tensors: dict[str, Any], raw: dict[str, np.ndarray], entry: Any) -> Any:
+    """One item of a stored layer state: a tensor, a quantized tensor's triple, or a scalar."""
+    if not isinstance(entry, dict):
+        return entry
+    if "tensors" in entry:
+        return tuple(to_array(raw[name], tensors[name].dtype) for name in entry["tensors"])
+    return to_array(raw[entry["tensor"]], tensors[entry["tensor"]].dtype)
 
 
 class DiskPrefixStore:
@@ -590,10 +650,12 @@ def plan_prefix(
     input_ids: np.ndarray,
     embeddings: mx.array,
     key_bias: SpanBias | None,
+    kv_quantization: KVQuantization | None = None,
 ) -> PrefixPlan:
     """Restore the longest stored prefix of this prompt, and take snapshots at the end of its system
     part (persisted: it repeats across requests and runs) and at its end (the next chat turn extends it).
-    Without a prefix cache, or for a batch, a fresh cache and no snapshots."""
+    Without a prefix cache, or for a batch, a fresh cache and no snapshots. `kv_quantization`: the
+    settings the prompt runs with; only prefixes computed with them are reused."""
     fresh = model.make_cache()
     if prefix_cache is None or input_ids.shape[0] != 1:
         return PrefixPlan(fresh, (), None, 0)
@@ -605,14 +667,15 @@ def plan_prefix(
         media_positions=media,
         media_rows=media_rows(embeddings, media),
         key_bias=key_bias,
+        kv_quantization=kv_quantization,
     )
     turn_start = tokenizer.convert_tokens_to_ids(TURN_START)
     user = tokenizer.encode("user", add_special_tokens=False)
     system_end = last_user_turn_start(ids, turn_start, user) if isinstance(turn_start, int) else None
-    layout = CacheLayout.of(model, fresh)
+    layout = CacheLayout.of(model, fresh, kv_quantization)
     hit = prefix_cache.lookup(keys, disk_lengths=() if system_end is None else (system_end,), layout=layout)
     cache, reused = fresh, 0
-    if hit is not None and same_layout(hit.layers, fresh):
+    if hit is not None and layout.mismatch(hit.layers, hit.length) is None:
         cache, reused = snapshot(hit.layers), hit.length
     boundaries = tuple(b for b in (system_end, len(ids)) if b is not None and b > reused)
 

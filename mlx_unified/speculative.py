@@ -31,12 +31,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import DECODE_MAX_TOKENS
-from .cache import LayerCache, RingSlots, SharedKVCache, SlidingWindowCache
+from .cache import (
+    Buffer,
+    LayerCache,
+    RingSlots,
+    SharedKVCache,
+    SlidingWindowCache,
+    is_quantized,
+    maybe_quantize,
+)
 from .drafter import Drafter, KeyValues
 from .emphasis import SpanBias
+from .kv_quantization import KVQuantization
 from .model import Attention, Model
 from .sampling import Sampler, TokenDistribution
 
@@ -72,12 +82,21 @@ def layer_kv(attention: Attention, cache: LayerCache) -> KeyValues:
     if cache.offset == 0:
         raise ValueError("the target's cache is empty: the drafter reads positions the target has seen")
     if isinstance(cache, SharedKVCache):
-        values = cache.values[:, :, : cache.offset]
+        values = _dense(cache, tree_map(lambda a: a[:, :, : cache.offset], cache.values))
         return KeyValues(attention.shared_keys(values, 0), values, 0)
     if isinstance(cache, SlidingWindowCache):
         start = cache.offset - min(cache.offset, cache.window + 1, cache.capacity)
-        return KeyValues(*cache.positions(start, cache.offset), start)
-    return KeyValues(cache.keys[:, :, : cache.offset], cache.values[:, :, : cache.offset], 0)
+        keys, values = cache.positions(start, cache.offset)
+        return KeyValues(_dense(cache, keys), _dense(cache, values), start)
+    held = [tree_map(lambda a: a[:, :, : cache.offset], b) for b in (cache.keys, cache.values)]
+    return KeyValues(_dense(cache, held[0]), _dense(cache, held[1]), 0)
+
+
+def _dense(cache: LayerCache, buffer: Buffer) -> mx.array:
+    """A cache's keys or values as arrays: a quantized cache's dequantized (the drafter reads them so)."""
+    if not is_quantized(cache):
+        return buffer
+    return mx.dequantize(*buffer, group_size=cache.group_size, bits=cache.bits)
 
 
 def draft(
@@ -321,9 +340,12 @@ class Speculation:
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
         key_bias: SpanBias | None = None,
+        kv_quantization: KVQuantization | None = None,
     ):
-        """token [1]; hidden [1, backbone]; history: the token ids so far, `token` included."""
+        """token [1]; hidden [1, backbone]; history: the token ids so far, `token` included;
+        kv_quantization: the caches are quantized (in the list) once they hold its start."""
         self.model, self.drafter, self.cache = model, drafter, cache
+        self.kv_quantization = kv_quantization
         self.token, self.hidden, self.history = token, hidden, history
         self.acceptance = acceptance_for(sampler)
         self.logits_processors = list(logits_processors)
@@ -331,6 +353,7 @@ class Speculation:
 
     def launch(self, k: int) -> Pass:
         model, cache = self.model, self.cache
+        maybe_quantize(cache, self.kv_quantization)  # before the copies a rollback puts back
         if k:
             target = shared_kv(model, cache)
             drafts, draft_logits = draft(

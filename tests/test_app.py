@@ -14,18 +14,22 @@ from scripted_replies import PLAIN_ANSWER, PRIME, THINKING_ANSWER, THOUGHT
 from mlx_unified.app import (
     EMPTY_REPLY,
     ERROR_TITLE,
+    KV_CACHE_CHOICES,
     PREFILL_NOTE_TOKENS,
     THINKING_TITLE,
+    KVCacheSettings,
     ModelSlot,
     PrefillProgress,
     background_events,
     build_parser,
     history_messages,
     main,
+    memory_markdown,
     read_settings,
     respond,
     save_setting,
 )
+from mlx_unified.generation import generate
 from mlx_unified.processing import MediaError
 
 LONG_SYSTEM = " ".join(f"Rule {i}: answer in one short sentence." for i in range(130))
@@ -219,6 +223,26 @@ def test_port_in_use_is_one_line_and_exit_2(capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_kv_cache_setting_reaches_generation_and_the_estimate(slot, tiny_factory):
+    """The page's KV cache setting (--kv-bits its initial value, --kv-group-size and --quantized-kv-start
+    with it) runs the reply with that cache, and the memory estimate counts it."""
+    wide = tiny_factory(seed=3, head_dim=64, global_head_dim=128)
+    quantized = ModelSlot()
+    quantized.load(str(wide.path))
+    settings = KVCacheSettings(group_size=32, start=0)
+    shown = list(respond(quantized, "Hi", [], "", 0.0, 1.0, 5, 280, 1.0, False, False, 4, settings))
+    expected = generate(quantized.model, quantized.processor, "Hi", max_tokens=5, kv_bits=4, kv_group_size=32,
+                        quantized_kv_start=0, use_prefix_cache=False)
+    assert shown[-1][-2]["content"] == expected.text and "s to first token" in shown[-1][-1]["metadata"]["title"]
+    refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 2, 280, 1.0, False, False, 8, settings))  # heads of 16
+    assert refused[-1][-1]["metadata"]["title"] == ERROR_TITLE and "head dim 16" in refused[-1][-1]["content"]
+    assert [value for _, value in KV_CACHE_CHOICES] == [0, 8, 4]
+    plain, eight_bit = memory_markdown(str(wide.path)), memory_markdown(str(wide.path), 8)
+    assert "8-bit" in eight_bit and "8-bit" not in plain.split("KV cache")[1]
+    args = build_parser().parse_args(["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"])
+    assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start) == (8, 32, 0)
+
+
 def test_a_damaged_checkpoint_is_refused_at_start_and_by_the_load_button(tiny, tmp_path, capsys):
     import socket
 
@@ -263,13 +287,13 @@ def test_draft_model_setting_gives_the_same_reply_and_refuses_a_wrong_drafter(sl
 
     drafter = tiny_drafter(tmp_path / "drafter", slot.name, copies_last_token=True)
     plain = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280))[-1]
-    speculative = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, str(drafter), "3"))[-1]
+    speculative = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, draft_model=str(drafter), num_draft_tokens="3"))[-1]
     assert speculative[-2]["content"] == plain[-2]["content"]
     assert "of drafts accepted" in speculative[-1]["metadata"]["title"]
     other = tiny_drafter(tmp_path / "other", tiny_checkpoint(tmp_path / "other-model", hidden_size=32))
     for name in (str(other), str(tmp_path / "missing")):
-        refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, name, "auto"))[-1]
+        refused = list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, draft_model=name))[-1]
         assert refused[-1]["metadata"]["title"] == ERROR_TITLE
-    assert "made for another model" in list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, str(other)))[-1][-1]["content"]
-    again = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, "", "auto"))[-1]
+    assert "made for another model" in list(respond(slot, "Hi", [], "", 0.0, 1.0, 4, 280, 1.0, True, False, draft_model=str(other)))[-1][-1]["content"]
+    again = list(respond(slot, "What is this?", [], "", 0.0, 1.0, 12, 280, 1.0, True, False, draft_model=""))[-1]
     assert again[-2]["content"] == plain[-2]["content"]

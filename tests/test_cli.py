@@ -294,6 +294,22 @@ def test_closed_or_vanishing_stdout_ends_without_a_traceback(tiny):
     assert "Traceback" not in stderr and "Error" not in stderr
 
 
+def test_kv_cache_quantization_flags(tiny, tiny_factory):
+    """mlx-lm's --kv-bits, --kv-group-size and --quantized-kv-start; bits the cache cannot take and a
+    model whose heads no group fits are refused in one line."""
+    wide = tiny_factory(seed=3, head_dim=64, global_head_dim=128)
+    result = generate("--model", str(wide.path), "--prompt", "Hello", "--max-tokens", "6", "--json",
+                      "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0")  # fmt: skip
+    assert_reply(result)
+    assert json.loads(result.stdout)["generation_tokens"] == 6
+    assert_refused(generate("--model", str(wide.path), "--prompt", "x", "--kv-bits", "3"), "--kv-bits: must be one of 4, 8, got 3")
+    assert_refused(generate("--model", str(wide.path), "--prompt", "x", "--kv-bits", "8", "--quantized-kv-start", "-1"),
+                   "--quantized-kv-start: must be >= 0, got -1")
+    unfit = generate("--model", str(tiny.path), "--prompt", "x", "--kv-bits", "8")  # refused once loaded
+    assert unfit.returncode == 2 and "Traceback" not in unfit.stderr
+    assert "--kv-group-size: 64 does not divide this model's head dim 16" in unfit.stderr.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------- thinking (scripted checkpoint)
 
 

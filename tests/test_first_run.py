@@ -206,6 +206,18 @@ def test_the_guard_passes_what_fits_and_names_the_community_model_for_quantized_
     assert "a 16 GB Mac is 11.5 GB" in str(refused.value)
 
 
+def test_the_guard_counts_a_quantized_kv_cache():
+    """The 12 GB plan: 4-bit weights leave the whole context only with an 8-bit KV cache."""
+    config = released_config()
+    budget = (gpu_budget_bytes(12 * GIB), "a 12 GB Mac")
+    context = config.text.max_position_embeddings
+    with pytest.raises(MemoryGuardError, match="would swap"):
+        check_memory("4-bit", config, community_weights_bytes(4), context, budget)
+    check_memory("4-bit", config, community_weights_bytes(4), context, budget, kv_bits=8)
+    with pytest.raises(MemoryGuardError, match="8-bit KV cache"):
+        check_memory("8-bit", config, community_weights_bytes(8), context, budget, kv_bits=8)
+
+
 def test_the_budget_variable_is_read_and_checked(monkeypatch):
     monkeypatch.setenv(BUDGET_VARIABLE, "20GB")
     assert memory_budget_bytes() == (20 * GIB, f"the budget {BUDGET_VARIABLE} sets")

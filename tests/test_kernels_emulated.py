@@ -17,7 +17,10 @@ def test_every_public_kernel_is_covered():
     import mlx_unified.kernels as kernels
 
     covered = {c.kernel_name for c in CASES}
-    public = {"global_kv_attention", "sliding_window_attention", "norm_rope", "vision_tail", "audio_norm"}
+    public = {
+        "global_kv_attention", "sliding_window_attention", "quantized_global_kv_attention",
+        "quantized_sliding_window_attention", "norm_rope", "vision_tail", "audio_norm",
+    }
     assert covered == public
     assert all(callable(getattr(kernels, name)) for name in public)
 

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 # What converting may load of mlx_unified: the converter itself, the checkpoint's names and shapes,
-# the config (the drafter's too), the user-error base, the runtime memory budgets, the prefill sizes and the runtime's
-# KV/activation count (footprint) its estimate follows, the safetensors format.
+# the config (the drafter's too), the user-error base, the runtime memory budgets, the prefill sizes and
+# the runtime's KV/activation count (footprint) its estimate follows, the generation parameters' KV-cache
+# quantization settings it counts, the safetensors format.
 CONVERTER_MAY_LOAD = {
     "mlx_unified",
     "mlx_unified.attention_blocks",
@@ -18,6 +19,7 @@ CONVERTER_MAY_LOAD = {
     "mlx_unified.drafter",
     "mlx_unified.drafter.config",
     "mlx_unified.errors",
+    "mlx_unified.generation_params",
     "mlx_unified.safetensors_format",
     "mlx_unified.footprint",
 }

@@ -8,11 +8,19 @@ import json
 import pytest
 import torch
 
-from mlx_unified.budgets import GIB, gpu_budget_bytes, memory_budget_bytes, parse_size, prefix_cache_bytes
+from mlx_unified.attention_blocks import MIN_PREFILL_CHUNK, PREFILL_CHUNK
+from mlx_unified.budgets import (
+    GIB,
+    gpu_budget_bytes,
+    memory_budget_bytes,
+    parse_size,
+    prefill_score_bytes,
+    prefix_cache_bytes,
+)
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
 from mlx_unified.convert.estimate import estimate, longest_context, plan, recommend
-from mlx_unified.footprint import kv_bytes
+from mlx_unified.footprint import DEFAULT_MIN_CONTEXT, activation_bytes, kv_bytes, prefill_sizes
 from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint
 
@@ -77,6 +85,35 @@ def test_kv_cache_caps_sliding_layers_and_keeps_one_tensor_on_global_layers():
     assert kv_bytes(config, 8192, kv_bits=8) < 0.6 * kv_bytes(config, 8192)
 
 
+def test_quantized_kv_counts_bits_and_a_scale_and_bias_per_group():
+    config = released_config()
+    elements = kv_bytes(config, 262144) // 2  # bf16: 2 bytes an element
+    assert kv_bytes(config, 262144, kv_bits=8) == int(elements * (1 + 4 / 64))
+    assert kv_bytes(config, 262144, kv_bits=4) == int(elements * (0.5 + 4 / 64))
+    assert kv_bytes(config, 262144, kv_bits=4, kv_group_size=32) == int(elements * (0.5 + 4 / 32))
+
+
+def test_prefill_shortens_its_passes_only_when_memory_is_tight():
+    config = released_config()
+    weights = estimate(config, bits=4, group_size=64)["weights_bytes"]
+    roomy = prefill_sizes(config, weights, 8192, budget_bytes=gpu_budget_bytes(32 * GIB))
+    assert roomy.chunk == PREFILL_CHUNK
+    assert roomy.score_bytes == prefill_score_bytes(weights, gpu_budget_bytes(32 * GIB), kv_bytes(config, 8192))
+    # 262K tokens on a 12 GB Mac, 8-bit KV: what is left beside weights and cache takes shorter passes
+    tight = prefill_sizes(config, weights, 262144, kv_bits=8, budget_bytes=gpu_budget_bytes(12 * GIB))
+    assert MIN_PREFILL_CHUNK <= tight.chunk < PREFILL_CHUNK
+    needed = weights + kv_bytes(config, 262144, 8) + activation_bytes(config, 262144, tight.chunk, tight.score_bytes, 8)
+    assert needed <= gpu_budget_bytes(12 * GIB)
+
+
+def test_quantized_attention_is_counted_within_its_score_bound():
+    """Past the bound a quantized layer attends its keys in blocks: its count stops growing with the
+    context, while the float path's scores and derived keys span every key."""
+    config = released_config()
+    assert activation_bytes(config, 262144, 512, 128 << 20, 8) == activation_bytes(config, 131072, 512, 128 << 20, 8)
+    assert activation_bytes(config, 262144, 512, 128 << 20, 8) < activation_bytes(config, 262144, 512, 128 << 20)
+
+
 def test_estimate_totals_and_grows_with_context():
     short, long = (estimate(released_config(), context_tokens=n) for n in (4096, 65536))
     for result in (short, long):
@@ -124,9 +161,25 @@ def test_plan_trades_bits_for_context():
     )
 
 
+def test_plan_shows_the_context_quantized_kv_reaches():
+    rows = {row.label: row for row in plan(released_config(), gpu_budget_bytes(12 * GIB))}
+    # Where the weights leave a few thousand tokens at most, a quantized cache's prefill attention (key
+    # blocks within up to QUANTIZED_ATTENTION_PEAK score bounds) can cost more than its smaller cache
+    # saves; wherever a usable context is left, quantizing reaches further.
+    for row in rows.values():
+        if row.context_bf16_kv >= DEFAULT_MIN_CONTEXT:
+            assert row.context_kv4 >= row.context_kv8 >= row.context_bf16_kv
+    four_bit = rows["4-bit"]
+    assert four_bit.context_bf16_kv < 262144 == four_bit.context_kv8  # the whole context on a 12 GB Mac
+    assert four_bit.context_kv8 == longest_context(released_config(), gpu_budget_bytes(12 * GIB),
+                                                   four_bit.weights_bytes, kv_bits=8)
+
+
 def test_plan_cli(capsys):
     assert main(["--plan", "--memory", "12GB"]) == 0
     out = capsys.readouterr().out
     assert "Recommended:" in out and "4-bit" in out and "8.59 GB" in out
+    four_bit = next(line for line in out.splitlines() if line.startswith("4-bit "))
+    assert four_bit.split()[4:6] == ["262,144", "262,144"] and "8-bit KV" in out
     assert main(["--plan", "--memory", "lots"]) == 2
     assert capsys.readouterr().err.startswith("error: ")

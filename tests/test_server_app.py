@@ -106,6 +106,33 @@ def test_the_servers_max_kv_size_ends_replies_there_and_refuses_prompts_that_fil
             assert answer.json()["error"]["param"] == "max_kv_size"
 
 
+def test_the_servers_kv_bits_quantize_every_request_as_the_api_does(tiny_factory, tmp_path):
+    """`mlx-unified-server --kv-bits 4 ...`: a request's greedy reply equals the API's with the same KV
+    cache settings (and the flag parses as generate.py's, through the one GenerationParams)."""
+    from mlx_unified.generation import generate
+    from mlx_unified.loading import load
+    from mlx_unified.server.cli import build_parser
+    from mlx_unified.testing.server_process import ServerProcess
+
+    wide = tiny_factory(seed=3, head_dim=64, global_head_dim=128)  # heads a group of 32 divides
+    kv = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}
+    flags = ("--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0")
+    args = build_parser().parse_args(["--model", str(wide.path), *flags])
+    assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start) == (4, 32, 0)
+    model, processor = load(wide.path)  # as the server loads it (its dtype)
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = generate(model, processor, messages, max_tokens=12, use_prefix_cache=False, **kv)
+    plain = generate(model, processor, messages, max_tokens=12, use_prefix_cache=False)
+    assert expected.tokens != plain.tokens  # 4-bit KV changes this random model's reply: the flag is seen
+    with ServerProcess(wide.path, *flags, cache_dir=tmp_path / "cache", log=tmp_path / "server.log") as server:
+        for _ in range(2):  # the second time from the server's prefix cache, quantized
+            reply = server.client().chat.completions.create(
+                model=server.name, messages=messages, max_tokens=12, temperature=0
+            )
+            assert reply.choices[0].message.content == expected.content
+            assert reply.usage.completion_tokens == expected.generation_tokens
+
+
 def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -116,6 +143,8 @@ def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path):
             "negative temperature": (["--model", str(tmp_path), "--temp", "-1"], "temperature"),
             "missing media root": (["--model", str(tmp_path), "--media-root", str(tmp_path / "none")], "--media-root"),
             "bad template args": (["--model", str(tmp_path), "--chat-template-args", "[1]"], "JSON object"),
+            "kv bits": (["--model", str(tmp_path), "--kv-bits", "3"], "--kv-bits: must be one of 4, 8, got 3"),
+            "kv group": (["--model", str(tmp_path), "--kv-bits", "8", "--kv-group-size", "48"], "--kv-group-size"),
             "port in use": (["--model", str(tmp_path), "--port", port], "cannot listen"),
             "no model": ([], "--model"),
         }

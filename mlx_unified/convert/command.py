@@ -31,8 +31,10 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int, drafte
     if drafter is not None:
         print("Weights include the draft model's (speculative decoding), converted alike")
     header = (
-        f"{'conversion':<15} {'weights GB':>10} {'bits/w':>7} {'max context':>12}  flags"
+        f"{'conversion':<15} {'weights GB':>10} {'bits/w':>7} {'bf16 KV':>13} {'8-bit KV':>13} "
+        f"{'4-bit KV':>13}  flags"
     )
+    print(f"{'':<34} {'---- max context, with a KV cache of ----':^41}")
     print(header)
     print("-" * len(header))
     parameters = parameter_count(config)
@@ -40,7 +42,8 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int, drafte
     for row in rows:
         print(
             f"{row.label:<15} {row.weights_bytes / GB:>10.2f} {8 * row.weights_bytes / parameters:>7.2f} "
-            f"{_tokens(row.context_bf16_kv):>12}  {row.convert_flags}"
+            f"{_tokens(row.context_bf16_kv):>13} {_tokens(row.context_kv8):>13} {_tokens(row.context_kv4):>13}  "
+            f"{row.convert_flags}"
         )
     best = recommend(rows, min_context)
     if best is None:
@@ -51,8 +54,9 @@ def print_plan(config: ModelConfig, memory: str | None, min_context: int, drafte
             f"  python convert.py --hf-path google/gemma-4-12B-it --mlx-path gemma-4-12b-mlx {best.convert_flags}"
         )
     print(
-        "Context counts the bf16 KV cache (sliding layers capped at the window, one tensor on K=V layers) "
-        "and one prefill chunk's activations."
+        "Context counts the KV cache (sliding layers capped at the window, one tensor on K=V layers; 8- and "
+        "4-bit: generate.py --kv-bits 8 or 4) and one prefill pass's activations (passes shorten when "
+        "memory is tight). The recommendation assumes a bf16 cache."
     )
 
 

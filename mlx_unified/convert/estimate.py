@@ -68,7 +68,7 @@ def estimate(
     params = None if bits is None else base_params(bits, group_size, mode)
     weights = weights_bytes(config, params, recipe, dtype)
     kv = kv_bytes(config, context_tokens, kv_bits)
-    activations = activation_bytes(config, context_tokens)
+    activations = activation_bytes(config, context_tokens, kv_bits=kv_bits)
     parameters = parameter_count(config)
     return {
         "weights_bytes": weights,
@@ -88,7 +88,9 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def longest_context(config: ModelConfig, budget_bytes: int, weights: int, kv_bits: int | None = None) -> int:
-    """The most context tokens whose KV cache and activations fit beside `weights` (0: nothing fits)."""
+    """The most context tokens whose KV cache (bf16, or `kv_bits`-bit) and the activations of the
+    prefill that reaches them (passes and attention blocks as `footprint.prefill_sizes` sizes them for
+    that context) fit beside `weights` (0: nothing fits)."""
     low, high = 0, config.text.max_position_embeddings
     if not fits(config, weights, 1, budget_bytes, kv_bits):
         return 0
@@ -106,6 +108,8 @@ class PlanRow:
     mode: str
     weights_bytes: int
     context_bf16_kv: int
+    context_kv8: int  # with an 8-bit KV cache (`--kv-bits 8`, groups of 64)
+    context_kv4: int  # with a 4-bit one
 
     @property
     def convert_flags(self) -> str:
@@ -138,8 +142,9 @@ _CANDIDATES: list[tuple[str, str | None, int | None, str]] = [
 
 
 def plan(config: ModelConfig, budget_bytes: int, drafter: DrafterConfig | None = None) -> list[PlanRow]:
-    """Every candidate conversion the installed MLX supports, with the context each leaves room for;
-    with a drafter (speculative decoding), its weights converted alike count beside the model's."""
+    """Every candidate conversion the installed MLX supports, with the context each leaves room for with
+    a bf16, an 8-bit and a 4-bit KV cache; with a drafter (speculative decoding), its weights converted
+    alike count beside the model's."""
     rows = []
     modes = supported_modes()
     for label, recipe, bits, mode in _CANDIDATES:
@@ -156,7 +161,7 @@ def plan(config: ModelConfig, budget_bytes: int, drafter: DrafterConfig | None =
                 bits,
                 mode,
                 weights,
-                longest_context(config, budget_bytes, weights),
+                *(longest_context(config, budget_bytes, weights, kv_bits) for kv_bits in (None, 8, 4)),
             )
         )
     return rows

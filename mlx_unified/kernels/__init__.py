@@ -5,8 +5,8 @@ and its reference otherwise (see `dispatch`).  `python -m mlx_unified.kernels.se
 proves them against the references, on Metal or on the CPU emulator.
 """
 
-from mlx_unified.kernels.attention_global import global_kv_attention
-from mlx_unified.kernels.attention_sliding import sliding_window_attention
+from mlx_unified.kernels.attention_global import global_kv_attention, quantized_global_kv_attention
+from mlx_unified.kernels.attention_sliding import quantized_sliding_window_attention, sliding_window_attention
 from mlx_unified.kernels.audio_norm import audio_norm
 from mlx_unified.kernels.dispatch import kernels_enabled
 from mlx_unified.kernels.norm_rope import norm_rope
@@ -21,6 +21,8 @@ __all__ = [
     "global_kv_attention",
     "kernels_enabled",
     "norm_rope",
+    "quantized_global_kv_attention",
+    "quantized_sliding_window_attention",
     "sliding_window_attention",
     "vision_tail",
 ]

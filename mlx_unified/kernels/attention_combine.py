@@ -116,14 +116,15 @@ def split_key_attention(
     n_kv: int,
     launch: SplitKeyLaunch,
     inputs: list[mx.array],
+    template: list[tuple[str, int]] = (),
 ) -> mx.array:
-    """Run a first-pass kernel (inputs as it names them; template T, D, ROWS) over `launch`, then merge
-    its partials: `[B, H, L, D]` attention output for `[B, H, L, D]` queries."""
+    """Run a first-pass kernel (inputs as it names them; template T, D, ROWS and `template`) over
+    `launch`, then merge its partials: `[B, H, L, D]` attention output for `[B, H, L, D]` queries."""
     batch, n_heads, n_queries, head_dim = queries.shape
     rows, n_chunks = launch.rows, launch.n_chunks
     part_acc, part_m, part_l = first_pass(
         inputs=inputs,
-        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", launch.rows_per_simdgroup)],
+        template=[("T", queries.dtype), ("D", head_dim), ("ROWS", launch.rows_per_simdgroup), *template],
         grid=(32 * launch.simdgroups * n_chunks, n_kv, batch),
         threadgroup=(32 * launch.simdgroups, 1, 1),
         output_shapes=[(batch, n_kv, n_chunks, rows, head_dim), (batch, n_kv, n_chunks, rows),

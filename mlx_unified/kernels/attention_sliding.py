@@ -20,11 +20,18 @@ import mlx.core as mx
 from mlx_unified.kernels import dispatch
 from mlx_unified.kernels.attention_combine import PARTIALS_HEADER, split_key_attention, split_key_launch
 from mlx_unified.kernels.dispatch import KernelFactory
-from mlx_unified.kernels.metal_source import int_params
+from mlx_unified.kernels.metal_source import int_params, load_header, with_loads
+from mlx_unified.kernels.quantized_attention import (
+    Quantized,
+    QuantizedKeys,
+    dequantize,
+    quantized_attention,
+    quantized_shape,
+)
 
 MAX_CHUNKS = 32
 
-SOURCE = int_params("offset", "L", "chunk", "G", "n_kv", "window") + """
+_SOURCE = int_params("offset", "L", "chunk", "G", "n_kv", "window") + """
 constexpr int DPL = D / 32;
 const int capacity = keys_shape[2];
 const int rows = G * L;
@@ -56,15 +63,15 @@ for (int i = 0; i < ROWS; ++i) {
   m[i] = -3.0e38f;  // finite: Metal's fast math may not honour infinities
   l[i] = 0.0f;
 }
-const size_t head = ((size_t)b * n_kv + h) * capacity * D;
+const size_t head = ((size_t)b * n_kv + h) * capacity;  // row of slot 0 of this KV head
 const int slot_end = metal::min(metal::min(capacity, offset), (c + 1) * chunk);
 for (int s = c * chunk; s < slot_end; ++s) {
   const int pos = newest - ((newest - s) % capacity);
   float key[DPL];
   float v[DPL];
   for (int k = 0; k < DPL; ++k) {
-    key[k] = static_cast<float>(keys[head + (size_t)s * D + lane + 32 * k]);
-    v[k] = static_cast<float>(values[head + (size_t)s * D + lane + 32 * k]);
+    key[k] = LOAD(keys, head + s, lane + 32 * k);
+    v[k] = LOAD(values, head + s, lane + 32 * k);
   }
   for (int i = 0; i < ROWS; ++i) {
     float dot = 0.0f;
@@ -84,13 +91,16 @@ for (int i = 0; i < ROWS; ++i) {
 
 
 @cache
-def _kernel(factory: KernelFactory):
+def _kernel(factory: KernelFactory, quantized: bool = False):
+    def stored(name: str) -> list[str]:
+        return [name, f"{name}_scales", f"{name}_biases"] if quantized else [name]
+
     return factory(
-        name="mlxu_sliding_window_attention",
-        input_names=["queries", "keys", "values", "params"],
+        name="mlxu_sliding_window_attention" + ("_quantized" if quantized else ""),
+        input_names=["queries", *stored("keys"), *stored("values"), "params"],
         output_names=["part_acc", "part_m", "part_l"],
-        source=SOURCE,
-        header=PARTIALS_HEADER,
+        source=with_loads(_SOURCE, ("keys", "values"), quantized),
+        header=PARTIALS_HEADER + load_header(quantized),
     )
 
 
@@ -99,19 +109,40 @@ def _kernel_supports(head_dim: int) -> bool:
 
 
 def _check(
-    queries: mx.array, keys: mx.array, values: mx.array, offset: int, window: int, for_kernel: bool = False
-) -> None:
-    if queries.ndim != 4 or keys.shape != values.shape or keys.ndim != 4:
+    queries: mx.array, keys_shape: tuple[int, ...], values_shape: tuple[int, ...], offset: int, window: int,
+    for_kernel: bool = False,
+) -> None:  # fmt: skip
+    if queries.ndim != 4 or keys_shape != values_shape or len(keys_shape) != 4:
         raise ValueError("queries [B, H, L, D]; keys and values [B, n_kv, capacity, D] of one shape")
     head_dim = queries.shape[-1]
-    if keys.shape[-1] != head_dim:
+    if keys_shape[-1] != head_dim:
         raise ValueError(f"head_dim {head_dim} must be shared by keys")
     if for_kernel and not _kernel_supports(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a multiple of 32")
-    if queries.shape[1] % keys.shape[1]:
+    if queries.shape[1] % keys_shape[1]:
         raise ValueError("query heads must be a multiple of KV heads")
     if offset < queries.shape[2] or window < 1:
         raise ValueError(f"offset {offset} must cover the {queries.shape[2]} queries; window >= 1")
+
+
+def _launch(
+    factory: KernelFactory,
+    queries: mx.array,
+    stored: list[mx.array],
+    offset: int,
+    window: int,
+    quantization: tuple[int, int] | None,
+) -> mx.array:
+    """Both kernels' launch: `stored` is keys then values, each a tensor, or its (packed, scales,
+    biases) with `quantization` (group_size, bits)."""
+    n_heads, n_queries = queries.shape[1:3]
+    n_kv, capacity = stored[0].shape[1], stored[0].shape[2]
+    group = n_heads // n_kv
+    launch = split_key_launch(group * n_queries, min(capacity, offset), MAX_CHUNKS)
+    params = mx.array([offset, n_queries, launch.chunk, group, n_kv, window], dtype=mx.int32)
+    template = [] if quantization is None else [("BITS", quantization[1]), ("GROUP", quantization[0])]
+    kernel = _kernel(factory, quantization is not None)
+    return split_key_attention(factory, kernel, queries, n_kv, launch, [queries, *stored, params], template)
 
 
 def sliding_window_attention_kernel(
@@ -123,13 +154,20 @@ def sliding_window_attention_kernel(
     window: int,
 ) -> mx.array:
     """The kernel path of `sliding_window_attention`, built with `factory` (Metal or the emulator)."""
-    _check(queries, keys, values, offset, window, for_kernel=True)
-    n_heads, n_queries = queries.shape[1:3]
-    n_kv, capacity = keys.shape[1], keys.shape[2]
-    group = n_heads // n_kv
-    launch = split_key_launch(group * n_queries, min(capacity, offset), MAX_CHUNKS)
-    params = mx.array([offset, n_queries, launch.chunk, group, n_kv, window], dtype=mx.int32)
-    return split_key_attention(factory, _kernel(factory), queries, n_kv, launch, [queries, keys, values, params])
+    _check(queries, keys.shape, values.shape, offset, window, for_kernel=True)
+    return _launch(factory, queries, [keys, values], offset, window, None)
+
+
+def ring_visible(offset: int, capacity: int, n_queries: int, window: int) -> mx.array:
+    """bool [n_queries, capacity]: which ring slots the last `n_queries` of `offset` positions see
+    (written, not after the query, within its window)."""
+    slot = mx.arange(capacity)
+    newest = offset - 1
+    slot_pos = newest - mx.remainder(newest - slot, capacity)
+    query_pos = mx.arange(offset - n_queries, offset)
+    return (slot[None, :] < offset) & (slot_pos[None, :] <= query_pos[:, None]) & (
+        slot_pos[None, :] > query_pos[:, None] - window
+    )
 
 
 def sliding_window_attention_reference(
@@ -140,17 +178,11 @@ def sliding_window_attention_reference(
     window: int,
 ) -> mx.array:
     """Pure-MLX reference: float32 scores over all slots with an explicit visibility mask."""
-    _check(queries, keys, values, offset, window)
+    _check(queries, keys.shape, values.shape, offset, window)
     batch, n_heads, n_queries, head_dim = queries.shape
     n_kv, capacity = keys.shape[1], keys.shape[2]
     group = n_heads // n_kv
-    slot = mx.arange(capacity)
-    newest = offset - 1
-    slot_pos = newest - mx.remainder(newest - slot, capacity)
-    query_pos = mx.tile(mx.arange(offset - n_queries, offset), group)
-    visible = (slot[None, :] < offset) & (slot_pos[None, :] <= query_pos[:, None]) & (
-        slot_pos[None, :] > query_pos[:, None] - window
-    )
+    visible = mx.tile(ring_visible(offset, capacity, n_queries, window), (group, 1))
     q = queries.astype(mx.float32).reshape(batch, n_kv, group * n_queries, head_dim)
     scores = q @ keys.astype(mx.float32).swapaxes(-1, -2)
     weights = mx.softmax(mx.where(visible, scores, -mx.inf), axis=-1)
@@ -175,5 +207,77 @@ def sliding_window_attention(
         (queries.dtype, queries.shape[-1], queries.shape[2], queries.shape[1] // keys.shape[1]),
         lambda: sliding_window_attention_kernel(dispatch.metal_factory(), queries, keys, values, offset, window),
         lambda: sliding_window_attention_reference(queries, keys, values, offset, window),
+        supported=_kernel_supports(queries.shape[-1]),
+    )
+
+
+# -- over a quantized ring ---------------------------------------------------------------------------
+# The same kernel with each key and value dequantized in float32 as it is loaded.
+
+
+def quantized_sliding_window_attention_kernel(
+    factory: KernelFactory,
+    queries: mx.array,
+    keys: Quantized,
+    values: Quantized,
+    offset: int,
+    window: int,
+    *,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """The kernel path of `quantized_sliding_window_attention`, built with `factory`."""
+    shapes = (quantized_shape(keys, group_size, bits), quantized_shape(values, group_size, bits))
+    _check(queries, *shapes, offset, window, for_kernel=True)
+    return _launch(factory, queries, [*keys, *values], offset, window, (group_size, bits))
+
+
+def quantized_sliding_window_attention_reference(
+    queries: mx.array,
+    keys: Quantized,
+    values: Quantized,
+    offset: int,
+    window: int,
+    *,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Pure-MLX reference: `sliding_window_attention_reference` over the float32 dequantized ring."""
+    shapes = (quantized_shape(keys, group_size, bits), quantized_shape(values, group_size, bits))
+    _check(queries, *shapes, offset, window)
+    dense_keys, dense_values = dequantize(keys, group_size, bits), dequantize(values, group_size, bits)
+    return sliding_window_attention_reference(queries, dense_keys, dense_values, offset, window)
+
+
+def _primitives(queries, keys, values, offset, window, group_size, bits) -> mx.array:
+    """The fallback off Metal: MLX's quantized products over the packed ring."""
+    shapes = (quantized_shape(keys, group_size, bits), quantized_shape(values, group_size, bits))
+    _check(queries, *shapes, offset, window)
+    visible = ring_visible(offset, shapes[0][2], queries.shape[2], window)
+    mask = mx.where(visible, 0.0, -mx.inf)
+    return quantized_attention(queries, QuantizedKeys(keys, group_size, bits), values, mask)
+
+
+def quantized_sliding_window_attention(
+    queries: mx.array,
+    keys: Quantized,
+    values: Quantized,
+    offset: int,
+    window: int,
+    *,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """`sliding_window_attention` over a quantized ring (`mx.quantize`'s triples of the keys and
+    values, groups of `group_size` along D, `bits` bits). Metal kernel when enabled, else MLX's
+    quantized products."""
+    options = dict(group_size=group_size, bits=bits)
+    return dispatch.run(
+        "quantized_sliding_window_attention",
+        (queries.dtype, queries.shape[-1], queries.shape[2], queries.shape[1] // keys[0].shape[1], bits, group_size),
+        lambda: quantized_sliding_window_attention_kernel(
+            dispatch.metal_factory(), queries, keys, values, offset, window, **options
+        ),
+        lambda: _primitives(queries, keys, values, offset, window, group_size, bits),
         supported=_kernel_supports(queries.shape[-1]),
     )

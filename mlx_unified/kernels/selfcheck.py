@@ -33,7 +33,7 @@ def run_selfcheck(factory: KernelFactory, out=sys.stdout) -> int:
             failed.add(case.kernel_name)
             status = f"FAIL  {str(exc).splitlines()[0][:200]}"
         elapsed = time.perf_counter() - start
-        print(f"{case.kernel_name:26s} {str(case.dtype).split('.')[-1]:9s} {case.label:60s} "
+        print(f"{case.kernel_name:34s} {str(case.dtype).split('.')[-1]:9s} {case.label:60s} "
               f"{status} ({elapsed:.2f}s)", file=out, flush=True)
     if failed:
         print(f"{len(failed)} of {len(kernels)} kernels FAILED: {', '.join(sorted(failed))}", file=out)

@@ -87,6 +87,9 @@ def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_siz
         prefill_chunk_size=default.prefill_chunk_size,
         max_kv_size=default.max_kv_size,
         num_draft_tokens=default.num_draft_tokens,
+        kv_bits=default.kv_bits,
+        kv_group_size=default.kv_group_size,
+        quantized_kv_start=default.quantized_kv_start,
         logprobs=_flag(body, "logprobs", False),
         top_logprobs=_value(body, "top_logprobs", 0),
     ).validate(vocab_size)

@@ -56,6 +56,9 @@ def form_settings(form: Any, defaults: Any) -> tuple[str, GenerationParams]:
         temperature=value,
         prefill_chunk_size=defaults.params.prefill_chunk_size,
         max_kv_size=defaults.params.max_kv_size,
+        kv_bits=defaults.params.kv_bits,
+        kv_group_size=defaults.params.kv_group_size,
+        quantized_kv_start=defaults.params.quantized_kv_start,
     )
     return response_format, params.validate()
 

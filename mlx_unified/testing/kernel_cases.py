@@ -17,8 +17,12 @@ from mlx_unified.emphasis import SpanBias
 from mlx_unified.kernels.attention_global import (
     global_kv_attention_kernel,
     global_kv_attention_reference,
+    quantized_global_kv_attention_kernel,
+    quantized_global_kv_attention_reference,
 )
 from mlx_unified.kernels.attention_sliding import (
+    quantized_sliding_window_attention_kernel,
+    quantized_sliding_window_attention_reference,
     sliding_window_attention_kernel,
     sliding_window_attention_reference,
 )
@@ -67,6 +71,36 @@ def sliding_attention_case(batch, heads, n_kv, queries, head_dim, offset, capaci
         "sliding_window_attention", label, dtype,
         lambda f: sliding_window_attention_kernel(f, q, k, v, offset, window),
         lambda: sliding_window_attention_reference(q, k, v, offset, window),
+    )
+
+
+def quantized_global_attention_case(batch, heads, n_kv, queries, head_dim, length, capacity, dtype, bits, group_size,
+                                    rope: RopeSpec = PROPORTIONAL_ROPE, span_bias: SpanBias | None = None) -> Case:
+    q = _normal((batch, heads, queries, head_dim), dtype, head_dim**-0.5)
+    v = tuple(mx.quantize(_normal((batch, n_kv, capacity, head_dim), dtype), group_size=group_size, bits=bits))
+    w = (1.0 + 0.2 * mx.random.normal((head_dim,))).astype(dtype)
+    options = dict(group_size=group_size, bits=bits, rope=rope, span_bias=span_bias)
+    label = (f"B{batch} H{heads}/{n_kv} L{queries} D{head_dim} T{length}/{capacity} bias={span_bias is not None} "
+             f"{bits}-bit g{group_size}")
+    return Case(
+        "quantized_global_kv_attention", label, dtype,
+        lambda f: quantized_global_kv_attention_kernel(f, q, v, w, length, **options),
+        lambda: quantized_global_kv_attention_reference(q, v, w, length, **options),
+    )
+
+
+def quantized_sliding_attention_case(batch, heads, n_kv, queries, head_dim, offset, capacity, window, dtype, bits,
+                                     group_size) -> Case:
+    q = _normal((batch, heads, queries, head_dim), dtype, head_dim**-0.5)
+    k, v = (tuple(mx.quantize(_normal((batch, n_kv, capacity, head_dim), dtype), group_size=group_size, bits=bits))
+            for _ in range(2))
+    options = dict(group_size=group_size, bits=bits)
+    label = (f"B{batch} H{heads}/{n_kv} L{queries} D{head_dim} offset{offset} ring{capacity} window{window} "
+             f"{bits}-bit g{group_size}")
+    return Case(
+        "quantized_sliding_window_attention", label, dtype,
+        lambda f: quantized_sliding_window_attention_kernel(f, q, k, v, offset, window, **options),
+        lambda: quantized_sliding_window_attention_reference(q, k, v, offset, window, **options),
     )
 
 
@@ -120,6 +154,14 @@ def all_cases(seed: int = 0) -> list[Case]:
         sliding_attention_case(2, 4, 2, 1, 256, 37, 64, 64, f32),
         # Ring bigger than the window, and a short multi-token step inside it.
         sliding_attention_case(1, 4, 1, 2, 128, 150, 96, 40, f16),
+        # The same shapes over quantized caches: 8 and 4 bits, groups of 32, 64 and 128.
+        quantized_global_attention_case(1, 16, 1, 1, 512, 150, 160, f32, 8, 64, span_bias=SpanBias(20, 60, 1.5)),
+        quantized_global_attention_case(1, 16, 1, 3, 512, 70, 80, bf16, 4, 64),
+        quantized_global_attention_case(2, 4, 2, 2, 256, 2, 8, f16, 8, 32, rope=DEFAULT_ROPE),
+        quantized_global_attention_case(1, 6, 3, 1, 128, 97, 97, f32, 4, 128, rope=RopeSpec(1e4, 64)),
+        quantized_sliding_attention_case(1, 16, 8, 1, 256, 300, 128, 128, bf16, 8, 64),
+        quantized_sliding_attention_case(2, 4, 2, 1, 256, 37, 64, 64, f32, 4, 32),
+        quantized_sliding_attention_case(1, 4, 1, 2, 128, 150, 96, 40, f16, 4, 128),
         norm_rope_case(1, 3, 4, 512, 1000, bf16, True, PROPORTIONAL_ROPE),
         norm_rope_case(2, 2, 2, 256, 7, f32, True, DEFAULT_ROPE),
         norm_rope_case(1, 3, 2, 512, 0, f16, False, None),
