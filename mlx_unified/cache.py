@@ -137,8 +137,12 @@ class SlidingWindowCache(_BaseCache):
             _assign(buffer, 0, _slots(new, first, n))
         return buffer
 
-    def append(self, keys: Buffer, values: Buffer) -> None:
-        """Add L new positions (stored form: see `_stored`); only the last `capacity` of them stay."""
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Add L new positions; only the last `capacity` of them stay."""
+        self._append(self._stored(keys), self._stored(values))
+
+    def _append(self, keys: Buffer, values: Buffer) -> None:
+        """`append` for keys and values already in stored form (`_stored`)."""
         L = _length(keys)
         kept = min(L, self.capacity)
         filled = min(self.offset + L, self.capacity)
@@ -160,11 +164,11 @@ class SlidingWindowCache(_BaseCache):
         keys, values = self._stored(keys), self._stored(values)
         past = min(start, self.window - 1)
         if L == 1 and self.capacity == self.window:
-            self.append(keys, values)
+            self._append(keys, values)
             n = self.size()
             return _slots(self.keys, 0, n), _slots(self.values, 0, n), self.offset - n
         if past + L <= self.capacity:  # the ring keeps every key these queries see: write, then read
-            self.append(keys, values)
+            self._append(keys, values)
             return *self.positions(start - past, start + L), start - past
         # A long pass: its first queries see keys that its last ones push out of the ring.
         if past:
@@ -172,7 +176,7 @@ class SlidingWindowCache(_BaseCache):
             seen_k, seen_v = _concat(old_keys, keys), _concat(old_values, values)
         else:
             seen_k, seen_v = keys, values
-        self.append(keys, values)
+        self._append(keys, values)
         return seen_k, seen_v, start - past
 
     def saved_for_trim(self, length: int) -> RingSlots | None:
@@ -213,7 +217,7 @@ class SlidingWindowCache(_BaseCache):
             keys, values = self.positions(self.offset - held, self.offset)
             self.keys, self.values = None, None
             self.capacity, self.offset = capacity, self.offset - held
-            self.append(keys, values)
+            self._append(keys, values)
         else:
             self.capacity = capacity
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache
 
 import mlx_unified
 from mlx_unified import attention
-from mlx_unified.cache import SlidingWindowCache, snapshot
+from mlx_unified.cache import QuantizedSlidingWindowCache, SlidingWindowCache, snapshot
 from mlx_unified.drafter import DrafterMismatchError, load_drafter
 from mlx_unified.generation import generate_step
 from mlx_unified.generation_params import DraftLengthError, parse_num_draft_tokens
@@ -189,24 +190,35 @@ def test_after_every_verify_the_caches_equal_plain_decoding(pair, in_place, monk
     assert wrapped > 0
 
 
-def test_ring_rollback_is_bit_identical():
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["float", "8-bit", "4-bit"])
+def test_ring_rollback_is_bit_identical(bits):
     """A ring that wrapped while n positions were written comes back, after trimming them with what
     `saved_for_trim` copied, bit for bit the ring that never saw them; trimming part of them gives the
-    ring that saw only the rest; `reserve` and `from_state` keep every held position."""
+    ring that saw only the rest; `reserve` and `from_state` keep every held position. The same for a
+    quantized ring, whose slots hold (packed, scales, biases)."""
     rng = np.random.default_rng(0)
 
     def positions(n):
-        return [mx.array(rng.standard_normal((1, 2, 1, 4)).astype(np.float32)) for _ in range(n)]
+        return [mx.array(rng.standard_normal((1, 2, 1, 64)).astype(np.float32)) for _ in range(n)]
 
     def ring(items, capacity=12):
-        cache = SlidingWindowCache(window=5, capacity=capacity)
+        if bits is None:
+            cache = SlidingWindowCache(window=5, capacity=capacity)
+        else:
+            cache = QuantizedSlidingWindowCache(window=5, group_size=64, bits=bits, capacity=capacity)
         for item in items:
             cache.append(item, item * 2)
         return cache
 
+    def arrays(value):
+        return [np.array(a) for _, a in tree_flatten(value)]
+
+    def equal(x, y):
+        return all(np.array_equal(a, b) for a, b in zip(arrays(x), arrays(y), strict=True))
+
     def same(a, b):
         return all(
-            (np.array_equal(np.array(x), np.array(y)) if isinstance(x, mx.array) else x == y)
+            (equal(x, y) if isinstance(x, (mx.array, tuple)) else x == y)
             for x, y in zip(a.state, b.state, strict=True)
         )
 
@@ -221,15 +233,15 @@ def test_ring_rollback_is_bit_identical():
     cache = ring(history)
     cache.append(mx.concatenate(verified, axis=2), mx.concatenate(verified, axis=2) * 2)
     cache.trim(6)  # without the copy: the window and the spare slots left are still right
-    assert np.array_equal(np.array(cache.positions(25, 31)[0]), np.array(ring(history).positions(25, 31)[0]))
+    assert equal(cache.positions(25, 31)[0], ring(history).positions(25, 31)[0])
     small = ring(history, capacity=5)
     small.reserve(12)
     for item in positions(4):
         small.append(item, item * 2)
     reference = ring(history[-5:], capacity=12)
     assert small.capacity == 12 and small.offset == 35
-    assert np.array_equal(np.array(small.positions(26, 31)[0]), np.array(reference.positions(0, 5)[0]))
-    restored = SlidingWindowCache.from_state(ring(history).state)
+    assert equal(small.positions(26, 31)[0], reference.positions(0, 5)[0])
+    restored = type(cache).from_state(ring(history).state)
     assert restored.capacity == 12 and same(restored, ring(history))
     with pytest.raises(ValueError, match="ring holds"):
         ring(history).positions(10, 20)

@@ -83,3 +83,15 @@ def test_sampling_is_reproducible_with_a_seed(tiny, drafter):
     b = generate(tiny.model, tiny.processor, "Tell me a story", seed=4, **kwargs)
     c = generate(tiny.model, tiny.processor, "Tell me a story", seed=5, **kwargs)
     assert a.tokens == b.tokens and a.tokens != c.tokens and a.draft_tokens > 0
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_kv_cache_rolls_back_exactly(tiny_factory, tmp_path, kv_bits):
+    """With a quantized KV cache (from the first position, a prompt past the window so the rings wrap
+    while verifying), speculative greedy gives exactly plain greedy's tokens with the same cache."""
+    target = tiny_factory(seed=3, sliding_window=WINDOW, head_dim=32, global_head_dim=64)  # whole groups of 32
+    drafter = load_drafter(tiny_drafter(tmp_path / "drafter", target.path, copies_last_token=True))
+    kv = dict(kv_bits=kv_bits, kv_group_size=32, quantized_kv_start=0)
+    plain, speculative = both(target, drafter, "Count to ten " * 6, system=SYSTEM, **kv)
+    assert speculative.tokens == plain.tokens and speculative.draft_tokens > 0
+    assert 0 < speculative.accepted_draft_tokens < speculative.draft_tokens  # accepted and rejected rounds
