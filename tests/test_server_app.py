@@ -167,6 +167,11 @@ def test_default_top_k_above_the_vocabulary_is_refused_after_loading(tiny):
     assert "Loading" in result.stderr  # checked against the loaded model's vocabulary
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"mlx-unified-server: error: --top-k: must be between 0 and {vocab}, got {vocab + 1}"
+    unfit = server_command("--model", str(tiny.path), "--port", port, "--kv-bits", "8")  # heads 16 wide
+    assert unfit.returncode == 2 and "Traceback" not in unfit.stderr and "Loading" in unfit.stderr
+    assert unfit.stderr.strip().splitlines()[-1].startswith(
+        "mlx-unified-server: error: --kv-group-size: 64 does not divide this model's head dim 16"
+    )
 
 
 def test_a_draft_model_gives_the_same_reply_and_reports_its_drafts(tiny, client, tmp_path):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 import mlx_unified

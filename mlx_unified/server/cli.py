@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..cli import ArgumentParser, BadInput, port_number, positive_int
 from ..errors import InputError
-from ..generation_flags import add_generation_flags, generation_params
+from ..generation_flags import FLAG_NAMES, add_generation_flags, generation_params
+from ..generation_params import ParameterError
 from .chat import DEFAULT_MAX_TOKENS
 
 PROG = "mlx-unified-server"
@@ -107,7 +108,7 @@ def run(argv: Sequence[str] | None) -> int:
     from ..budgets import prefix_cache_bytes
     from ..checkpoint import resolve
     from ..config import RANDOM_WEIGHTS_WARNING
-    from ..generation import stop_token_ids
+    from ..generation import model_kv_quantization, stop_token_ids
     from ..generation_params import checkpoint_sampling
     from ..loading import load
     from ..prefix_cache import PrefixCache
@@ -122,6 +123,7 @@ def run(argv: Sequence[str] | None) -> int:
     if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     params = generation_params(args, checkpoint_sampling(path), model.config.text.vocab_size)
+<<<<<<< HEAD
     draft_model = None
     if args.draft_model:
         from ..drafter import load_drafter
@@ -129,6 +131,12 @@ def run(argv: Sequence[str] | None) -> int:
         print(f"Loading the draft model {args.draft_model} ...", file=sys.stderr, flush=True)
         draft_model = load_drafter(args.draft_model, target=model.config.text)
     weights = model.nbytes + (draft_model.nbytes if draft_model is not None else 0)
+=======
+    try:  # a KV group size this model's heads cannot take: refused now, not on every request
+        model_kv_quantization(model, params.kv_bits, params.kv_group_size, params.quantized_kv_start)
+    except ParameterError as error:
+        raise error.renamed(FLAG_NAMES) from None
+>>>>>>> kvquant
     service = Service(
         model=model,
         processor=processor,
