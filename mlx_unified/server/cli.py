@@ -123,7 +123,10 @@ def run(argv: Sequence[str] | None) -> int:
     if model.config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
     params = generation_params(args, checkpoint_sampling(path), model.config.text.vocab_size)
-<<<<<<< HEAD
+    try:  # a KV group size this model's heads cannot take: refused now, not on every request
+        model_kv_quantization(model, params.kv_bits, params.kv_group_size, params.quantized_kv_start)
+    except ParameterError as error:
+        raise error.renamed(FLAG_NAMES) from None
     draft_model = None
     if args.draft_model:
         from ..drafter import load_drafter
@@ -131,12 +134,6 @@ def run(argv: Sequence[str] | None) -> int:
         print(f"Loading the draft model {args.draft_model} ...", file=sys.stderr, flush=True)
         draft_model = load_drafter(args.draft_model, target=model.config.text)
     weights = model.nbytes + (draft_model.nbytes if draft_model is not None else 0)
-=======
-    try:  # a KV group size this model's heads cannot take: refused now, not on every request
-        model_kv_quantization(model, params.kv_bits, params.kv_group_size, params.quantized_kv_start)
-    except ParameterError as error:
-        raise error.renamed(FLAG_NAMES) from None
->>>>>>> kvquant
     service = Service(
         model=model,
         processor=processor,
