@@ -252,7 +252,7 @@ def test_the_guard_counts_a_draft_models_weights_beside_the_models(tiny, tmp_pat
 
     drafter = tiny_drafter(tmp_path / "drafter", tiny.path)
     counted = []
-    monkeypatch.setattr(model_source, "check_memory", lambda name, config, weights, context: counted.append(weights))
+    monkeypatch.setattr(model_source, "check_memory", lambda name, config, weights, context, **kv: counted.append(weights))
     model_source.prepare(str(tiny.path), context_tokens=64)
     model_source.prepare(str(tiny.path), context_tokens=64, draft_model=str(drafter))
     assert counted == [stored_weight_bytes(tiny.path), stored_weight_bytes(tiny.path) + stored_weight_bytes(drafter)]

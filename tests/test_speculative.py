@@ -92,7 +92,9 @@ def test_greedy_output_equals_plain_greedy_and_the_reference(pair, kind, request
             assert stats.rounds >= NEW_TOKENS // 4 and set(stats.draft_lengths[:-2]) == {3}  # fewer at the end
             assert 0 < stats.accepted < stats.drafted
         if name == "random":
-            assert stats.accepted <= 1 and stats.plain_steps > NEW_TOKENS // 2
+            # How soon it settles on plain decoding follows measured wall times (noisy on a loaded
+            # machine): `test_draft_length_follows_acceptance_and_cost` checks that on simulated rounds.
+            assert stats.accepted <= 1
     if request.node.callspec.params["pair"] == sorted(SHAPES)[0]:
         assert reference_greedy(ref, inputs, NEW_TOKENS, drafter=drafters["copying"][0]) == expected
 
