@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import ModelConfig, TextConfig
 from .errors import InputError
 from .safetensors_format import SafetensorsError, TensorInfo, read_header
 
@@ -276,6 +276,21 @@ def drop_absent_media(config: ModelConfig, names: Collection[str]) -> ModelConfi
     )
 
 
+def layer_mlp_and_norm_shapes(text: TextConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A decoder layer's MLP, norms and layer scalar under `prefix` (the model's layers and its
+    drafter's are alike there)."""
+    hidden, inner = text.hidden_size, text.intermediate_size
+    shapes = {
+        f"{prefix}.mlp.gate_proj.weight": (inner, hidden),
+        f"{prefix}.mlp.up_proj.weight": (inner, hidden),
+        f"{prefix}.mlp.down_proj.weight": (hidden, inner),
+    }
+    for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+        shapes[f"{prefix}.{norm}_layernorm.weight"] = (hidden,)
+    shapes[f"{prefix}.layer_scalar"] = (1,)
+    return shapes
+
+
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight of the model in our MLX layout (CONTRACT.md), with its shape."""
     text = config.text
@@ -293,12 +308,7 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}.self_attn.o_proj.weight"] = (hidden, q_dim)
         shapes[f"{prefix}.self_attn.q_norm.weight"] = (layer.head_dim,)
         shapes[f"{prefix}.self_attn.k_norm.weight"] = (layer.head_dim,)
-        shapes[f"{prefix}.mlp.gate_proj.weight"] = (text.intermediate_size, hidden)
-        shapes[f"{prefix}.mlp.up_proj.weight"] = (text.intermediate_size, hidden)
-        shapes[f"{prefix}.mlp.down_proj.weight"] = (hidden, text.intermediate_size)
-        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
-            shapes[f"{prefix}.{norm}_layernorm.weight"] = (hidden,)
-        shapes[f"{prefix}.layer_scalar"] = (1,)
+        shapes |= layer_mlp_and_norm_shapes(text, prefix)
     shapes["language_model.norm.weight"] = (hidden,)
     if config.vision is not None:
         vision, embed = config.vision, config.vision.mm_embed_dim

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import layer_mlp_and_norm_shapes
 from ..config import ConfigError, TextConfig, parse_text_config, read_config_json
 from ..errors import InputError
 
@@ -120,12 +121,7 @@ def drafter_tensor_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}.self_attn.q_proj.weight"] = (width, hidden)
         shapes[f"{prefix}.self_attn.o_proj.weight"] = (hidden, width)
         shapes[f"{prefix}.self_attn.q_norm.weight"] = (layer.head_dim,)
-        shapes[f"{prefix}.mlp.gate_proj.weight"] = (text.intermediate_size, hidden)
-        shapes[f"{prefix}.mlp.up_proj.weight"] = (text.intermediate_size, hidden)
-        shapes[f"{prefix}.mlp.down_proj.weight"] = (hidden, text.intermediate_size)
-        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
-            shapes[f"{prefix}.{norm}_layernorm.weight"] = (hidden,)
-        shapes[f"{prefix}.layer_scalar"] = (1,)
+        shapes |= layer_mlp_and_norm_shapes(text, prefix)
     shapes["model.norm.weight"] = (hidden,)
     shapes["pre_projection.weight"] = (hidden, 2 * config.backbone_hidden_size)
     shapes["post_projection.weight"] = (config.backbone_hidden_size, hidden)
