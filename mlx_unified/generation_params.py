@@ -3,8 +3,9 @@
 The Python API (`stream_generate`), the CLI, the app and the server all describe a request with
 `GenerationParams` and call `validate`, so a value is refused the same way everywhere: a
 `ParameterError` naming the argument (the server answers it as a 400 with that `param`). Sampling and
-logits processing are mlx-lm's (`make_sampler`, `make_logits_processors`). This module imports MLX and
-mlx-lm only when a sampler is made, so front ends can validate before loading them.
+logits processing are mlx-lm's (its filters, through `sampling.make_sampler`; `make_logits_processors`).
+This module imports MLX and mlx-lm only when a sampler is made, so front ends can validate before
+loading them.
 """
 
 from __future__ import annotations
@@ -171,9 +172,11 @@ class GenerationParams:
         return min(self.max_tokens, room)
 
     def make_sampler(self) -> Callable[[Any], Any] | None:
-        """mlx-lm's sampler for these settings; None at temperature 0, where `generate_step` takes the
-        argmax of the logits themselves (which no top-p/top-k/min-p filter would change)."""
-        from mlx_lm.sample_utils import make_sampler
+        """mlx-lm's sampler for these settings, built by `sampling.make_sampler` from mlx-lm's filters so
+        that speculative decoding knows its distribution (the rejection rule); None at temperature 0,
+        where `generate_step` takes the argmax of the logits themselves (which no top-p/top-k/min-p
+        filter would change)."""
+        from .sampling import make_sampler
 
         if self.temperature == 0:
             return None

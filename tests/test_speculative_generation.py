@@ -9,7 +9,9 @@ from media_files import voiced_bursts, write_image, write_video
 
 from mlx_unified.drafter import load_drafter
 from mlx_unified.generation import generate
+from mlx_unified.generation_params import GenerationParams
 from mlx_unified.prefix_cache import PrefixCache
+from mlx_unified.sampling import TokenDistribution
 from mlx_unified.testing import tiny_drafter
 
 WINDOW = 16
@@ -83,6 +85,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny, drafter):
     b = generate(tiny.model, tiny.processor, "Tell me a story", seed=4, **kwargs)
     c = generate(tiny.model, tiny.processor, "Tell me a story", seed=5, **kwargs)
     assert a.tokens == b.tokens and a.tokens != c.tokens and a.draft_tokens > 0
+    # The API's sampler says what it draws from, so drafts are judged by the rejection rule.
+    assert isinstance(GenerationParams(temperature=1.0, top_k=20).make_sampler(), TokenDistribution)
 
 
 @pytest.mark.parametrize("kv_bits", [8, 4])
