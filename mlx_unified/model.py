@@ -162,22 +162,17 @@ class Attention(nn.Module):
         key_start = ctx.offset
         quantized = cache is not None and is_quantized(cache)
         if isinstance(cache, SlidingWindowCache):
-            if quantized:
-                keys, values, key_start = cache.update_and_fetch(keys, values)
-                # The quantized kernel reads a ring of exactly the window, one token at a time; the
-                # few tokens of a speculative verification take the blockwise path below.
-                if decoding and L == 1 and cache.capacity == cache.window:
+            # The kernels read the ring in place when it keeps every key these queries see: one
+            # token, or the few of a speculative verification in a ring with spare slots.
+            if decoding and L <= cache.capacity - cache.window + 1:
+                cache.append(keys, values)
+                if quantized:
                     return quantized_sliding_window_attention(
                         queries, cache.keys, cache.values, cache.offset, self.sliding_window,
                         group_size=cache.group_size, bits=cache.bits,
                     )  # fmt: skip
-            else:
-                # The kernel reads the ring in place when it keeps every key these queries see: one
-                # token, or the few of a speculative verification in a ring with spare slots.
-                if decoding and L <= cache.capacity - cache.window + 1:
-                    cache.append(keys, values)
-                    return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
-                keys, values, key_start = cache.update_and_fetch(keys, values)
+                return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
+            keys, values, key_start = cache.update_and_fetch(keys, values)
         elif cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
             key_start = ctx.offset + L - (keys[0] if quantized else keys).shape[2]
