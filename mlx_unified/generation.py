@@ -20,7 +20,12 @@ from .budgets import wired_limit
 from .cache import LayerCache, maybe_quantize
 from .drafter import Drafter
 from .emphasis import SpanBias, audio_emphasis_bias
-from .generation_params import GenerationParams, ParameterError, parse_num_draft_tokens
+from .generation_params import (
+    GenerationParams,
+    ParameterError,
+    check_template_variables,
+    parse_num_draft_tokens,
+)
 from .kv_quantization import (
     DEFAULT_KV_GROUP_SIZE,
     DEFAULT_QUANTIZED_KV_START,
@@ -320,16 +325,17 @@ def template_settings(
     enable_thinking: bool | None, tools: Sequence[dict[str, Any]] | None, chat_template_kwargs: dict[str, Any] | None
 ) -> dict[str, Any]:
     """What the chat template is rendered with: `chat_template_kwargs`, then thinking on or off and the
-    tool definitions (Gemma 4's template reads `enable_thinking` and `tools`)."""
-    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-        raise ParameterError("chat_template_kwargs", "must be a mapping of template variables")
-    settings = dict(chat_template_kwargs or {})
+    tool definitions (Gemma 4's template reads `enable_thinking` and `tools`). The variables are checked
+    (`check_template_variables`): no template of the caller's, no tokenizing or framing switches."""
+    settings = check_template_variables(chat_template_kwargs)
     if enable_thinking is not None:
         if not isinstance(enable_thinking, bool):
             raise ParameterError("enable_thinking", f"must be true or false, got {enable_thinking!r}")
         settings["enable_thinking"] = enable_thinking
-    if tools:
-        settings["tools"] = check_tools(tools)
+    if tools and settings.get("tools"):
+        raise ParameterError("chat_template_kwargs.tools", "tools are given as tools=; give them once")
+    if tools or settings.get("tools"):
+        settings["tools"] = check_tools(tools or settings["tools"])
     return settings
 
 

@@ -21,6 +21,7 @@ from .generation_params import (
     DEFAULT_QUANTIZED_KV_START,
     GenerationParams,
     ParameterError,
+    check_template_variables,
 )
 
 # API parameter -> the flag that sets it (mlx-lm's or mlx-vlm's name for it), to name a refused value.
@@ -47,14 +48,19 @@ FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else"
 
 
 def template_variables(text: str) -> dict[str, Any]:
-    """`--chat-template-config`: a JSON object of chat-template variables."""
+    """`--chat-template-config`: a JSON object of chat-template variables, checked as the API checks
+    them (`check_template_variables`: no template, no tokenizing or framing switches)."""
     try:
         value = json.loads(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"not JSON ({error})") from error
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": true}'")
-    return value
+    try:
+        return check_template_variables(value, "")
+    except ParameterError as error:
+        key = error.param.lstrip(".")
+        raise argparse.ArgumentTypeError(f"{key}: {error.reason}" if key else error.reason) from None
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:

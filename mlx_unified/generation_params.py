@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,23 @@ KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_QUANTIZED_KV_START = 5000
+# A token id as a JSON object key: OpenAI's `logit_bias` keys are strings; ten digits cover any vocabulary.
+_TOKEN_KEY = re.compile(r"[0-9]{1,10}")
+
+# Names a caller's template variables may not take. apply_chat_template's own parameters choose the template,
+# tokenize, and frame the prompt (the generation prompt, a continued last message); the names it renders the
+# template with (messages, documents, the tokenizer's special tokens) and the template's globals would be
+# replaced. These are the runtime's to set, so a request cannot bring its own template or framing.
+FRAMING_ARGUMENTS = frozenset({
+    "chat_template", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+    "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs",
+    "processor_kwargs", "conversation", "messages", "documents",
+})  # fmt: skip
+TEMPLATE_GLOBALS = frozenset({
+    "raise_exception", "strftime_now", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop",
+    "self", "caller", "varargs", "kwargs",
+})  # fmt: skip
+MAX_TEMPLATE_VARIABLES = 64
 
 
 class ParameterError(InputError):
@@ -50,6 +68,34 @@ class ContextLengthError(ParameterError):
 
 class DraftLengthError(ParameterError):
     """A number of draft tokens that is neither 'auto' nor a count in range."""
+
+
+def check_template_variables(
+    variables: Any, param: str = "chat_template_kwargs", *, tools_allowed: bool = True
+) -> dict[str, Any]:
+    """`variables` as chat-template variables (a copy), checked: plain names the template reads, such as
+    `enable_thinking` (true or false). ParameterError naming the key (`param.key`) for a template,
+    a tokenizing or framing switch (`FRAMING_ARGUMENTS`), a special token or a template global;
+    `tools` only where `tools_allowed` (the server's requests carry their own `tools` field)."""
+    if variables is None:
+        return {}
+    if not isinstance(variables, Mapping):
+        raise ParameterError(param, f"must be a mapping of template variables, got {type(variables).__name__}")
+    if len(variables) > MAX_TEMPLATE_VARIABLES:
+        raise ParameterError(param, f"{len(variables)} variables; at most {MAX_TEMPLATE_VARIABLES} are taken")
+    for key in variables:
+        if not isinstance(key, str) or not key.isidentifier() or not key.isascii():
+            raise ParameterError(param, f"{key!r} is not a template variable name")
+        where = f"{param}.{key}"
+        if key == "chat_template":
+            raise ParameterError(where, "the checkpoint's chat template renders every prompt; none may be supplied")
+        if key in FRAMING_ARGUMENTS or key in TEMPLATE_GLOBALS or key.endswith(("_token", "_tokens")):
+            raise ParameterError(where, "sets how the prompt is framed or tokenized, not a template variable")
+        if key == "tools" and not tools_allowed:
+            raise ParameterError(where, "give tool definitions in the request's tools field")
+    if "enable_thinking" in variables and not isinstance(variables["enable_thinking"], bool):
+        raise ParameterError(f"{param}.enable_thinking", f"must be true or false, got {variables['enable_thinking']!r}")
+    return dict(variables)
 
 
 def parse_num_draft_tokens(value: int | str) -> int | None:
@@ -222,9 +268,13 @@ def _logit_bias(bias: Any, vocab_size: int | None) -> dict[int, float] | None:
         return None
     if not isinstance(bias, Mapping):
         raise ParameterError("logit_bias", f"must map token ids to numbers, got {type(bias).__name__}")
+    if vocab_size is not None and len(bias) > vocab_size:
+        raise ParameterError("logit_bias", f"{len(bias)} entries; the vocabulary has {vocab_size} tokens")
     checked: dict[int, float] = {}
     for key, value in bias.items():
-        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+        # ASCII digits only: int() also reads other scripts' digits, and str.isdigit() passes superscripts
+        # that int() refuses.
+        token = int(key) if isinstance(key, str) and _TOKEN_KEY.fullmatch(key.strip()) else key
         if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
             limit = "" if vocab_size is None else f" below {vocab_size}"
             raise ParameterError("logit_bias", f"keys must be token ids >= 0{limit}, got {key!r}")

@@ -13,7 +13,9 @@ message's `tool_responses` list. OpenAI clients send results as `role: "tool"` m
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,21 @@ from .errors import InputError
 
 QUOTE = '<|"|>'  # the template's string delimiter
 BARE_VALUES = {"true": True, "false": False, "None": None, "null": None, "none": None}
+# Most tool definitions a request may bring (OpenAI's own cap).
+MAX_TOOLS = 128
+# Nesting of a value given to the chat template (a tool's schema, a call's arguments, a tool's result): its
+# macros recurse once per level, so a deep value exhausts the interpreter's stack; real schemas stay far below.
+MAX_NESTING = 64
+# Schema nodes over all tool definitions: far above real tool sets, each node rendered into the prompt.
+MAX_SCHEMA_NODES = 1 << 14
+# OpenAI's function names, with the dots and colons other APIs allow: the call syntax has no room for spaces,
+# braces or markers.
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# What the template reads as the names of a schema's own fields, never as property names.
+_SCHEMA_KEYS = ("description", "type", "properties", "required", "nullable")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Levels of a value named in full in a fault's path; deeper ones are cut short.
+_NAMED_LEVELS = 8
 
 
 class ToolCallSyntaxError(ValueError):
@@ -213,6 +230,9 @@ def _template_call(call: Any, index: int, number: int) -> dict[str, Any]:
             raise ToolMessageError(f"{where}.function.arguments: not JSON ({error})") from error
     if not isinstance(arguments, dict):
         raise ToolMessageError(f"{where}.function.arguments: must be a JSON object")
+    fault = json_fault(arguments, MAX_NESTING)
+    if fault is not None:
+        raise ToolMessageError(f"{where}.function.arguments{fault[0]}: {fault[1]}")
     return {**call, "function": {**function, "arguments": arguments}}
 
 
@@ -239,6 +259,10 @@ def _tool_result(message: dict[str, Any], index: int) -> Any:
         return "".join(item.get("text", "") for item in content)
     if content is None:
         return ""
+    if isinstance(content, dict):
+        fault = json_fault(content, MAX_NESTING)
+        if fault is not None:
+            raise ToolMessageError(f"messages[{index}].content{fault[0]}: {fault[1]}")
     if isinstance(content, (str, dict)):
         return content
     raise ToolMessageError(f"messages[{index}]: tool result content must be text, got {type(content).__name__}")
@@ -246,18 +270,112 @@ def _tool_result(message: dict[str, Any], index: int) -> Any:
 
 def check_tools(tools: Any) -> list[dict[str, Any]]:
     """OpenAI's function tool definitions, checked: `[{"type": "function", "function": {"name": ...,
-    "description": ..., "parameters": {JSON schema}}}]`."""
+    "description": ..., "parameters": {JSON schema}}}]`. The schema is checked where the chat template
+    reads it (`properties` an object of property schemas with a `type`, `required` a list of names),
+    and bounded (`MAX_TOOLS`, `MAX_NESTING`, `MAX_SCHEMA_NODES`); text is checked for lone surrogates."""
     if not isinstance(tools, (list, tuple)):
         raise ToolMessageError(f"tools: must be a list of tool definitions, got {type(tools).__name__}")
+    if len(tools) > MAX_TOOLS:
+        raise ToolMessageError(f"tools: {len(tools)} tool definitions; at most {MAX_TOOLS} are taken")
+    nodes = 0
     for index, tool in enumerate(tools):
         where = f"tools[{index}]"
+        fault = json_fault(tool, MAX_NESTING)
+        if fault is not None:
+            raise ToolMessageError(f"{where}{fault[0]}: {fault[1]}")
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             raise ToolMessageError(f"{where}: only tools of type 'function' are supported")
         function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ToolMessageError(f"{where}.function: needs a name")
+        if not _FUNCTION_NAME.fullmatch(function["name"]):
+            raise ToolMessageError(
+                f"{where}.function.name: 1 to 64 letters, digits, '_', '-', '.' or ':', got {function['name']!r}"
+            )
         if not isinstance(function.get("description", ""), str):
             raise ToolMessageError(f"{where}.function.description: must be a string")
-        if not isinstance(function.get("parameters", {}), dict):
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
             raise ToolMessageError(f"{where}.function.parameters: must be a JSON schema object")
+        _check_schema(parameters, f"{where}.function.parameters", typed=False)
+        nodes += sum(1 for _ in _values(tool))
+        if nodes > MAX_SCHEMA_NODES:
+            raise ToolMessageError(f"tools: the definitions hold more than {MAX_SCHEMA_NODES} values in all")
     return list(tools)
+
+
+def _check_schema(schema: dict[str, Any], where: str, typed: bool) -> None:
+    """The fields of a schema the chat template reads: a property's `type` (`typed`), `properties`
+    (an object of property schemas), `required` (a list of names) and `items` (a schema)."""
+    kind = schema.get("type")
+    if (typed or kind is not None) and not _is_type(kind):
+        raise ToolMessageError(f"{where}.type: a type name or a list of them is needed, got {kind!r}")
+    properties = schema.get("properties")
+    if properties is not None:
+        if not isinstance(properties, dict):
+            raise ToolMessageError(f"{where}.properties: must be an object of property schemas")
+        for name, value in properties.items():
+            if name in _SCHEMA_KEYS:
+                continue  # the template skips these names
+            if not isinstance(value, dict):
+                raise ToolMessageError(f"{where}.properties.{name}: must be a schema object")
+            _check_schema(value, f"{where}.properties.{name}", typed=True)
+    elif typed and (kind if isinstance(kind, str) else kind[0]).upper() == "OBJECT":
+        # An object without `properties`: the template reads the schema's other fields as its properties.
+        for name, value in schema.items():
+            if name not in _SCHEMA_KEYS and not (isinstance(value, dict) and _is_type(value.get("type"))):
+                raise ToolMessageError(
+                    f"{where}.{name}: an object schema without properties has its other fields read as "
+                    "properties by the chat template; give its properties (or type string)"
+                )
+    required = schema.get("required")
+    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        raise ToolMessageError(f"{where}.required: must be a list of property names")
+    items = schema.get("items")
+    if isinstance(items, dict):
+        _check_schema(items, f"{where}.items", typed=False)
+
+
+def _is_type(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(item, str) for item in value)
+
+
+def _values(value: Any) -> Iterator[Any]:
+    """Every value inside `value` (not itself), iteratively."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            yield child
+            stack.append(child)
+
+
+def json_fault(value: Any, max_nesting: int) -> tuple[str, str] | None:
+    """The first fault in a JSON value, as (path below `value`, what is wrong): nesting past
+    `max_nesting` levels, or a lone UTF-16 surrogate (JSON's "\ud800") in a string or key, which no
+    UTF-8 text holds; None when there is none. Iterative, so any depth is safe to check."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return path, "holds a lone UTF-16 surrogate, which is not text"
+            continue
+        if isinstance(item, dict):
+            children = [(key, child, f".{key}") for key, child in item.items()]
+        elif isinstance(item, (list, tuple)):
+            children = [(None, child, f"[{index}]") for index, child in enumerate(item)]
+        else:
+            continue
+        if depth >= max_nesting:
+            return path, f"nested more than {max_nesting} levels deep"
+        for key, child, step in reversed(children):
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return path, "holds a key with a lone UTF-16 surrogate, which is not text"
+            # Past _NAMED_LEVELS a path is cut short ("a.b…"): it names where the deep value starts.
+            child_path = path + step if depth < _NAMED_LEVELS else path if path.endswith("…") else path + "…"
+            stack.append((child, child_path, depth + 1))
+    return None

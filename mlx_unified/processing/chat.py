@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
 
 from ..config import TOKEN_TYPES
-from ..generation_params import ParameterError
+from ..generation_params import ParameterError, check_template_variables
 from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError, ProcessorConfigError
@@ -40,19 +43,34 @@ TURN_START, TURN_END = "<|turn>", "<turn|>"
 TOOL_RESPONSE = "<|tool_response>"
 
 
-# Stands in, while the template renders, for message text that holds control-token strings; tokenized
-# apart, with the control tokens read as plain text.
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")
 # Roles whose text comes from people (or tools), never from the model's own markers.
 _TEXT_ROLES = ("system", "developer", "user", "tool")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass
+class _Literals:
+    """Message texts that hold control-token strings, each replaced by a sentinel while the template
+    renders, then tokenized apart with the control tokens read as plain text. The sentinels carry a key
+    drawn anew for each prompt, so text in a message cannot spell one: it is only ever text."""
+
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
+    texts: list[str] = field(default_factory=list)
+
+    def stand_in(self, text: str) -> str:
+        self.texts.append(text)
+        return f"\ue000{self.key}:{len(self.texts) - 1}\ue001"
+
+    def split(self, text: str) -> list[str]:
+        """`text` cut at its sentinels: template text, then (index, template text) pairs."""
+        return re.split(f"\ue000{self.key}:(\\d+)\ue001", text)
 
 
 @dataclass
 class _Expanded:
     text: str
     arrays: dict[str, np.ndarray]
-    literal_texts: list[str]  # what each _SENTINEL in `text` stands for
+    literals: _Literals  # what each sentinel in `text` stands for
 
 
 class Processor:
@@ -84,6 +102,12 @@ class Processor:
         }
         self._placeholder_pattern = re.compile("|".join(re.escape(t) for t in self.placeholders.values()))
         self.control_tokens: tuple[str, ...] = () if parse_control_tokens else _control_tokens(tokenizer)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token spells (a byte token's spelling counts whole): a text of n
+        characters takes at least n / max_token_chars tokens."""
+        return max(len(piece) for piece in self.tokenizer.get_vocab())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options: Any) -> Processor:
@@ -119,14 +143,21 @@ class Processor:
         media_first: bool,
         chat_template_kwargs: dict[str, Any] | None,
         control_tokens: Sequence[str] = (),
-        literal_texts: list[str] | None = None,
+        literals: _Literals | None = None,
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            _template_messages(fold_tool_results(messages), media_first, control_tokens, literal_texts),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **(chat_template_kwargs or {}),
-        )
+        variables = check_template_variables(chat_template_kwargs)
+        template_messages = _template_messages(fold_tool_results(messages), media_first, control_tokens, literals)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                template_messages, tokenize=False, add_generation_prompt=add_generation_prompt, **variables
+            )
+        except TemplateError as error:  # the template's own refusal (raise_exception) or a value it cannot read
+            raise ParameterError("messages", f"the chat template cannot render them: {error}") from error
+        except RecursionError:
+            raise ParameterError("messages", "values nested too deeply for the chat template") from None
+        if _SURROGATE.search(text) or (literals is not None and any(map(_SURROGATE.search, literals.texts))):
+            raise ParameterError("messages", "a message holds a lone UTF-16 surrogate, which is not text")
+        return text
 
     def __call__(
         self,
@@ -168,7 +199,9 @@ class Processor:
         items = [(kind, media[kind].pop(0)) for kind in found]
         budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(budget)
-        expanded = self._fill(text, items, budget, decode=True, literal_texts=[])
+        if _SURROGATE.search(text):
+            raise ParameterError("prompt", "holds a lone UTF-16 surrogate, which is not text")
+        expanded = self._fill(text, items, budget, decode=True, literals=_Literals())
         return self._arrays(self.tokenizer(expanded.text, add_special_tokens=False)["input_ids"], expanded.arrays)
 
     def encode_ids(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
@@ -207,10 +240,10 @@ class Processor:
 
     def _encode(self, expanded: _Expanded) -> list[int]:
         # The template writes `<bos>` itself.
-        pieces = _SENTINEL_PATTERN.split(expanded.text)
+        pieces = expanded.literals.split(expanded.text)
         ids = self.tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
         for index, template_text in zip(pieces[1::2], pieces[2::2], strict=True):
-            literal = expanded.literal_texts[int(index)]
+            literal = expanded.literals.texts[int(index)]
             ids += self.tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             ids += self.tokenizer(template_text, add_special_tokens=False)["input_ids"]
         return ids
@@ -226,9 +259,9 @@ class Processor:
     ) -> _Expanded:
         image_budget = self.image_budget if image_tokens is None else image_tokens
         check_budget(image_budget)
-        literal_texts: list[str] = []
+        literals = _Literals()
         text = self._render(
-            messages, add_generation_prompt, media_first, chat_template_kwargs, self.control_tokens, literal_texts
+            messages, add_generation_prompt, media_first, chat_template_kwargs, self.control_tokens, literals
         )
         items = _media_items(messages, media_first)
         placeholders = self._placeholder_pattern.findall(text)
@@ -237,10 +270,10 @@ class Processor:
                 f"prompt has placeholders {placeholders} but the messages hold media {[k for k, _ in items]}; "
                 "media tokens typed into message text are not supported"
             )
-        return self._fill(text, items, image_budget, decode, literal_texts)
+        return self._fill(text, items, image_budget, decode, literals)
 
     def _fill(
-        self, text: str, items: list[tuple[str, Any]], image_budget: int, decode: bool, literal_texts: list[str]
+        self, text: str, items: list[tuple[str, Any]], image_budget: int, decode: bool, literals: _Literals
     ) -> _Expanded:
         """`text` with each placeholder expanded to the soft-token block of its item (in order)."""
         collected: dict[str, list] = {"image": [], "audio": [], "video": []}
@@ -256,7 +289,7 @@ class Processor:
             collected[kind].append(payload)
         pieces = iter(replacements)
         text = self._placeholder_pattern.sub(lambda _: next(pieces), text)
-        return _Expanded(text, _stack(collected) if decode else {}, literal_texts)
+        return _Expanded(text, _stack(collected) if decode else {}, literals)
 
     def _image(self, source: Any, budget: int, decode: bool) -> tuple[str, dict | None]:
         if decode:
@@ -411,22 +444,21 @@ def _template_messages(
     messages: list[dict],
     media_first: bool,
     control_tokens: Sequence[str] = (),
-    literal_texts: list[str] | None = None,
+    literals: _Literals | None = None,
 ) -> list[dict]:
     """Messages for the template: media payloads dropped (the template only needs each item's type);
     system/developer content as one string, the only form Gemma 4's template renders there.
 
-    With `literal_texts`, the text of a person's (or tool's) message that holds one of `control_tokens`
-    is replaced by a sentinel and appended there, to be tokenized as plain text (trimmed, as the
-    template trims text)."""
+    With `literals`, the text of a person's (or tool's) message that holds one of `control_tokens`
+    is replaced by a sentinel and kept there, to be tokenized as plain text (trimmed, as the template
+    trims text)."""
 
     def literal(text: Any, role: Any) -> Any:
-        if literal_texts is None or role not in _TEXT_ROLES or not isinstance(text, str):
+        if literals is None or role not in _TEXT_ROLES or not isinstance(text, str):
             return text
         if not any(token in text for token in control_tokens):
             return text
-        literal_texts.append(text.strip())
-        return _SENTINEL.format(len(literal_texts) - 1)
+        return literals.stand_in(text.strip())
 
     rendered = []
     for message in messages:

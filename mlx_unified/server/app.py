@@ -25,7 +25,9 @@ from ..errors import InputError
 from ..generation import GenerationResponse
 from .chat import (
     CompletionMeta,
+    CountedObjects,
     ReplyAssembler,
+    RequestLimits,
     ServerDefaults,
     generation_work,
     parse_chat_request,
@@ -194,9 +196,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, CountedObjects())
         check_model(service, body.get("model"))
-        chat = parse_chat_request(body, service.defaults, service.model.config.text.vocab_size)
+        limits = RequestLimits.of(service.model, service.processor)
+        chat = parse_chat_request(body, service.defaults, service.model.config.text.vocab_size, limits)
         queued(service, service.worker.check_room)
         messages = await decoded(convert_messages, chat.messages, service.policy)
         processors = []
@@ -258,10 +261,10 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def read_json(request: Request) -> dict[str, Any]:
+async def read_json(request: Request, object_pairs_hook: Any = None) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=object_pairs_hook)
     except (UnicodeDecodeError, ValueError) as error:
         raise bad_request(f"the request body is not valid JSON ({error})", code="invalid_json") from error
     if not isinstance(body, dict):

@@ -7,16 +7,18 @@ on by `reasoning_effort` or `chat_template_kwargs.enable_thinking`; the reply's 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..generation_params import GenerationParams
+from ..generation_params import GenerationParams, ParameterError, check_template_variables
 from ..reply_parser import ReplyDelta, ReplyParser
-from ..tool_calls import check_tools
+from ..tool_calls import MAX_NESTING, MAX_TOOLS, check_tools, json_fault
 from .errors import bad_request
+from .media import MEDIA_PART_TYPES
 from .worker import Job
 
 # Fields read from a request; the second set is accepted and has no effect here (no accounts, no storage).
@@ -32,6 +34,53 @@ REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True
 
 
 DEFAULT_MAX_TOKENS = 512
+
+# Read before any templating, tokenizing or media decoding, so that a request too large for the model costs
+# little. Objects in a body are counted while it is parsed: a policy cap far above any conversation a
+# context holds, which keeps a body of a million small messages from being built in memory at all.
+MAX_JSON_OBJECTS = 1 << 17
+# Fields whose values reach the chat template or the tokenizer: checked for depth and lone surrogates.
+TEXT_FIELDS = ("messages", "tools", "chat_template_kwargs", "stop", "response_format")
+# Tokens a media item takes at the least: its begin and end markers around one soft token.
+MIN_MEDIA_TOKENS = 3
+_PART_TYPES = ("text", *MEDIA_PART_TYPES)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request certainly cannot exceed and still fit the model: `context_tokens` positions, and
+    text of `max_token_chars` characters per token at the most (`Processor.max_token_chars`)."""
+
+    context_tokens: int
+    max_token_chars: int
+
+    @classmethod
+    def of(cls, model: Any, processor: Any) -> RequestLimits:
+        return cls(model.config.text.max_position_embeddings, processor.max_token_chars)
+
+
+class CountedObjects:
+    """`json.loads`' object_pairs_hook for a chat request: refuses the body once it holds more than
+    `limit` objects, while it is parsed, so the rest of it is never built. The refusal names `param`, else
+    `messages` when most objects are messages or content parts."""
+
+    def __init__(self, limit: int = MAX_JSON_OBJECTS, param: str | None = None) -> None:
+        self.limit, self.param, self.objects, self.message_like = limit, param, 0, 0
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        self.objects += 1
+        if "role" in value or value.get("type") in _PART_TYPES:
+            self.message_like += 1
+        if self.objects > self.limit:
+            param = self.param or ("messages" if 2 * self.message_like >= self.objects else None)
+            raise bad_request(
+                f"{param or 'the request body'}: more than {self.limit} JSON objects (messages, content parts, "
+                "tool definitions) in one request",
+                param,
+                "request_too_large",
+            )
+        return value
 
 
 @dataclass
@@ -58,8 +107,11 @@ class ChatRequest:
     parallel_tool_calls: bool = True
 
 
-def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_size: int) -> ChatRequest:
-    """A checked request; APIError (400) naming the first field at fault."""
+def parse_chat_request(
+    body: dict[str, Any], defaults: ServerDefaults, vocab_size: int, limits: RequestLimits | None = None
+) -> ChatRequest:
+    """A checked request; APIError (400) naming the first field at fault. With `limits`, a request whose
+    messages certainly cannot fit the model's context is refused here, before any templating."""
     unknown = sorted(set(body) - CHAT_FIELDS - IGNORED_FIELDS)
     if unknown:
         raise bad_request(f"unrecognized request argument: {unknown[0]}", unknown[0], "unknown_parameter")
@@ -93,25 +145,40 @@ def parse_chat_request(body: dict[str, Any], defaults: ServerDefaults, vocab_siz
         logprobs=_flag(body, "logprobs", False),
         top_logprobs=_value(body, "top_logprobs", 0),
     ).validate(vocab_size)
-    kwargs = {**defaults.chat_template_kwargs, **_mapping(body, "chat_template_kwargs")}
+    if limits is not None:
+        context = limits.context_tokens
+        if params.max_kv_size is not None:
+            context = min(context, params.max_kv_size)
+        _check_fit(body.get("messages"), context, limits.max_token_chars)
+    for name in TEXT_FIELDS:
+        fault = json_fault(body.get(name), MAX_NESTING)
+        if fault is not None:
+            raise bad_request(f"{name}{fault[0]}: {fault[1]}", f"{name}{fault[0]}")
+    _check_call_arguments(body.get("messages"))
+    try:
+        requested = check_template_variables(_mapping(body, "chat_template_kwargs"), tools_allowed=False)
+    except ParameterError as error:
+        raise bad_request(str(error), error.param, "invalid_value") from error
+    kwargs = {**defaults.chat_template_kwargs, **requested}
     thinking = defaults.enable_thinking
     effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in REASONING_EFFORT:
+        if not isinstance(effort, str) or effort not in REASONING_EFFORT:
             raise bad_request(
                 f"reasoning_effort: expected one of {', '.join(REASONING_EFFORT)}, got {effort!r}", "reasoning_effort"
             )
         thinking = REASONING_EFFORT[effort]
     thinking = kwargs.pop("enable_thinking", thinking)
-    if not isinstance(thinking, bool):
-        raise bad_request("chat_template_kwargs.enable_thinking: must be true or false", "chat_template_kwargs")
+    tools = _tools(body)
+    if tools:
+        kwargs.pop("tools", None)  # the request's own replace the server's --chat-template-config ones
     request = ChatRequest(
         body.get("messages"),
         params,
         stream=stream,
         include_usage=_flag(options, "include_usage", False),
         enable_thinking=thinking,
-        tools=_tools(body),
+        tools=tools,
         chat_template_kwargs=kwargs,
         parallel_tool_calls=_flag(body, "parallel_tool_calls", True),
     )
@@ -138,6 +205,77 @@ def _mapping(body: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def _check_fit(messages: Any, context: int, max_token_chars: int) -> None:
+    """Refuse messages that certainly cannot fit `context` tokens, counting only what costs no more than
+    a pass over them. Every message opens a turn or a tool result with a marker token, except an assistant
+    reply that joins the turn of the tool results before it, so there are at least half as many marker
+    tokens as messages; each media item takes `MIN_MEDIA_TOKENS`; text of a person's or a tool's message
+    (trimmed, as the template trims it) takes a token per `max_token_chars` characters at the least. An
+    assistant's text is not counted: the template drops its thinking. A content part takes a token at
+    the least (or is empty, and worth nothing), so no more parts than the context's tokens are taken.
+    Messages of the wrong shape are left to `media.convert_messages`, which names them."""
+    if not isinstance(messages, list):
+        return
+    if len(messages) > context:
+        raise bad_request(
+            f"messages: {len(messages)} messages; the model's context holds {context} tokens and each message "
+            "takes at least one",
+            "messages",
+            "context_length_exceeded",
+        )
+    parts = media = chars = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        counted = message.get("role") != "assistant"
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content.strip()) if counted else 0
+        elif isinstance(content, list):
+            parts += len(content)
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    chars += len(part["text"].strip()) if counted else 0
+                elif kind in MEDIA_PART_TYPES:
+                    media += 1
+    if parts > context:
+        raise bad_request(
+            f"messages: {parts} content parts; the model's context holds {context} tokens",
+            "messages",
+            "context_length_exceeded",
+        )
+    least = -(-chars // max_token_chars) + MIN_MEDIA_TOKENS * media + -(-len(messages) // 2)
+    if least > context:
+        raise bad_request(
+            f"messages: at least {least} tokens ({chars} characters of text, {media} media items); the "
+            f"model's context holds {context}",
+            "messages",
+            "context_length_exceeded",
+        )
+
+
+def _check_call_arguments(messages: Any) -> None:
+    """Tool-call arguments sent as JSON strings (OpenAI's form), read now as the template will read them:
+    JSON, within `MAX_NESTING` levels, without lone surrogates."""
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for number, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if not isinstance(arguments, str) or not arguments:
+                continue
+            where = f"messages[{index}].tool_calls[{number}].function.arguments"
+            try:
+                fault = json_fault(json.loads(arguments, object_pairs_hook=CountedObjects(param=where)), MAX_NESTING)
+            except RecursionError:
+                fault = ("", f"nested more than {MAX_NESTING} levels deep")
+            except ValueError as error:
+                raise bad_request(f"{where}: not JSON ({error})", where) from error
+            if fault is not None:
+                raise bad_request(f"{where}{fault[0]}: {fault[1]}", where)
+
+
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     choice = _value(body, "tool_choice", "auto")
     tools = body.get("tools")
@@ -149,6 +287,8 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         )
     if not tools or choice == "none":
         return None
+    if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools: {len(tools)} tool definitions; at most {MAX_TOOLS} are taken", "tools")
     try:
         return check_tools(tools)
     except ValueError as error:
@@ -173,19 +313,21 @@ def _response_format(value: Any, request: ChatRequest) -> None:
 
 
 def generation_work(service: Any, request: ChatRequest, messages: list[dict[str, Any]], processors: list) -> Any:
-    """The job that answers one chat request on the worker thread."""
-    from ..generation import stream_generate
+    """The job that answers one chat request on the worker thread. The prompt is templated and tokenized
+    first (bounded by the request's limits, `parse_chat_request`), then a client that has left ends the job
+    before the model runs; after that, at the next prefill chunk or token (`Job`)."""
+    from ..generation import stream_generate, template_settings
 
     def work(job: Job) -> None:
+        settings = template_settings(request.enable_thinking, request.tools, request.chat_template_kwargs)
+        inputs = service.processor(messages, chat_template_kwargs=settings)
+        job.checkpoint()
         replies = stream_generate(
             service.model,
             service.processor,
-            messages,
+            inputs,
             prefill_progress=job.prefill_progress,
             logits_processors=processors,
-            enable_thinking=request.enable_thinking,
-            tools=request.tools,
-            chat_template_kwargs=request.chat_template_kwargs,
             prefix_cache=service.prefix_cache,
             use_prefix_cache=service.prefix_cache is not None,
             draft_model=service.draft_model,

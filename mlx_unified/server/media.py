@@ -22,6 +22,8 @@ from .errors import APIError, bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MEDIA_PART_TYPES = ("image_url", "input_audio", "audio_url", "video_url")
+# Linux's limits on a path and on one of its names: longer ones fail in the system calls themselves.
+MAX_PATH_CHARS, MAX_NAME_CHARS = 4096, 255
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,22 @@ class MediaPolicy:
                 param=where,
                 code="local_files_disabled",
             )
+        if "\0" in name:
+            raise bad_request(f"{where}: a file name cannot hold a NUL character", where, "invalid_media")
+        if len(name) > MAX_PATH_CHARS or any(len(part) > MAX_NAME_CHARS for part in name.split("/")):
+            raise bad_request(
+                f"{where}: a path of at most {MAX_PATH_CHARS} characters, each name at most {MAX_NAME_CHARS}, "
+                "is taken",
+                where,
+                "invalid_media",
+            )
         path = Path(name).expanduser()
         if not path.is_absolute():
             raise bad_request(f"{where}: a local file must be an absolute path, got {name!r}", where)
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as error:  # a link loop: RuntimeError before Python 3.13, then OSError
+            raise bad_request(f"{where}: {name!r}: cannot be resolved (a link loop?)", where, "invalid_media") from error
         if not any(resolved.is_relative_to(root) for root in self.roots):
             raise APIError(
                 403,
@@ -54,7 +68,11 @@ class MediaPolicy:
                 param=where,
                 code="outside_media_root",
             )
-        if not resolved.is_file():
+        try:
+            found = resolved.is_file()
+        except OSError as error:  # a name the file system refuses
+            raise bad_request(f"{where}: {name!r}: cannot be read ({error.strerror})", where, "invalid_media") from error
+        if not found:
             raise bad_request(f"{where}: {name}: no such file", where, "invalid_media")
         return str(resolved)
 

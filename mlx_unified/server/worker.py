@@ -4,7 +4,8 @@ Requests are answered in arrival order by the one thread that runs MLX. A reques
 `max_waiting` others already waiting is refused at once (`QueueFull`, a 503) instead of piling up.
 A job streams its events (prefill progress, generation responses, its result or error) to the
 request's event loop. Cancelling a job (the client went away) ends it at the next token or prefill
-chunk: `Job.checkpoint` raises `Cancelled` there, so the model is free for the next job.
+chunk, or once its prompt is templated and tokenized (work that the request's limits bound, checked
+before it was queued): `Job.checkpoint` raises `Cancelled` there, so the model is free for the next job.
 """
 
 from __future__ import annotations
