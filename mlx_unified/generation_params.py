@@ -24,6 +24,9 @@ SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence/frequency penalties
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# Stop strings are searched for in the held-back tail of the reply at every token, a cost that grows with
+# their number and length: far more than any stop list needs.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
 MAX_DRAFTS = 16  # a fixed draft length beyond this only wastes verification
 # mlx-lm's KV-cache quantization: bits and group sizes its quantized cache takes, its defaults.
 KV_BITS = (4, 8)
@@ -260,6 +263,8 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
         raise ParameterError("stop", f"must be a string or a list of strings, got {stop!r}")
     if any(not s for s in stop):
         raise ParameterError("stop", "an empty string would stop before the first token")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ParameterError("stop", f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
     return tuple(stop)
 
 

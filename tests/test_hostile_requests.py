@@ -361,6 +361,8 @@ CASES = {
     ),
     "tool name with a brace": ({"tools": [tool("f{x")]}, "tools"),
     "129 tools": ({"tools": [tool(f"f{i}") for i in range(129)]}, "tools"),
+    "65 stop strings": ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+    "a stop string of 1025 characters": ({"stop": ["a" * 1025]}, "stop"),
 }
 MEDIA_CASES = {
     "a NUL byte": ("{root}/a\u0000b.png", "messages[0].content[0].image_url.url"),

@@ -207,9 +207,10 @@ def _mapping(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _check_fit(messages: Any, context: int, max_token_chars: int) -> None:
     """Refuse messages that certainly cannot fit `context` tokens, counting only what costs no more than
-    a pass over them. Every message opens a turn or a tool result with a marker token, except an assistant
-    reply that joins the turn of the tool results before it, so there are at least half as many marker
-    tokens as messages; each media item takes `MIN_MEDIA_TOKENS`; text of a person's or a tool's message
+    a pass over them. Gemma 4's template frames every message with two marker tokens (a turn's, or a tool
+    result's), except an assistant reply that joins the turn of the tool results before it, which takes
+    none but follows a tool message of its own: at least one marker token per message. Each media item
+    takes `MIN_MEDIA_TOKENS`; text of a person's or a tool's message
     (trimmed, as the template trims it) takes a token per `max_token_chars` characters at the least. An
     assistant's text is not counted: the template drops its thinking. A content part takes a token at
     the least (or is empty, and worth nothing), so no more parts than the context's tokens are taken.
@@ -245,7 +246,7 @@ def _check_fit(messages: Any, context: int, max_token_chars: int) -> None:
             "messages",
             "context_length_exceeded",
         )
-    least = -(-chars // max_token_chars) + MIN_MEDIA_TOKENS * media + -(-len(messages) // 2)
+    least = -(-chars // max_token_chars) + MIN_MEDIA_TOKENS * media + len(messages)
     if least > context:
         raise bad_request(
             f"messages: at least {least} tokens ({chars} characters of text, {media} media items); the "
