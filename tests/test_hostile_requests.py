@@ -173,10 +173,14 @@ def test_a_client_that_left_stops_the_job_before_the_model_runs(tiny, served, mo
 
     service = Service(tiny.model, None, "tiny", served.worker, set())
     request = ChatRequest(HELLO["messages"], GenerationParams(max_tokens=3))
-    job = Job(lambda _: None, asyncio.new_event_loop())
+    loop = asyncio.new_event_loop()
+    job = Job(lambda _: None, loop)
     service.processor = Leaving(job)
-    with pytest.raises(Cancelled):
-        generation_work(service, request, HELLO["messages"], [])(job)
+    try:
+        with pytest.raises(Cancelled):
+            generation_work(service, request, HELLO["messages"], [])(job)
+    finally:
+        loop.close()
     assert calls == []
 
 
