@@ -64,8 +64,8 @@ def write_video(path: Path, seconds: int = 2, fps: int = 4, size: int = 64) -> P
 
 
 def write_silence_bomb(path: Path, seconds: int = 60, rate: int = 192_000, channels: int = 8) -> Path:
-    """A FLAC of silence at a high rate and channel count: about 100 KB that decodes to `seconds` x
-    `rate` x `channels` samples (a decompression bomb: 60 s is 369 MB as float32, more as float64)."""
+    """A FLAC of silence at a high rate and channel count: a small file that decodes to `seconds` x
+    `rate` x `channels` samples, thousands of times its size (a decompression bomb)."""
     block = np.zeros((rate, channels), np.int16)
     settings = {"samplerate": rate, "channels": channels, "format": "FLAC", "subtype": "PCM_16"}
     with soundfile.SoundFile(path, "w", **settings) as out:

@@ -91,7 +91,7 @@ def test_a_cut_off_wav_is_not_refused_for_the_length_its_header_claims(tmp_path)
     soundfile.write(tmp_path / "whole.wav", voiced_bursts(40.0), 16_000, subtype="PCM_16")
     data = (tmp_path / "whole.wav").read_bytes()
     (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
-    # Half the bytes, less the header: a few samples under 20 s.
+    # Half the bytes, less the header's: a few samples short of half the recording.
     assert len(load_audio(tmp_path / "cut.wav", max_seconds=MAX_CLIP_SECONDS)) == pytest.approx(
         320_000, abs=30
     )
@@ -175,6 +175,24 @@ def test_a_caf_claiming_a_huge_frame_count_is_decoded_as_far_as_it_goes(tmp_path
         assert str(error).startswith(f"<{len(data)} bytes>: ")
     else:
         assert 0 < len(wave) <= MAX_CLIP_SECONDS * 16_000
+
+
+def test_a_container_of_more_than_eight_channels_is_mixed_down_without_crashing(tmp_path):
+    # PyAV reads planar frames with more channels than FFmpeg's fixed array of data pointers out of
+    # bounds (a fuzzed CAF crashed the process that way): such containers are decoded interleaved.
+    import av
+
+    levels = np.arange(12, dtype=np.int16) * 1000
+    with av.open(str(tmp_path / "twelve.mka"), "w", format="matroska") as container:
+        stream = container.add_stream("pcm_s16le", rate=16_000)
+        stream.layout = "7.1.4"
+        samples = np.tile(levels, 1600)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="7.1.4")
+        frame.sample_rate, frame.pts = 16_000, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    wave = load_audio(tmp_path / "twelve.mka")
+    np.testing.assert_allclose(wave, np.full(1600, levels.mean() / 32768, np.float32), rtol=1e-6)
 
 
 # Images ----------------------------------------------------------------------------------------------

@@ -280,13 +280,15 @@ def _decode_with_av(
             if seconds is not None and seconds > max_seconds:
                 raise _too_long(name, max_seconds, seconds, " (from its header)")
             mixdown = _Mixdown(name, rate, output_rate, max_seconds)
-            # Planar float at the header's rate, each frame's own channels; soxr does the resampling.
-            resampler = av.AudioResampler(format="fltp", rate=rate)
+            # Interleaved float at the header's rate, each frame's own channels; soxr does the
+            # resampling. Not planar: PyAV reads a planar frame's planes from FFmpeg's fixed array of
+            # data pointers, out of bounds when a frame has more channels than that array holds.
+            resampler = av.AudioResampler(format="flt", rate=rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    mixdown.add(out.to_ndarray().T)
+                    mixdown.add(_interleaved(out))
             for out in resampler.resample(None):
-                mixdown.add(out.to_ndarray().T)
+                mixdown.add(_interleaved(out))
     except MediaError:
         raise
     except (av.error.FFmpegError, *_AV_PYTHON_ERRORS) as error:
@@ -294,6 +296,11 @@ def _decode_with_av(
     if mixdown.frames == 0:
         raise MediaError(f"{name}: audio track has no samples")
     return mixdown.finish()
+
+
+def _interleaved(frame: object) -> np.ndarray:
+    """An interleaved float frame as `(frames, channels)`."""
+    return frame.to_ndarray().reshape(frame.samples, len(frame.layout.channels))
 
 
 def _stated_seconds(container: object, stream: object) -> float | None:
