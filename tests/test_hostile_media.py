@@ -64,7 +64,7 @@ def test_a_flac_bomb_is_refused_from_its_header_before_decoding(bombs, monkeypat
     monkeypatch.setattr(audio._Mixdown, "add", no_decoding)
     started = time.perf_counter()
     with pytest.raises(
-        MediaError, match=r"bomb\.flac: audio is 60\.0 s long \(from its header\); the limit is 30 s"
+        MediaError, match=r"bomb\.flac: audio is 60\.0 s long \(from its header\); one clip holds at most 30 s"
     ):
         load_audio(bombs["bomb"], max_seconds=MAX_CLIP_SECONDS)
     with pytest.raises(MediaError, match=r"four-hours\.flac: audio is 14400\.0 s long \(from its header\)"):
@@ -138,7 +138,7 @@ def test_a_terahertz_sample_rate_is_refused(rate):
 
 def test_an_array_longer_than_the_limit_is_refused_before_conversion():
     samples = np.zeros(31 * 16_000, np.int16)
-    with pytest.raises(MediaError, match=r"<tuple>: audio is 31\.0 s long; the limit is 30 s"):
+    with pytest.raises(MediaError, match=r"<tuple>: audio is 31\.0 s long; one clip holds at most 30 s"):
         load_audio((samples, 16_000), max_seconds=MAX_CLIP_SECONDS)
 
 
@@ -243,13 +243,16 @@ def client(tiny):
     from fastapi.testclient import TestClient
 
     from mlx_unified.generation import stop_token_ids
+    from mlx_unified.generation_params import GenerationParams
     from mlx_unified.server.app import Service, create_app
+    from mlx_unified.server.chat import ServerDefaults
     from mlx_unified.server.worker import Worker
 
     worker = Worker(max_waiting=2)
-    service = Service(
-        tiny.model, tiny.processor, "tiny", worker, stop_token_ids(tiny.model, tiny.processor.tokenizer)
-    )
+    stop_ids = stop_token_ids(tiny.model, tiny.processor.tokenizer)
+    # Short replies: a transcription has no max_tokens field, and the random model never stops.
+    defaults = ServerDefaults(params=GenerationParams(max_tokens=3))
+    service = Service(tiny.model, tiny.processor, "tiny", worker, stop_ids, defaults=defaults)
     with TestClient(create_app(service)) as test_client:
         yield test_client
     worker.close()

@@ -318,13 +318,14 @@ def _stated_seconds(container: object, stream: object) -> float | None:
 
 def _too_long(name: str, max_seconds: float, seconds: float | None, how: str) -> MediaError:
     length = f"{seconds:.1f} s long{how}" if seconds is not None else f"longer than {max_seconds:g} s{how}"
-    hint = (
-        " (one clip holds at most that; longer recordings are cut on pauses by the transcription endpoint, "
-        "the command line and mlx_unified.processing.run_long_audio)"
-        if max_seconds <= MAX_CLIP_SECONDS
-        else ""
-    )
-    return MediaError(f"{name}: audio is {length}; the limit is {max_seconds:g} s{hint}")
+    if max_seconds <= MAX_CLIP_SECONDS:
+        limit = (
+            f"one clip holds at most {max_seconds:g} s (longer recordings are cut on pauses by the "
+            "transcription endpoint, the command line and mlx_unified.processing.run_long_audio)"
+        )
+    else:
+        limit = f"the limit is {max_seconds:g} s"
+    return MediaError(f"{name}: audio is {length}; {limit}")
 
 
 def _short(value: object) -> str:
