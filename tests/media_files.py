@@ -61,3 +61,45 @@ def write_video(path: Path, seconds: int = 2, fps: int = 4, size: int = 64) -> P
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_silence_bomb(path: Path, seconds: int = 60, rate: int = 192_000, channels: int = 8) -> Path:
+    """A FLAC of silence at a high rate and channel count: a small file that decodes to `seconds` x
+    `rate` x `channels` samples, thousands of times its size (a decompression bomb)."""
+    block = np.zeros((rate, channels), np.int16)
+    settings = {"samplerate": rate, "channels": channels, "format": "FLAC", "subtype": "PCM_16"}
+    with soundfile.SoundFile(path, "w", **settings) as out:
+        for _ in range(seconds):
+            out.write(block)
+    return path
+
+
+def with_flac_length(data: bytes, total_samples: int) -> bytes:
+    """A FLAC's bytes with its STREAMINFO total-samples field (36 bits) set: 0 says "length unknown",
+    as encoders writing to a pipe leave it; another value is a header that lies."""
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0, "STREAMINFO comes first"
+    edited = bytearray(data)
+    at = 8 + 13  # the field's top 4 bits are the low half of STREAMINFO's byte 13
+    edited[at] = (edited[at] & 0xF0) | ((total_samples >> 32) & 0x0F)
+    edited[at + 1 : at + 5] = (total_samples & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(edited)
+
+
+def write_audio_seeds(folder: Path, seconds: float = 0.5) -> dict[str, Path]:
+    """Small intact WAV, FLAC, MP3 and CAF files (some stereo at 22.05 kHz, so decoding also mixes and
+    resamples): the seeds that fuzz tests mutate."""
+    mono = voiced_bursts(seconds)
+    stereo_rate = 22_050
+    t = np.arange(int(seconds * stereo_rate)) / stereo_rate
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 330 * t)], axis=1)
+    seeds = {
+        "wav": (mono, RATE, "WAV", "PCM_16"),
+        "flac": (stereo, stereo_rate, "FLAC", "PCM_16"),
+        "mp3": (mono, RATE, "MP3", "MPEG_LAYER_III"),
+        "caf": (stereo, stereo_rate, "CAF", "PCM_16"),
+    }
+    paths = {}
+    for kind, (samples, rate, fmt, subtype) in seeds.items():
+        paths[kind] = folder / f"seed.{kind}"
+        soundfile.write(paths[kind], samples, rate, format=fmt, subtype=subtype)
+    return paths

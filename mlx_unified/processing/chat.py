@@ -300,7 +300,8 @@ class Processor:
         return f"{self.boi}{self.placeholders['image'] * count}{self.eoi}", payload
 
     def _audio(self, source: Any) -> tuple[str, np.ndarray]:
-        wave = load_audio(source)
+        # The limit goes to the decoder: a longer file is refused from its header or as it decodes.
+        wave = load_audio(source, max_seconds=MAX_CLIP_SECONDS)
         count = audio_num_tokens(len(wave))
         if count > MAX_CLIP_TOKENS:
             raise MediaError(

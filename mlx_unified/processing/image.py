@@ -8,6 +8,7 @@ patches in row-major order with (x, y) positions, padding patches of zeros at (-
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,12 @@ MODEL_PATCH = TEACHER_PATCH * POOLING_KERNEL  # 48
 PATCH_DIM = MODEL_PATCH * MODEL_PATCH * 3  # 6912
 # Larger images are refused before decoding (decompression bombs, absurd scans): 8192 x 8192.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# What Pillow raises for a damaged file while decoding, beyond OSError: its plugins parse headers and
+# chunks with struct and plain indexing, and refuse pixel counts over its own bomb limit.
+_DECODER_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error,
+    Image.DecompressionBombError,
+)
 # EXIF orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -61,9 +68,14 @@ def image_size(image: ImageSource) -> tuple[int, int]:
     """(height, width) after EXIF orientation, reading only the header of encoded images."""
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, describe_source(image)).shape[:2]
-    pil_image = _open(image) if not isinstance(image, Image.Image) else image
+    name = describe_source(image)
+    pil_image = _open(image) if not isinstance(image, Image.Image) else _checked_size(image, name)
     width, height = pil_image.size
-    if pil_image.getexif().get(ImageOps.ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+    try:
+        orientation = pil_image.getexif().get(ImageOps.ExifTags.Base.Orientation)
+    except _DECODER_ERRORS as error:
+        raise MediaError(f"{name}: cannot read the image's EXIF data ({error})") from error
+    if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return height, width
 
@@ -73,11 +85,11 @@ def load_image(image: ImageSource) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, describe_source(image))
     name = describe_source(image)
-    pil_image = image if isinstance(image, Image.Image) else _open(image)
+    pil_image = _checked_size(image, name) if isinstance(image, Image.Image) else _open(image)
     try:
         pil_image = ImageOps.exif_transpose(pil_image)
         return np.asarray(_pil_to_rgb(pil_image))
-    except (OSError, ValueError, SyntaxError) as error:
+    except _DECODER_ERRORS as error:
         raise MediaError(f"{name}: cannot decode image ({error})") from error
 
 
@@ -116,13 +128,20 @@ def _open(source: str | Path | bytes) -> Image.Image:
             pil_image = Image.open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise MediaError(f"{name}: image too large ({error})") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, *_DECODER_ERRORS) as error:
         raise MediaError(f"{name}: not a readable image ({error})") from error
+    return _checked_size(pil_image, name)
+
+
+def _checked_size(pil_image: Image.Image, name: str) -> Image.Image:
+    """`pil_image` when its size can be decoded and resized: not empty (no aspect ratio to keep), not
+    above MAX_IMAGE_PIXELS (its decoded pixels would not fit in memory); the header's size, so an
+    encoded image is judged before its pixels are decoded."""
     width, height = pil_image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise MediaError(f"{name}: image too large ({width}x{height}, limit {MAX_IMAGE_PIXELS} pixels)")
-    if width == 0 or height == 0:
-        raise MediaError(f"{name}: image has zero size")
+    if width <= 0 or height <= 0:
+        raise MediaError(f"{name}: image has zero size ({width}x{height})")
     return pil_image
 
 

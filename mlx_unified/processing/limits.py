@@ -12,3 +12,12 @@ DEFAULT_BUDGET = 280
 DEFAULT_FPS = 1.0
 DEFAULT_FRAME_BUDGET = 70  # soft tokens per video frame
 MAX_VIDEO_SECONDS = 60.0
+
+# Recordings cut into clips (the transcription endpoint, the command line): the longest one decoded.
+# Decoding keeps only the model's mono float32 samples, so this bounds its memory.
+MAX_RECORDING_SECONDS = 3 * 60 * 60
+# What an audio header or a caller may claim: rates outside this are corrupt or meaningless, and more
+# channels than this are no recording a chat model hears (and would multiply the decoder's block size).
+MIN_SAMPLING_RATE = 1_000
+MAX_SAMPLING_RATE = 768_000
+MAX_AUDIO_CHANNELS = 64

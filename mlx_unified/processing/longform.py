@@ -22,6 +22,7 @@ VAD_FRAME_SECONDS = 0.03
 VAD_MODE = 2
 MIN_PAUSE_SECONDS = 0.24
 FALLBACK_OVERLAP_SECONDS = 1.0
+VAD_STRETCH_FRAMES = 2000  # VAD frames converted to 16-bit PCM at a time
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,18 @@ def speech_frames(wave: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> np.nd
 
     vad = webrtcvad.Vad(VAD_MODE)
     frame_length = int(sampling_rate * VAD_FRAME_SECONDS)
-    pcm = (np.clip(wave, -1.0, 1.0) * 32767).astype("<i2")
-    count = len(pcm) // frame_length
-    return np.array(
-        [
-            vad.is_speech(pcm[i * frame_length : (i + 1) * frame_length].tobytes(), sampling_rate)
-            for i in range(count)
-        ],
-        dtype=bool,
-    )
+    count = len(wave) // frame_length
+    decisions = np.zeros(count, dtype=bool)
+    # 16-bit PCM a stretch at a time: a recording of hours is not copied whole a second time.
+    stretch = VAD_STRETCH_FRAMES * frame_length
+    end = count * frame_length
+    for begin in range(0, end, stretch):
+        pcm = (np.clip(wave[begin : min(begin + stretch, end)], -1.0, 1.0) * 32767).astype("<i2")
+        first = begin // frame_length
+        for i in range(len(pcm) // frame_length):
+            frame = pcm[i * frame_length : (i + 1) * frame_length].tobytes()
+            decisions[first + i] = vad.is_speech(frame, sampling_rate)
+    return decisions
 
 
 def find_pauses(is_speech: np.ndarray) -> list[tuple[float, float]]:

@@ -78,7 +78,9 @@ def sampled_frames(source: VideoSource, plan: VideoPlan) -> Iterator[np.ndarray]
                     given += 1
                 if given == len(wanted):
                     return
-        except av.error.FFmpegError as error:
+        except (av.error.FFmpegError, ValueError, TypeError, AttributeError, OSError, EOFError) as error:
+            # PyAV reports a damaged stream through FFmpeg's errors and, for a pixel format or a field
+            # it cannot map, plain Python ones: all of them mean this video cannot be decoded.
             raise MediaError(f"{name}: cannot decode video ({error})") from error
         if last is None:
             raise MediaError(f"{name}: video has no decodable frames")
@@ -124,9 +126,12 @@ def _stack_patches(per_frame: list[dict]) -> dict:
     }
 
 
-def load_video_audio(source: VideoSource, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """The video's audio track as model audio input (16 kHz mono float32)."""
-    return load_audio(source, sampling_rate)
+def load_video_audio(
+    source: VideoSource, sampling_rate: int = SAMPLING_RATE, max_seconds: float = MAX_VIDEO_SECONDS
+) -> np.ndarray:
+    """The video's audio track as model audio input (16 kHz mono float32), refused past `max_seconds`
+    (the video limit: a track longer than its video is no reason to decode more)."""
+    return load_audio(source, sampling_rate, max_seconds=max_seconds)
 
 
 def _open(source: VideoSource, name: str):

@@ -244,10 +244,10 @@ def create_app(service: Service) -> FastAPI:
         response_format, params = form_settings(form, service.defaults)
         queued(service, service.worker.check_room)
         data = await upload.read()
-        from ..processing import load_audio
         from ..processing.limits import SAMPLING_RATE
+        from .transcription import decode_upload
 
-        wave = await decoded(load_audio, data, param="file")
+        wave = await decoded(decode_upload, data)
         text = instruction(form.get("language"), form.get("prompt"))
         job = submit(service, transcription_work(service, wave, text, params))
         event = await next_event(job, request)

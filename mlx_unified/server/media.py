@@ -165,7 +165,8 @@ def _base64(data: str, where: str) -> bytes:
 
 
 def _clip(source: bytes | str) -> Any:
-    wave = load_audio(source)
+    # The limit goes to the decoder: a longer file is refused from its header or as it decodes.
+    wave = load_audio(source, max_seconds=MAX_CLIP_SECONDS)
     seconds = len(wave) / SAMPLING_RATE
     if seconds > MAX_CLIP_SECONDS:
         raise MediaError(

@@ -3,6 +3,10 @@
 The upload is decoded before the request is queued; on the worker it goes through the long-audio path
 (`processing.run_long_audio`: voice-activity detection, cuts in the pauses, segments of at most 30 s),
 each segment answered by the model with the transcription instruction.
+
+Recordings of up to `MAX_RECORDING_SECONDS` (three hours) are taken: a longer one is refused from its
+header or as soon as decoding passes the limit, and decoding keeps only the 16 kHz mono waveform, so an
+upload that expands to far more audio than its size suggests costs neither memory nor time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import asdict
 from typing import Any
 
 from ..generation_params import GenerationParams
+from ..processing.errors import MediaError
+from ..processing.limits import MAX_RECORDING_SECONDS
 from ..reply_parser import parse_reply
 from .errors import bad_request
 from .worker import Job, Result
@@ -61,6 +67,17 @@ def form_settings(form: Any, defaults: Any) -> tuple[str, GenerationParams]:
         quantized_kv_start=defaults.params.quantized_kv_start,
     )
     return response_format, params.validate()
+
+
+def decode_upload(data: bytes) -> Any:
+    """The uploaded recording as 16 kHz mono float32; a file that cannot be used (unreadable, empty,
+    corrupt, longer than `MAX_RECORDING_SECONDS`) is a 400 `invalid_media` naming the `file` field."""
+    from ..processing import load_audio
+
+    try:
+        return load_audio(data, max_seconds=MAX_RECORDING_SECONDS)
+    except MediaError as error:
+        raise bad_request(f"file: {error}", "file", "invalid_media") from error
 
 
 def transcription_work(service: Any, wave: Any, text: str, params: GenerationParams) -> Any:
