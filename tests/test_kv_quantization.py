@@ -52,6 +52,7 @@ from mlx_unified.kernels.quantized_attention import (
 )
 from mlx_unified.kernels.rope_tables import PROPORTIONAL_ROPE
 from mlx_unified.kv_quantization import KVQuantization, KVQuantizationError, kv_quantization
+from mlx_unified.model import Model
 from mlx_unified.prefill import prefill, prefill_chunks
 from mlx_unified.prefix_cache import PrefixCache, PrefixKeys, PrefixState, plan_prefix
 from mlx_unified.testing.reference import VARIED_EMBED_STD, assert_varied, build_reference_model, text_prompt
@@ -74,7 +75,7 @@ def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def reference_built(path, shape: str, **overrides) -> Any:
+def reference_built(path, shape: str, **overrides) -> Model:
     """Reference-built random weights; q_norm and k_norm scaled so that query-key scores have about
     unit variance, as attention scale 1.0 needs of trained norms (the raw random norms give scores of
     standard deviation sqrt(head_dim) = 8, an attention that is nearly one-hot)."""
