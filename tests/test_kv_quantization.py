@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 from logits_log import run_logged
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 import mlx_unified
+from mlx_unified import attention as attention_module
 from mlx_unified import cache as cache_module
-from mlx_unified import model as model_module
 from mlx_unified.cache import (
+    KVCache,
+    QuantizedKVCache,
     QuantizedSharedKVCache,
     QuantizedSlidingWindowCache,
     SharedKVCache,
@@ -131,7 +132,7 @@ def test_quantized_cache_gives_what_float_attention_gives_over_the_rounded_cache
     """Chunked prefill (quantized products by query blocks, derived keys on K=V layers), then decoding
     past the window: through the decode paths (kernels' fallback: MLX's quantized products) or through
     the prefill path (CUDA's), each position as the float model over the rounded cache."""
-    monkeypatch.setattr(model_module, "decode_in_place", lambda: in_place)
+    monkeypatch.setattr(attention_module, "decode_in_place", lambda: in_place)
     ids = text_prompt(np.random.default_rng(1), 44)["input_ids"]
     quantized = run(model, ids, 30, KVQuantization(bits, 64, start=0))
     rounded_float_caches(monkeypatch, bits)
@@ -256,10 +257,10 @@ def test_prefill_switches_where_its_passes_end(model):
     cache = model.make_cache()
     last = np.array(prefill(model, {"input_ids": ids}, cache, 5, kv_quantization=kv))
     assert np.array_equal(last, run(model, ids, 30, kv, 5)[:, -1:])
-    assert all(cache_module.is_quantized(c) for c in cache)
+    assert all(c.quantization is not None for c in cache)
     short = model.make_cache()
     prefill(model, {"input_ids": ids[:, :13]}, short, 5, kv_quantization=kv)
-    assert not any(cache_module.is_quantized(c) for c in short)  # 13 positions: still float
+    assert not any(c.quantization is not None for c in short)  # 13 positions: still float
 
 
 def test_snapshots_of_quantized_caches_restore_exactly(model):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_unified
-from mlx_unified import model as model_module
+from mlx_unified import attention as attention_module
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.prefill import prefill
 from mlx_unified.testing.reference import (
@@ -69,7 +69,7 @@ def test_decoding_through_cache_equals_full_forward(pair, in_place, monkeypatch)
     """Token by token past the window: every position's logits equal the full forward's, whether
     decoding reads the caches in place (Metal kernels, CPU references) or runs MLX's fused
     attention over the derived keys (CUDA)."""
-    monkeypatch.setattr(model_module, "decode_in_place", lambda: in_place)
+    monkeypatch.setattr(attention_module, "decode_in_place", lambda: in_place)
     _, model = pair
     inputs = text_prompt(np.random.default_rng(10), 26)
     full = ours(model, inputs)
