@@ -24,7 +24,7 @@ from .attention_blocks import (
 )
 from .budgets import memory_budget_bytes, prefill_score_bytes
 from .config import ModelConfig
-from .generation_params import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 
 # The context a conversion must leave room for to be recommended (`--plan`) or picked by default.
 DEFAULT_MIN_CONTEXT = 16384

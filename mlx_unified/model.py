@@ -23,9 +23,9 @@ from .attention_blocks import PREFILL_SCORE_BYTES
 from .cache import KVCache, LayerCache, SharedKVCache, SlidingWindowCache
 from .config import LayerShape, ModelConfig, TextConfig, VisionConfig
 from .emphasis import SpanBias
+from .errors import MediaError
 from .kernels import audio_norm, norm_rope, vision_tail
 from .masks import vision_block_ids
-from .processing.errors import MediaError
 
 MEDIA_KEYS = (
     "pixel_values",

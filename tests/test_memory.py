@@ -21,7 +21,7 @@ from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
 from mlx_unified.convert.estimate import estimate, longest_context, plan, recommend
 from mlx_unified.footprint import DEFAULT_MIN_CONTEXT, activation_bytes, kv_bytes, prefill_sizes, run_bytes
-from mlx_unified.generation_params import DEFAULT_QUANTIZED_KV_START
+from mlx_unified.kv_quantization import DEFAULT_QUANTIZED_KV_START
 from mlx_unified.model_source import community_weights_bytes
 from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TOKEN_TYPES
-from ..generation_params import ParameterError
+from ..errors import ParameterError
 from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError, ProcessorConfigError
