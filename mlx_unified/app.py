@@ -36,7 +36,7 @@ from .conversation import (
 )
 from .errors import InputError
 from .generation_flags import add_kv_cache_flags, generation_params
-from .generation_params import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KV_BITS
 from .model_source import add_source_arguments
 from .processing.errors import MediaError
 from .processing.limits import SUPPORTED_BUDGETS

@@ -1,4 +1,5 @@
-"""Attention outside the decode kernels: what one forward call's layers share, and prefill attention by
+"""Attention: how a layer attends, once it has its queries and its new keys and values (`attend`, the
+one place that chooses the backend), what one forward call's layers share, and prefill attention by
 query blocks.
 
 Decoding (a few new tokens) reads the caches in place through the custom kernels of
@@ -24,9 +25,18 @@ import mlx.core as mx
 import numpy as np
 
 from .attention_blocks import PREFILL_SCORE_BYTES, global_blocks_together, query_block, sliding_query_block
+from .cache import LayerCache, StoredKV
+from .config import RopeSpec
 from .emphasis import SpanBias
-from .kernels import kernels_enabled
+from .kernels import (
+    global_kv_attention,
+    kernels_enabled,
+    quantized_global_kv_attention,
+    quantized_sliding_window_attention,
+    sliding_window_attention,
+)
 from .kernels.quantized_attention import DerivedKeys, Quantized, QuantizedKeys, quantized_attention
+from .kernels.rope_tables import rope_fused
 from .masks import additive_mask, attention_mask, unsplit_spans
 
 # observer(is_sliding, queries, keys, key_start, mask): see AttentionContext.observer.
@@ -80,6 +90,73 @@ class AttentionContext:
         if size not in self.spans:
             self.spans[size] = unsplit_spans(self.block_ids, 0, num_queries, size)
         return self.spans[size]
+
+
+def attend(
+    queries: mx.array,
+    keys: mx.array | None,
+    values: mx.array,
+    cache: LayerCache | None,
+    ctx: AttentionContext,
+    window: int | None,
+    rope: RopeSpec,
+    key_weight: mx.array,
+) -> mx.array:
+    """A layer's attention output [B, H, L, D] for its queries [B, H, L, D] (normed and rotated) and
+    this call's new keys and values [B, n_kv, L, D], stored first in `cache` (None: attend to them
+    alone). K=V layers (`keys` None) pass their one tensor as `values`: keys are
+    rope(key_weight * values). `window`: a sliding layer's, None on global layers.
+
+    Decoding (a few new tokens, no vision block) reads the cache in place through the decode kernels
+    where `decode_in_place()`; everything else, and a cache that cannot be read in place, attends by
+    query blocks (`prefill_attention`). Float or quantized, the cache's `StoredKV` says."""
+    length = queries.shape[2]
+    decoding = cache is not None and length <= DECODE_MAX_TOKENS and ctx.block_ids is None and decode_in_place()
+    stored = StoredKV(keys, values, ctx.offset, ctx.offset + length) if cache is None else cache.store(keys, values, decoding)
+    key_bias = ctx.key_bias if window is None else None  # emphasis acts on global layers only
+    if stored.in_place:
+        return _decode_in_place(queries, stored, window, rope, key_weight, key_bias)
+    return prefill_attention(
+        queries, _keys(stored, rope, key_weight), stored.values, ctx, stored.key_start, window, key_bias
+    )
+
+
+def _decode_in_place(
+    queries: mx.array, stored: StoredKV, window: int | None, rope: RopeSpec, key_weight: mx.array,
+    key_bias: SpanBias | None,
+) -> mx.array:  # fmt: skip
+    """The decode kernels over a cache's own buffers: the global K=V one derives keys from the single
+    tensor; the sliding one reads the ring without a mask."""
+    q = stored.quantization
+    if stored.keys is None:
+        if q is not None:
+            return quantized_global_kv_attention(
+                queries, stored.values, key_weight, stored.offset, group_size=q.group_size, bits=q.bits,
+                rope=rope, span_bias=key_bias,
+            )  # fmt: skip
+        return global_kv_attention(queries, stored.values, key_weight, stored.offset, rope=rope, span_bias=key_bias)
+    if q is not None:
+        return quantized_sliding_window_attention(
+            queries, stored.keys, stored.values, stored.offset, window, group_size=q.group_size, bits=q.bits
+        )
+    return sliding_window_attention(queries, stored.keys, stored.values, stored.offset, window)
+
+
+def _keys(stored: StoredKV, rope: RopeSpec, key_weight: mx.array) -> mx.array | QuantizedKeys | DerivedKeys:
+    """The keys prefill attention reads: as stored, or derived on K=V layers; quantized ones as the
+    quantized products read them."""
+    q = stored.quantization
+    if stored.keys is None:
+        if q is not None:
+            return DerivedKeys(stored.values, key_weight, stored.key_start, rope, q.group_size, q.bits)
+        return derived_keys(stored.values, key_weight, stored.key_start, rope)
+    return stored.keys if q is None else QuantizedKeys(stored.keys, q.group_size, q.bits)
+
+
+def derived_keys(shared: mx.array, key_weight: mx.array, start: int, rope: RopeSpec) -> mx.array:
+    """The keys of a K=V layer from its one tensor (positions start..): rope(k_norm.weight * v), which
+    is the reference's rope(k_norm(raw)) since v = v_norm(raw) and both norms divide by the same RMS."""
+    return rope_fused(shared * key_weight.astype(shared.dtype), start, rope)
 
 
 def prefill_attention(

@@ -55,6 +55,12 @@ def sliding_query_block(window: int) -> int:
     return max(window // BLOCK_WASTE_DIVISOR, min(window, MIN_QUERY_BLOCK))
 
 
+# Attending more keys than one block holds keeps up to this many blocks' worth alive at once (the
+# running soft-max merges a block's scores into the output while the next block's are computed, as
+# measured on MLX's CPU backend at 262K keys); blocks are sized so that all of them fit the bound.
+QUANTIZED_ATTENTION_PEAK = 3
+
+
 def quantized_key_bytes(rows: int, rotated_dims: int = 0) -> int:
     """Transient bytes of attending one key of a quantized cache from `rows` query rows (all heads):
     its float32 score and the exponential of it; on K=V layers, where keys are derived, also its

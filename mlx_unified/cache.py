@@ -17,20 +17,29 @@ the helpers below slice, write and grow every array of it alike along the positi
 
 All follow mlx-lm's cache contract: `state` is everything a cache holds (its arrays or triples, then
 its offset and sizes) and `from_state(state)` rebuilds one; `snapshot` copies a model's caches through
-it (the prefix cache keeps and restores snapshots). All can `trim` their newest positions, which
-speculative decoding does after verifying drafts (a ring puts back the slots it overwrote, `saved_for_trim`).
+it (the prefix cache keeps and restores snapshots). Beyond it, every kind answers the same methods, so
+that no caller tests a cache's type:
+- `store(keys, values, decoding)`: add new positions, return what attention reads (`StoredKV`);
+- `saved_for_trim(n)` and `trim(n, saved)`: speculative decoding's exact rollback (a ring puts back the
+  slots it overwrote; the other kinds save nothing);
+- `reserve_for_drafts(n)`: room to verify n drafts and roll back (a ring's spare slots);
+- `quantization` (None, or its `KVQuantization` settings), `dense(buffer)` (arrays, dequantized);
+- `held_kv()`: the keys and values a drafter reads, in position order;
+- `layout_kind` and `window`: what the prefix cache checks a restored prefix against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.generate import maybe_quantize_kv_cache
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
+from mlx_lm.models import cache as mlx_lm_cache
+from mlx_lm.models.cache import _BaseCache
 
 from .kv_quantization import KVQuantization, KVQuantizationError
 
@@ -90,7 +99,63 @@ def _nbytes(*buffers: Buffer | None) -> int:
     return sum(a.nbytes for b in buffers if b is not None for a in _arrays(b))
 
 
-class SlidingWindowCache(_BaseCache):
+@dataclass(frozen=True)
+class StoredKV:
+    """What attention reads after a cache stored new positions (`store`).
+
+    keys: None on K=V layers, whose keys are derived from `values`. `in_place`: the buffers are the
+    cache's own, positions at their ring slot (or index) and `offset` positions written, for the decode
+    kernels to read as they are; otherwise the keys and values the new queries may see, in position
+    order from absolute position `key_start`. `quantization`: how the buffers are quantized, or None."""
+
+    keys: Buffer | None
+    values: Buffer
+    key_start: int
+    offset: int
+    in_place: bool = False
+    quantization: StorageQuantization | None = None
+
+
+class StorageQuantization(NamedTuple):
+    """How a quantized cache stores its tensors (as read from it: a restored prefix is checked against
+    the run's `KVQuantization`, never validated on the way)."""
+
+    bits: int
+    group_size: int
+
+
+class _Float:
+    """Storage as arrays."""
+
+    quantization: StorageQuantization | None = None
+
+    def _stored(self, x: mx.array) -> Buffer:
+        """New keys or values as the buffers hold them."""
+        return x
+
+    def dense(self, buffer: Buffer) -> mx.array:
+        return buffer
+
+
+class _Quantized:
+    """Storage as `mx.quantize`d triples (`bits`, `group_size`)."""
+
+    group_size: int
+    bits: int
+
+    @property
+    def quantization(self) -> StorageQuantization:
+        return StorageQuantization(self.bits, self.group_size)
+
+    def _stored(self, x: mx.array) -> Quantized:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def dense(self, buffer: Buffer) -> mx.array:
+        """A buffer's arrays, dequantized (the drafter and observers read them so)."""
+        return mx.dequantize(*buffer, group_size=self.group_size, bits=self.bits)
+
+
+class SlidingWindowCache(_Float, _BaseCache):
     """Keys and values of the newest positions of a sliding layer, in a ring: absolute position p lives
     in slot p % capacity. Attention sees the last `window` of them; `capacity` (default: the window)
     may be larger, which speculative decoding needs: verifying n tokens writes n slots, and after
@@ -107,9 +172,26 @@ class SlidingWindowCache(_BaseCache):
         self.values: Buffer | None = None
         self.offset = 0
 
-    def _stored(self, x: mx.array) -> Buffer:
-        """New keys or values as the buffers hold them."""
-        return x
+    layout_kind = "SlidingWindowCache"
+
+    def store(self, keys: mx.array, values: mx.array, decoding: bool) -> StoredKV:
+        """Add L new positions. The decode kernels read the ring in place when it keeps every key these
+        queries see: one token, or the few of a speculative verification in a ring with spare slots."""
+        if decoding and keys.shape[2] <= self.capacity - self.window + 1:
+            self.append(keys, values)
+            return StoredKV(self.keys, self.values, 0, self.offset, in_place=True, quantization=self.quantization)
+        keys, values, start = self.update_and_fetch(keys, values)
+        return StoredKV(keys, values, start, self.offset, quantization=self.quantization)
+
+    def held_kv(self) -> tuple[mx.array, mx.array, int]:
+        """The last window + 1 positions (or as many as the ring holds), dense, and the first's position."""
+        start = self.offset - min(self.offset, self.window + 1, self.capacity)
+        keys, values = self.positions(start, self.offset)
+        return self.dense(keys), self.dense(values), start
+
+    def reserve_for_drafts(self, drafts: int) -> None:
+        """Keep window + drafts + 1 slots: verifying the drafts and rolling back loses no window key."""
+        self.reserve(self.window + drafts + 1)
 
     def _ring_index(self, start: int, stop: int) -> mx.array | slice:
         """The slots of positions [start, stop) (stop - start <= capacity), in position order."""
@@ -272,16 +354,13 @@ class RingSlots:
     values: Buffer
 
 
-class QuantizedSlidingWindowCache(SlidingWindowCache):
+class QuantizedSlidingWindowCache(_Quantized, SlidingWindowCache):
     """`SlidingWindowCache` whose slots hold `mx.quantize`d keys and values (`bits`, `group_size`)."""
 
     def __init__(self, window: int, group_size: int = 64, bits: int = 8, capacity: int | None = None):
         super().__init__(window, capacity)
         self.group_size = group_size
         self.bits = bits
-
-    def _stored(self, x: mx.array) -> Quantized:
-        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     @property
     def state(self) -> tuple[Quantized | None, Quantized | None, int, int, int, int]:
@@ -297,15 +376,32 @@ class QuantizedSlidingWindowCache(SlidingWindowCache):
         return _already_quantized(self, group_size, bits)
 
 
-class SharedKVCache(_BaseCache):
+class SharedKVCache(_Float, _BaseCache):
     """One cached tensor for K=V global layers: the normalized shared projection of every position."""
 
     def __init__(self):
         self.values: Buffer | None = None
         self.offset = 0
 
-    def _stored(self, x: mx.array) -> Buffer:
-        return x
+    layout_kind = "SharedKVCache"
+    window = None
+
+    def store(self, keys: None, values: mx.array, decoding: bool) -> StoredKV:
+        """Add L new positions of the one tensor (K=V layers have no separate keys)."""
+        held = self.update_and_fetch(values)
+        if decoding:
+            return StoredKV(None, self.values, 0, self.offset, in_place=True, quantization=self.quantization)
+        return StoredKV(None, held, 0, self.offset, quantization=self.quantization)
+
+    def held_kv(self) -> tuple[None, mx.array, int]:
+        """Every cached position of the one tensor, dense (keys: derived by the layer)."""
+        return None, self.dense(_slots(self.values, 0, self.offset)), 0
+
+    def saved_for_trim(self, length: int) -> None:
+        return None  # trimmed positions are only overwritten by later ones
+
+    def reserve_for_drafts(self, drafts: int) -> None:
+        """It grows as positions come: nothing to reserve."""
 
     def update_and_fetch(self, values: mx.array) -> Buffer:
         """Append L positions; return all cached positions [B, n_kv, offset, head_dim]."""
@@ -328,7 +424,7 @@ class SharedKVCache(_BaseCache):
     def is_trimmable(self) -> bool:
         return True
 
-    def trim(self, n: int) -> int:
+    def trim(self, n: int, saved: None = None) -> int:
         """Drop the newest n positions (their slots are overwritten by the next ones)."""
         n = min(n, self.offset)
         self.offset -= n
@@ -355,16 +451,13 @@ class SharedKVCache(_BaseCache):
         return quantized
 
 
-class QuantizedSharedKVCache(SharedKVCache):
+class QuantizedSharedKVCache(_Quantized, SharedKVCache):
     """`SharedKVCache` holding the `mx.quantize`d tensor (`bits`, `group_size`)."""
 
     def __init__(self, group_size: int = 64, bits: int = 8):
         super().__init__()
         self.group_size = group_size
         self.bits = bits
-
-    def _stored(self, x: mx.array) -> Quantized:
-        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     @property
     def state(self) -> tuple[Quantized | None, int, int, int]:
@@ -379,7 +472,7 @@ class QuantizedSharedKVCache(SharedKVCache):
         return _already_quantized(self, group_size, bits)
 
 
-def _already_quantized(cache: QuantizedSlidingWindowCache | QuantizedSharedKVCache, group_size: int, bits: int):
+def _already_quantized(cache: _Quantized, group_size: int, bits: int) -> _Quantized:
     # mlx-lm's `maybe_quantize_kv_cache` asks every cache with `to_quantized` again at each step.
     if (group_size, bits) != (cache.group_size, cache.bits):
         raise KVQuantizationError(
@@ -390,10 +483,51 @@ def _already_quantized(cache: QuantizedSlidingWindowCache | QuantizedSharedKVCac
     return cache
 
 
+class _GrowingKV:
+    """mlx-lm's growing K-and-V caches (global layers without K=V, in other configs) with this module's
+    contract."""
+
+    layout_kind = "KVCache"
+    window = None
+
+    def store(self, keys: mx.array, values: mx.array, decoding: bool) -> StoredKV:
+        keys, values = self.update_and_fetch(keys, values)
+        return StoredKV(keys, values, self.offset - _length(keys), self.offset, quantization=self.quantization)
+
+    def held_kv(self) -> tuple[mx.array, mx.array, int]:
+        keys, values = (_slots(b, 0, self.offset) for b in (self.keys, self.values))
+        return self.dense(keys), self.dense(values), 0
+
+    def saved_for_trim(self, length: int) -> None:
+        return None  # trimmed positions are only overwritten by later ones
+
+    def trim(self, n: int, saved: None = None) -> int:
+        return super().trim(n)
+
+    def reserve_for_drafts(self, drafts: int) -> None:
+        """It grows as positions come: nothing to reserve."""
+
+
+class KVCache(_Float, _GrowingKV, mlx_lm_cache.KVCache):
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+        """This cache with its keys and values quantized (mlx-lm's `to_quantized`)."""
+        quantized = QuantizedKVCache(group_size, bits)
+        quantized.offset = self.offset
+        if self.keys is not None:
+            quantized.keys, quantized.values = quantized._stored(self.keys), quantized._stored(self.values)
+        return quantized
+
+
+class QuantizedKVCache(_Quantized, _GrowingKV, mlx_lm_cache.QuantizedKVCache):
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+        return _already_quantized(self, group_size, bits)
+
+
 LayerCache = (
     SlidingWindowCache | SharedKVCache | KVCache | QuantizedSlidingWindowCache | QuantizedSharedKVCache
     | QuantizedKVCache
 )
+# Every kind by its class name: the prefix cache stores a layer's kind as that name.
 LAYER_CACHES: dict[str, type] = {
     c.__name__: c
     for c in (
@@ -401,20 +535,6 @@ LAYER_CACHES: dict[str, type] = {
         QuantizedKVCache,
     )
 }  # fmt: skip
-# The float cache each quantized one stands for: the layout a model's `make_cache` gives.
-_FLOAT_OF_QUANTIZED: dict[type, type] = {
-    QuantizedSlidingWindowCache: SlidingWindowCache,
-    QuantizedSharedKVCache: SharedKVCache,
-    QuantizedKVCache: KVCache,
-}
-
-
-def float_kind(cache: LayerCache) -> type:
-    return _FLOAT_OF_QUANTIZED.get(type(cache), type(cache))
-
-
-def is_quantized(cache: LayerCache) -> bool:
-    return float_kind(cache) is not type(cache)
 
 
 # -- when to quantize -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .attention_blocks import (
 )
 from .budgets import memory_budget_bytes, prefill_score_bytes
 from .config import ModelConfig
-from .generation_params import DEFAULT_KV_GROUP_SIZE
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 
 # The context a conversion must leave room for to be recommended (`--plan`) or picked by default.
 DEFAULT_MIN_CONTEXT = 16384
@@ -49,12 +49,6 @@ def kv_bytes(
     return int(elements * element_bytes)
 
 
-# A quantized global layer's attention over a long context peaks at up to this many score bounds (its
-# key blocks, merged by a running soft-max: measured 2.7 at 262K keys and a 128 MiB bound on MLX's
-# CPU backend).
-QUANTIZED_ATTENTION_PEAK = 3
-
-
 def activation_bytes(
     config: ModelConfig,
     context_tokens: int,
@@ -71,8 +65,8 @@ def activation_bytes(
     layer's attention, float cache: its scores (the whole pass's when `global_blocks_together`, else
     one query block's, see `query_block`: its blocks are then evaluated in turn) and, on K=V layers, the
     keys derived from the cached tensor (the scaled tensor and its rotation, bf16). Quantized cache:
-    its query block's keys attended a block at a time within `score_bytes`, QUANTIZED_ATTENTION_PEAK
-    of them at most.
+    its query block's keys in one block when they fit `score_bytes`, else a block at a time, the
+    blocks a merge keeps alive within it (`kernels.quantized_attention.key_block`).
     """
     text = config.text
     context_tokens = max(context_tokens, 1)
@@ -96,7 +90,7 @@ def activation_bytes(
         else:
             rotated = (global_layer.rope.rotated_dims or global_layer.head_dim) if global_layer.k_eq_v else 0
             per_key = quantized_key_bytes(rows, rotated)
-            attention = max(attention, QUANTIZED_ATTENTION_PEAK * min(per_key * context_tokens, score_bytes))
+            attention = max(attention, min(per_key * context_tokens, score_bytes))
     return mlp + hidden + attention + 4 * text.vocab_size
 
 
@@ -139,13 +133,23 @@ def run_bytes(
     budget_bytes: int,
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> int:
-    """Weights, KV cache (bf16, or `kv_bits`-bit) and prefill activations at `context_tokens`, with the
-    prefill's passes and attention blocks sized for `budget_bytes` as they are at run time
-    (`prefill_sizes`)."""
-    sizes = prefill_sizes(config, weights, context_tokens, kv_bits, kv_group_size, budget_bytes)
-    activations = activation_bytes(config, context_tokens, sizes.chunk, sizes.score_bytes, kv_bits)
-    return weights + kv_bytes(config, context_tokens, kv_bits, kv_group_size) + activations
+    """Peak memory of a run that reaches `context_tokens`: weights, KV cache and prefill activations,
+    with the prefill's passes and attention blocks sized for `budget_bytes` as they are at run time
+    (`prefill_sizes`). With `kv_bits`, the cache stays float until it holds `quantized_kv_start`
+    positions, as at run time: the float run up to there, then the quantized one, whichever needs more.
+    So a quantized cache never reaches less context than a float one where the two hold the same."""
+
+    def at(tokens: int, bits: int | None) -> int:
+        sizes = prefill_sizes(config, weights, tokens, bits, kv_group_size, budget_bytes)
+        activations = activation_bytes(config, tokens, sizes.chunk, sizes.score_bytes, bits)
+        return weights + kv_bytes(config, tokens, bits, kv_group_size) + activations
+
+    if kv_bits is None or context_tokens <= quantized_kv_start:
+        return at(context_tokens, None)
+    float_part = at(quantized_kv_start, None) if quantized_kv_start > 0 else 0
+    return max(float_part, at(context_tokens, kv_bits))
 
 
 def fits(
@@ -155,5 +159,7 @@ def fits(
     budget_bytes: int,
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> bool:
-    return run_bytes(config, weights, context_tokens, budget_bytes, kv_bits, kv_group_size) <= budget_bytes
+    needed = run_bytes(config, weights, context_tokens, budget_bytes, kv_bits, kv_group_size, quantized_kv_start)
+    return needed <= budget_bytes

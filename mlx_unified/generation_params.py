@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import ParameterError
+from .kv_quantization import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    check_kv_quantization,
+)
 
 SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
@@ -28,11 +33,6 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # their number and length: far more than any stop list needs.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
 MAX_DRAFTS = 16  # a fixed draft length beyond this only wastes verification
-# mlx-lm's KV-cache quantization: bits and group sizes its quantized cache takes, its defaults.
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64, 128)
-DEFAULT_KV_GROUP_SIZE = 64
-DEFAULT_QUANTIZED_KV_START = 5000
 # A token id as a JSON object key: OpenAI's `logit_bias` keys are strings; ten digits cover any vocabulary.
 _TOKEN_KEY = re.compile(r"[0-9]{1,10}")
 
@@ -50,19 +50,6 @@ TEMPLATE_GLOBALS = frozenset({
     "self", "caller", "varargs", "kwargs",
 })  # fmt: skip
 MAX_TEMPLATE_VARIABLES = 64
-
-
-class ParameterError(InputError):
-    """A generation parameter out of range or of the wrong type; `param` names it."""
-
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}")
-        self.param = param
-        self.reason = reason
-
-    def renamed(self, names: Mapping[str, str]) -> ParameterError:
-        """The same refusal naming the parameter as `names` spells it (a front end's flag)."""
-        return type(self)(names.get(self.param, self.param), self.reason)
 
 
 class ContextLengthError(ParameterError):
@@ -243,15 +230,6 @@ class GenerationParams:
             frequency_penalty=self.frequency_penalty or None,
             frequency_context_size=self.frequency_context_size,
         )
-
-
-def check_kv_quantization(bits: Any, group_size: Any, start: Any) -> None:
-    """mlx-lm's rule for `kv_bits`, `kv_group_size` and `quantized_kv_start`; ParameterError naming the
-    one that breaks it."""
-    for name, value, allowed in (("kv_bits", bits, KV_BITS), ("kv_group_size", group_size, KV_GROUP_SIZES)):
-        if not _is_int(value) or value not in allowed:
-            raise ParameterError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    _integer("quantized_kv_start", start, 0)
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:

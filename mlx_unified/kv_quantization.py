@@ -1,21 +1,39 @@
 """KV-cache quantization settings: mlx-lm's `kv_bits`, `kv_group_size` and `quantized_kv_start` as one value.
 
 Plain Python (no MLX), so the memory estimates can count a quantized cache. The values are checked by
-`generation_params.check_kv_quantization`, the rule `GenerationParams.validate` applies for every
-surface. The caches themselves are in `cache.py` (`maybe_quantize`).
+`check_kv_quantization`, the rule `GenerationParams.validate` applies for every surface. The caches
+themselves are in `cache.py` (`maybe_quantize`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .generation_params import (
-    DEFAULT_KV_GROUP_SIZE,
-    DEFAULT_QUANTIZED_KV_START,
-    ParameterError,
-    check_kv_quantization,
-)
+from .errors import ParameterError
+
+# mlx-lm's KV-cache quantization: bits and group sizes its quantized cache takes, its defaults.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_QUANTIZED_KV_START = 5000
+
+
+def check_kv_quantization(bits: Any, group_size: Any, start: Any) -> None:
+    """mlx-lm's rule for `kv_bits`, `kv_group_size` and `quantized_kv_start`; ParameterError naming the
+    one that breaks it."""
+    for name, value, allowed in (("kv_bits", bits, KV_BITS), ("kv_group_size", group_size, KV_GROUP_SIZES)):
+        if not _is_count(value) or value not in allowed:
+            raise ParameterError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    if not _is_count(start):
+        raise ParameterError("quantized_kv_start", f"must be an integer, got {start!r}")
+    if start < 0:
+        raise ParameterError("quantized_kv_start", f"must be >= 0, got {start}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class KVQuantizationError(ParameterError):

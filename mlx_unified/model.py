@@ -17,32 +17,15 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
-from .attention import (
-    DECODE_MAX_TOKENS,
-    AttentionContext,
-    AttentionObserver,
-    decode_in_place,
-    prefill_attention,
-)
+from .attention import AttentionContext, AttentionObserver, attend, derived_keys
 from .attention_blocks import PREFILL_SCORE_BYTES
-from .cache import LayerCache, SharedKVCache, SlidingWindowCache, is_quantized
+from .cache import KVCache, LayerCache, SharedKVCache, SlidingWindowCache
 from .config import LayerShape, ModelConfig, TextConfig, VisionConfig
 from .emphasis import SpanBias
-from .kernels import (
-    audio_norm,
-    global_kv_attention,
-    norm_rope,
-    quantized_global_kv_attention,
-    quantized_sliding_window_attention,
-    sliding_window_attention,
-    vision_tail,
-)
-from .kernels.quantized_attention import DerivedKeys, QuantizedKeys
-from .kernels.rope_tables import rope_fused
+from .errors import MediaError
+from .kernels import audio_norm, norm_rope, vision_tail
 from .masks import vision_block_ids
-from .processing.errors import MediaError
 
 MEDIA_KEYS = (
     "pixel_values",
@@ -111,75 +94,17 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         n_kv, offset = self.shape.num_kv_heads, ctx.offset
         queries = self._norm_rope(self.q_proj(x), self.num_heads, self.q_norm.weight, offset, rope=True)
-        decoding = cache is not None and L <= DECODE_MAX_TOKENS and ctx.block_ids is None and decode_in_place()
-        if self.shape.k_eq_v:
-            shared = self._norm_rope(self.k_proj(x), n_kv, None, offset, rope=False)  # v_norm, no weight
-            out = self._shared_kv(queries, shared, ctx, cache, decoding)
+        if self.shape.k_eq_v:  # one tensor, v_norm(k_proj(x)) (no weight): the values, and the keys' source
+            keys, values = None, self._norm_rope(self.k_proj(x), n_kv, None, offset, rope=False)
         else:
             keys = self._norm_rope(self.k_proj(x), n_kv, self.k_norm.weight, offset, rope=True)
             values = self._norm_rope(self.v_proj(x), n_kv, None, offset, rope=False)
-            out = self._separate_kv(queries, keys, values, ctx, cache, decoding)
+        out = attend(queries, keys, values, cache, ctx, self.sliding_window, self.rope, self.k_norm.weight)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _shared_kv(
-        self, queries: mx.array, shared: mx.array, ctx: AttentionContext, cache: SharedKVCache | None, decoding: bool
-    ) -> mx.array:
-        L = queries.shape[2]
-        quantized = cache is not None and is_quantized(cache)
-        if cache is not None:
-            shared = cache.update_and_fetch(shared)
-        weight = self.k_norm.weight
-        if decoding and quantized:
-            return quantized_global_kv_attention(
-                queries, cache.values, weight, cache.offset, group_size=cache.group_size, bits=cache.bits,
-                rope=self.rope, span_bias=ctx.key_bias,
-            )  # fmt: skip
-        if decoding:
-            return global_kv_attention(queries, cache.values, weight, cache.offset, rope=self.rope, span_bias=ctx.key_bias)
-        if quantized:
-            key_start = ctx.offset + L - shared[0].shape[2]
-            keys = DerivedKeys(shared, weight, key_start, self.rope, cache.group_size, cache.bits)
-        else:
-            key_start = ctx.offset + L - shared.shape[2]
-            keys = self.shared_keys(shared, key_start)
-        return prefill_attention(queries, keys, shared, ctx, key_start, None, ctx.key_bias)
-
     def shared_keys(self, shared: mx.array, start: int) -> mx.array:
-        """The keys of a K=V layer from its one tensor (positions start..): rope(k_norm.weight * v), which
-        is the reference's rope(k_norm(raw)) since v = v_norm(raw) and both norms divide by the same RMS."""
-        return rope_fused(shared * self.k_norm.weight.astype(shared.dtype), start, self.rope)
-
-    def _separate_kv(
-        self,
-        queries: mx.array,
-        keys: mx.array,
-        values: mx.array,
-        ctx: AttentionContext,
-        cache: LayerCache | None,
-        decoding: bool,
-    ) -> mx.array:
-        L = queries.shape[2]
-        key_start = ctx.offset
-        quantized = cache is not None and is_quantized(cache)
-        if isinstance(cache, SlidingWindowCache):
-            # The kernels read the ring in place when it keeps every key these queries see: one
-            # token, or the few of a speculative verification in a ring with spare slots.
-            if decoding and L <= cache.capacity - cache.window + 1:
-                cache.append(keys, values)
-                if quantized:
-                    return quantized_sliding_window_attention(
-                        queries, cache.keys, cache.values, cache.offset, self.sliding_window,
-                        group_size=cache.group_size, bits=cache.bits,
-                    )  # fmt: skip
-                return sliding_window_attention(queries, cache.keys, cache.values, cache.offset, self.sliding_window)
-            keys, values, key_start = cache.update_and_fetch(keys, values)
-        elif cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-            key_start = ctx.offset + L - (keys[0] if quantized else keys).shape[2]
-        if quantized:
-            keys = QuantizedKeys(keys, cache.group_size, cache.bits)
-        key_bias = None if self.shape.is_sliding else ctx.key_bias  # emphasis acts on global layers only
-        return prefill_attention(queries, keys, values, ctx, key_start, self.sliding_window, key_bias)
+        """The keys of a K=V layer from its one tensor, positions start.. (`attention.derived_keys`)."""
+        return derived_keys(shared, self.k_norm.weight, start, self.rope)
 
     def make_cache(self) -> LayerCache:
         if self.shape.is_sliding:

@@ -32,7 +32,7 @@ from .checkpoint import HUB_PATTERNS, resolve, stored_weight_bytes
 from .config import ModelConfig, load_config, released_config
 from .errors import InputError
 from .footprint import DEFAULT_MIN_CONTEXT, fits, run_bytes
-from .generation_params import DEFAULT_KV_GROUP_SIZE
+from .kv_quantization import DEFAULT_KV_GROUP_SIZE
 
 # The community conversions of the 12B model (mlx_vlm.convert's, as the model cards name them), most
 # bits first, with their quantization bits (None: unquantized bf16).

@@ -51,7 +51,7 @@ import mlx.core as mx
 import numpy as np
 
 from .budgets import PREFIX_CACHE_MAX_BYTES, prefix_cache_bytes
-from .cache import LAYER_CACHES, LayerCache, float_kind, is_quantized, snapshot
+from .cache import LAYER_CACHES, LayerCache, snapshot
 from .checkpoint import ModelLoadError, model_identity
 from .emphasis import SpanBias
 from .errors import InputError
@@ -241,7 +241,7 @@ def save_prefix(path: str | Path, state: PrefixState, identity: str) -> Path:
 
 @dataclass(frozen=True)
 class LayerLayout:
-    kind: str  # the cache's class name
+    kind: str  # the cache's `layout_kind`: its float kind's class name
     kv_heads: int
     head_dim: int
     window: int | None  # sliding layers
@@ -263,7 +263,7 @@ class CacheLayout:
         layers = []
         for i, cache in enumerate(caches):
             shape = model.config.text.layer(i)
-            layers.append(LayerLayout(type(cache).__name__, shape.num_kv_heads, shape.head_dim, getattr(cache, "window", None)))
+            layers.append(LayerLayout(cache.layout_kind, shape.num_kv_heads, shape.head_dim, cache.window))
         return cls(tuple(layers), model.dtype, kv_quantization)
 
     def mismatch(self, layers: Sequence[LayerCache], length: int) -> str | None:
@@ -271,7 +271,7 @@ class CacheLayout:
         if len(layers) != len(self.layers):
             return f"{len(layers)} layers, the model has {len(self.layers)}"
         for i, (spec, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            if float_kind(cache).__name__ != spec.kind or getattr(cache, "window", None) != spec.window:
+            if cache.layout_kind != spec.kind or cache.window != spec.window:
                 return f"layer {i} is a {type(cache).__name__}, the model's is a {spec.kind}"
             if type(cache.offset) is not int or cache.offset != length:
                 return f"layer {i} holds {cache.offset!r} positions, the prefix has {length}"
@@ -289,11 +289,11 @@ class CacheLayout:
         # The run quantizes every layer once it holds `start` positions (`cache.maybe_quantize`): a
         # longer prefix must be quantized as it is, a shorter one must not be; at `start` exactly both are
         # the same positions (the run quantizes a float one before reading it).
-        kv = self.kv_quantization
-        if is_quantized(cache):
-            if kv is None or (cache.bits, cache.group_size) != (kv.bits, kv.group_size) or length < kv.start:
+        kv, held = self.kv_quantization, cache.quantization
+        if held is not None:
+            if kv is None or (held.bits, held.group_size) != (kv.bits, kv.group_size) or length < kv.start:
                 wanted = "a float KV cache" if kv is None else f"{kv.bits} bits in groups of {kv.group_size} from {kv.start}"
-                return f"is quantized to {cache.bits} bits in groups of {cache.group_size}; this run's is {wanted}"
+                return f"is quantized to {held.bits} bits in groups of {held.group_size}; this run's is {wanted}"
         elif kv is not None and length > kv.start:
             return f"is not quantized; this run quantizes to {kv.bits} bits from position {kv.start}"
         return None
@@ -304,9 +304,10 @@ class CacheLayout:
         if isinstance(item, mx.array):
             expected = [(spec.head_dim, self.dtype)]
             arrays = [item]
-        elif isinstance(item, (tuple, list)) and is_quantized(cache):
-            groups = spec.head_dim // cache.group_size
-            expected = [(spec.head_dim * cache.bits // 32, mx.uint32), (groups, self.dtype), (groups, self.dtype)]
+        elif isinstance(item, (tuple, list)) and cache.quantization is not None:
+            held = cache.quantization
+            groups = spec.head_dim // held.group_size
+            expected = [(spec.head_dim * held.bits // 32, mx.uint32), (groups, self.dtype), (groups, self.dtype)]
             arrays = list(item)
             if len(arrays) != 3 or not all(isinstance(a, mx.array) for a in arrays):
                 return f"a quantized tensor of {len(arrays)} parts, not (packed, scales, biases)"

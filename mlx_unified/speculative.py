@@ -31,19 +31,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx.utils import tree_map
 from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import DECODE_MAX_TOKENS
-from .cache import (
-    Buffer,
-    LayerCache,
-    RingSlots,
-    SharedKVCache,
-    SlidingWindowCache,
-    is_quantized,
-    maybe_quantize,
-)
+from .cache import LayerCache, RingSlots, maybe_quantize
 from .drafter import Drafter, KeyValues
 from .emphasis import SpanBias
 from .kv_quantization import KVQuantization
@@ -59,10 +50,9 @@ AUTO_MAX_DRAFTS = DECODE_MAX_TOKENS - 1
 
 
 def prepare_cache(cache: Sequence[LayerCache], max_drafts: int) -> None:
-    """Give every sliding ring the window + max_drafts + 1 slots speculative decoding needs."""
+    """Give every layer cache the room verifying `max_drafts` drafts and rolling back needs."""
     for layer in cache:
-        if isinstance(layer, SlidingWindowCache):
-            layer.reserve(layer.window + max_drafts + 1)
+        layer.reserve_for_drafts(max_drafts)
 
 
 def shared_kv(model: Model, cache: list[LayerCache]) -> dict[str, KeyValues]:
@@ -77,26 +67,12 @@ def shared_kv(model: Model, cache: list[LayerCache]) -> dict[str, KeyValues]:
 
 
 def layer_kv(attention: Attention, cache: LayerCache) -> KeyValues:
-    """One layer's keys and values from its cache, in position order (a sliding ring: the last
-    window + 1 positions, or as many as it holds)."""
+    """One layer's keys and values from its cache, in position order, dense (a sliding ring: the last
+    window + 1 positions, or as many as it holds; a K=V layer's keys derived from its one tensor)."""
     if cache.offset == 0:
         raise ValueError("the target's cache is empty: the drafter reads positions the target has seen")
-    if isinstance(cache, SharedKVCache):
-        values = _dense(cache, tree_map(lambda a: a[:, :, : cache.offset], cache.values))
-        return KeyValues(attention.shared_keys(values, 0), values, 0)
-    if isinstance(cache, SlidingWindowCache):
-        start = cache.offset - min(cache.offset, cache.window + 1, cache.capacity)
-        keys, values = cache.positions(start, cache.offset)
-        return KeyValues(_dense(cache, keys), _dense(cache, values), start)
-    held = [tree_map(lambda a: a[:, :, : cache.offset], b) for b in (cache.keys, cache.values)]
-    return KeyValues(_dense(cache, held[0]), _dense(cache, held[1]), 0)
-
-
-def _dense(cache: LayerCache, buffer: Buffer) -> mx.array:
-    """A cache's keys or values as arrays: a quantized cache's dequantized (the drafter reads them so)."""
-    if not is_quantized(cache):
-        return buffer
-    return mx.dequantize(*buffer, group_size=cache.group_size, bits=cache.bits)
+    keys, values, start = cache.held_kv()
+    return KeyValues(attention.shared_keys(values, start) if keys is None else keys, values, start)
 
 
 def draft(
@@ -366,7 +342,7 @@ class Speculation:
         # What a rollback puts back, copied out before the pass writes the ring (left pending, the
         # copy would keep the old ring alive and make the write copy all of it). A plain step keeps
         # its one position: nothing to save.
-        saved = [c.saved_for_trim(k + 1) if k and isinstance(c, SlidingWindowCache) else None for c in cache]
+        saved = [c.saved_for_trim(k + 1) if k else None for c in cache]
         if any(s is not None for s in saved):
             mx.eval([(s.keys, s.values) for s in saved if s is not None])
         inputs = mx.concatenate([self.token.astype(mx.int32), drafts.astype(mx.int32)])
@@ -384,10 +360,7 @@ class Speculation:
         tokens, rows = self._judge(step)
         a = len(tokens) - 1
         for layer, saved in zip(self.cache, step.saved, strict=True):
-            if isinstance(layer, SlidingWindowCache):
-                layer.trim(k - a, saved)
-            else:
-                layer.trim(k - a)
+            layer.trim(k - a, saved)
         self.token, self.hidden = mx.array(tokens[-1:], dtype=mx.int32), step.hidden[a : a + 1]
         mx.async_eval(self.hidden)
         return [(token, row - mx.logsumexp(row, axis=-1, keepdims=True)) for token, row in zip(tokens, rows, strict=True)]

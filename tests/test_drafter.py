@@ -19,6 +19,8 @@ from mlx_unified.testing.reference import (
     PROMPTS,
     RELATIVE_TOLERANCE,
     SHAPES,
+    VARIED_EMBED_STD,
+    assert_varied,
     build_reference_checkpoint,
     build_reference_drafter,
     reference_drafter_step,
@@ -37,7 +39,7 @@ DRAFT_STEPS = 3
 def target(request, tmp_path_factory):
     """(reference target, ours loaded from its checkpoint, the shape's name)."""
     path = tmp_path_factory.mktemp(f"target-{request.param}")
-    ref = build_reference_checkpoint(path, seed=3, **SHAPES[request.param])
+    ref = build_reference_checkpoint(path, seed=3, embed_std=VARIED_EMBED_STD, **SHAPES[request.param])
     return ref, mlx_unified.load_model(path, dtype="float32"), request.param
 
 
@@ -176,6 +178,7 @@ def test_reference_assisted_greedy_equals_plain_greedy(target, drafters, head, k
     ref_drafter, _ = drafters[head]
     inputs = text_prompt(np.random.default_rng(23), 21) if kind == "text" else PROMPTS[kind](np.random.default_rng(23))
     expected = reference_greedy(ref_target, inputs, max_new_tokens=64)
+    assert_varied(expected)
     assert reference_greedy(ref_target, inputs, max_new_tokens=64, drafter=ref_drafter) == expected
 
 

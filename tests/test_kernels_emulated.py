@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_unified.testing.kernel_cases import all_cases, check
+from mlx_unified.kernels.cases import all_cases, check
 from mlx_unified.testing.metal_emulator import metal_kernel
 
 CASES = all_cases(seed=1234)

@@ -20,7 +20,9 @@ from mlx_unified.budgets import (
 from mlx_unified.config import load_config, released_config
 from mlx_unified.convert import convert, main
 from mlx_unified.convert.estimate import estimate, longest_context, plan, recommend
-from mlx_unified.footprint import DEFAULT_MIN_CONTEXT, activation_bytes, kv_bytes, prefill_sizes
+from mlx_unified.footprint import DEFAULT_MIN_CONTEXT, activation_bytes, kv_bytes, prefill_sizes, run_bytes
+from mlx_unified.kv_quantization import DEFAULT_QUANTIZED_KV_START
+from mlx_unified.model_source import community_weights_bytes
 from mlx_unified.testing import scaled_text
 from mlx_unified.testing.reference import build_reference_checkpoint
 
@@ -161,14 +163,32 @@ def test_plan_trades_bits_for_context():
     )
 
 
+@pytest.mark.parametrize("memory_gb", [8, 12, 16, 24])
+def test_a_quantized_cache_never_reaches_less_context_than_a_float_one(memory_gb):
+    """The cache stays float until it holds quantized_kv_start positions (run_bytes counts that, as the
+    run does), and keys that fit one block are attended in one product: in every row of the plan, the
+    8-bit and 4-bit columns reach at least the bf16 one."""
+    rows = plan(released_config(), gpu_budget_bytes(memory_gb * GIB))
+    for row in rows:
+        assert row.context_kv8 >= row.context_bf16_kv and row.context_kv4 >= row.context_bf16_kv, row
+        if row.context_bf16_kv >= DEFAULT_MIN_CONTEXT:
+            assert row.context_kv4 >= row.context_kv8
+
+
+def test_below_quantized_kv_start_a_quantized_run_needs_what_a_float_one_does():
+    config, budget = released_config(), gpu_budget_bytes(12 * GIB)
+    weights = community_weights_bytes(4)
+    for tokens in (100, 4000, DEFAULT_QUANTIZED_KV_START):
+        assert run_bytes(config, weights, tokens, budget, kv_bits=8) == run_bytes(config, weights, tokens, budget)
+    beyond = 4 * DEFAULT_QUANTIZED_KV_START
+    assert run_bytes(config, weights, beyond, budget, kv_bits=8) < run_bytes(config, weights, beyond, budget)
+    assert run_bytes(config, weights, beyond, budget, kv_bits=8, quantized_kv_start=0) <= run_bytes(
+        config, weights, beyond, budget, kv_bits=8
+    )
+
+
 def test_plan_shows_the_context_quantized_kv_reaches():
     rows = {row.label: row for row in plan(released_config(), gpu_budget_bytes(12 * GIB))}
-    # Where the weights leave a few thousand tokens at most, a quantized cache's prefill attention (key
-    # blocks within up to QUANTIZED_ATTENTION_PEAK score bounds) can cost more than its smaller cache
-    # saves; wherever a usable context is left, quantizing reaches further.
-    for row in rows.values():
-        if row.context_bf16_kv >= DEFAULT_MIN_CONTEXT:
-            assert row.context_kv4 >= row.context_kv8 >= row.context_bf16_kv
     four_bit = rows["4-bit"]
     assert four_bit.context_bf16_kv < 262144 == four_bit.context_kv8  # the whole context on a 12 GB Mac
     assert four_bit.context_kv8 == longest_context(released_config(), gpu_budget_bytes(12 * GIB),

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 import mlx_unified
-from mlx_unified import model as model_module
+from mlx_unified import attention as attention_module
 from mlx_unified.emphasis import SpanBias
 from mlx_unified.prefill import prefill
 from mlx_unified.testing.reference import (
     PROMPTS,
     RELATIVE_TOLERANCE,
     SHAPES,
+    VARIED_EMBED_STD,
+    assert_varied,
     build_reference_checkpoint,
     image_audio_prompt,
     image_prompt,
@@ -67,7 +69,7 @@ def test_decoding_through_cache_equals_full_forward(pair, in_place, monkeypatch)
     """Token by token past the window: every position's logits equal the full forward's, whether
     decoding reads the caches in place (Metal kernels, CPU references) or runs MLX's fused
     attention over the derived keys (CUDA)."""
-    monkeypatch.setattr(model_module, "decode_in_place", lambda: in_place)
+    monkeypatch.setattr(attention_module, "decode_in_place", lambda: in_place)
     _, model = pair
     inputs = text_prompt(np.random.default_rng(10), 26)
     full = ours(model, inputs)
@@ -111,19 +113,46 @@ def test_chunked_prefill_with_image_equals_full_forward(pair, chunk):
     assert cache[0].offset == inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("kind", ["text", "image+audio"])
-def test_greedy_tokens_match_reference_generate(pair, kind):
-    ref, model = pair
-    inputs = PROMPTS[kind](np.random.default_rng(12))
-    expected = reference_greedy(ref, inputs, max_new_tokens=32)
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def varied_pair(request, tmp_path_factory):
+    """A reference whose greedy tokens vary (small embeddings: the layers choose each token), and ours."""
+    path = tmp_path_factory.mktemp(f"varied-{request.param}")
+    ref = build_reference_checkpoint(path, seed=3, embed_std=VARIED_EMBED_STD, **SHAPES[request.param])
+    return ref, mlx_unified.load_model(path, dtype="float32")
+
+
+def greedy_through_cache(model, inputs: dict[str, np.ndarray], steps: int) -> list[int]:
     cache = model.make_cache()
     logits = prefill(model, inputs, cache, chunk_size=8)
     tokens = []
-    for _ in range(32):
+    for _ in range(steps):
         token = int(mx.argmax(logits[0, -1]).item())
         tokens.append(token)
         logits = model(mx.array([[token]]), cache=cache)
-    assert tokens == expected
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["text", "image+audio"])
+def test_greedy_tokens_match_reference_generate(varied_pair, kind):
+    ref, model = varied_pair
+    inputs = PROMPTS[kind](np.random.default_rng(12))
+    expected = reference_greedy(ref, inputs, max_new_tokens=32)
+    assert_varied(expected)
+    assert greedy_through_cache(model, inputs, 32) == expected
+
+
+def test_greedy_check_fails_with_one_attention_output_zeroed(varied_pair):
+    """The check above can fail: with one layer's attention output zeroed, the tokens differ."""
+    ref, model = varied_pair
+    inputs = PROMPTS["text"](np.random.default_rng(12))
+    expected = reference_greedy(ref, inputs, max_new_tokens=32)
+    o_proj = model.language_model.layers[0].self_attn.o_proj
+    kept = o_proj.weight
+    o_proj.weight = mx.zeros_like(kept)
+    try:
+        assert greedy_through_cache(model, inputs, 32) != expected
+    finally:
+        o_proj.weight = kept
 
 
 def bf16_ulp(values: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from media_files import voiced_bursts, write_image, write_video
 
-from mlx_unified import model as model_module
+from mlx_unified import attention as attention_module
 from mlx_unified.drafter import load_drafter
 from mlx_unified.generation import generate
 from mlx_unified.generation_params import GenerationParams
@@ -96,7 +96,7 @@ def test_quantized_kv_cache_rolls_back_exactly(tiny_factory, tmp_path, kv_bits, 
     """With a quantized KV cache (from the first position, a prompt past the window so the rings wrap
     while verifying), speculative greedy gives exactly plain greedy's tokens with the same cache,
     reading the rings in place (the decode kernels' path, spare slots included) or block by block."""
-    monkeypatch.setattr(model_module, "decode_in_place", lambda: in_place)
+    monkeypatch.setattr(attention_module, "decode_in_place", lambda: in_place)
     target = tiny_factory(seed=3, sliding_window=WINDOW, head_dim=32, global_head_dim=64)  # whole groups of 32
     drafter = load_drafter(tiny_drafter(tmp_path / "drafter", target.path, copies_last_token=True))
     kv = dict(kv_bits=kv_bits, kv_group_size=32, quantized_kv_start=0)

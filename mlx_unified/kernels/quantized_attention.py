@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_unified.attention_blocks import quantized_key_bytes
+from mlx_unified.attention_blocks import QUANTIZED_ATTENTION_PEAK, quantized_key_bytes
 from mlx_unified.config import RopeSpec
 from mlx_unified.kernels.rope_tables import rope_periods, rope_reference, rotated_pairs
 
@@ -149,9 +149,13 @@ class DerivedKeys:
 
 
 def key_block(keys: QuantizedKeys | DerivedKeys, rows: int, score_bytes: int) -> int:
-    """Keys attended at a time by `rows` query rows (all heads) so that what that takes
-    (`attention_blocks.quantized_key_bytes`) fits `score_bytes`; at least MIN_KEY_BLOCK."""
-    return max(score_bytes // keys.bytes_per_key(rows), MIN_KEY_BLOCK)
+    """Keys attended at a time by `rows` query rows (all heads): all of them when what that takes
+    (`attention_blocks.quantized_key_bytes`) fits `score_bytes`, else blocks small enough that the
+    QUANTIZED_ATTENTION_PEAK blocks a merge keeps alive fit it; at least MIN_KEY_BLOCK."""
+    per_key = keys.bytes_per_key(rows)
+    if per_key * keys.length <= score_bytes:
+        return keys.length
+    return max(score_bytes // (QUANTIZED_ATTENTION_PEAK * per_key), MIN_KEY_BLOCK)
 
 
 # Fewer keys a block would make the per-block work (a few small products) dominate.

@@ -15,7 +15,7 @@ import time
 import mlx.core as mx
 
 from mlx_unified.kernels.dispatch import KernelFactory
-from mlx_unified.testing.kernel_cases import all_cases, check
+from mlx_unified.kernels.cases import all_cases, check
 
 
 def run_selfcheck(factory: KernelFactory, out=sys.stdout) -> int:

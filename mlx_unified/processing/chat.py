@@ -21,7 +21,8 @@ import numpy as np
 from jinja2 import TemplateError
 
 from ..config import TOKEN_TYPES
-from ..generation_params import ParameterError, check_template_variables
+from ..errors import ParameterError
+from ..generation_params import check_template_variables
 from ..tool_calls import fold_tool_results
 from .audio import audio_num_tokens, describe_source, frame_audio, load_audio
 from .errors import MediaError, ProcessorConfigError

@@ -5,14 +5,9 @@ import os
 import stat
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, MediaError
 
-
-class MediaError(InputError):
-    """A media input that cannot be used: missing, empty, corrupt, unsupported or out of limits.
-
-    The message names the file (or says what kind of in-memory input it was).
-    """
+__all__ = ["MediaError", "ProcessorConfigError", "readable_source"]
 
 
 class ProcessorConfigError(InputError):

@@ -1,8 +1,8 @@
 """Test machinery that ships: a small random checkpoint in the released layout, for smoke runs and
 tests with no download (`tiny_checkpoint`, shapes from `scaled_text`), an MTP drafter for one
 (`tiny_drafter`, its config from `drafter_config`), the reference harness
-(`testing.reference`), the kernels' random cases (`testing.kernel_cases`) and the CPU emulator of Metal
-kernels (`testing.metal_emulator`).
+(`testing.reference`) and the CPU emulator of Metal kernels (`testing.metal_emulator`; the kernels'
+random cases it runs are `kernels.cases`).
 
 A tiny checkpoint's weights are RANDOM: the model it loads writes meaningless text. `config.json`
 carries `"mlx_unified_random_weights": true`, and the loader, the CLI and the app say so whenever it is
