@@ -14,9 +14,9 @@ from mlx_unified.kernels import (
     norm_rope,
 )
 from mlx_unified.kernels.attention_global import global_kv_attention_reference
+from mlx_unified.kernels.cases import TOLERANCE, max_relative_error
 from mlx_unified.kernels.norm_rope import norm_rope_fused, norm_rope_reference
 from mlx_unified.kernels.rope_tables import rope_fused, rope_reference
-from mlx_unified.kernels.cases import TOLERANCE, max_relative_error
 
 
 def test_reference_without_metal(monkeypatch):

@@ -14,8 +14,8 @@ import time
 
 import mlx.core as mx
 
-from mlx_unified.kernels.dispatch import KernelFactory
 from mlx_unified.kernels.cases import all_cases, check
+from mlx_unified.kernels.dispatch import KernelFactory
 
 
 def run_selfcheck(factory: KernelFactory, out=sys.stdout) -> int:
