@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,18 @@ def write_audio_seeds(folder: Path, seconds: float = 0.5) -> dict[str, Path]:
         paths[kind] = folder / f"seed.{kind}"
         soundfile.write(paths[kind], samples, rate, format=fmt, subtype=subtype)
     return paths
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width x height` (a decompression bomb's signature) with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import selectors
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from media_files import write_audio_seeds
+from watched_worker import run_watched
 
 from mlx_unified.processing import MediaError, load_audio
 
@@ -97,38 +97,9 @@ def child_env() -> dict[str, str]:
 
 
 def run_worker(spec: dict, spec_file: Path, log: Path) -> dict[int, dict]:
-    """Every case's result; a case after which no line came in time is a "hang", one during which the
-    worker died a "crash" (the worker is restarted after it)."""
-    results: dict[int, dict] = {}
-    start = 0
-    while start < len(spec["cases"]):
-        spec_file.write_text(json.dumps({**spec, "start": start}))
-        command = [sys.executable, __file__, "worker", str(spec_file)]
-        with open(log, "ab") as errors:
-            worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=child_env())
-        lines = selectors.DefaultSelector()
-        lines.register(worker.stdout, selectors.EVENT_READ)
-        current, timeout = start, START_TIMEOUT_S
-        try:
-            while current < len(spec["cases"]):
-                if not lines.select(timeout):
-                    results[current] = {"outcome": "hang"}
-                    break
-                line = worker.stdout.readline()
-                if not line:
-                    results[current] = {"outcome": "crash", "returncode": worker.wait()}
-                    break
-                result = json.loads(line)
-                timeout = CASE_TIMEOUT_S
-                if "case" in result:
-                    results[result["case"]] = result
-                    current = result["case"] + 1
-        finally:
-            worker.kill()
-            worker.wait()
-            worker.stdout.close()
-        start = current + 1 if current < len(spec["cases"]) else current
-    return results
+    """Every case's result line; a hung case is a "hang", one that killed the worker a "crash" (`run_watched`)."""
+    command = [sys.executable, __file__, "worker", str(spec_file)]
+    return run_watched(command, spec, spec_file, log, START_TIMEOUT_S, CASE_TIMEOUT_S, env=child_env())
 
 
 def judge(result: dict) -> list[str]:

@@ -13,11 +13,8 @@ ones. A prefix-cache file is checksummed: any change to it is refused or changes
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from safetensors_edits import join, split, tensor_names
+from watched_worker import run_watched
 
 from mlx_unified.cache import snapshot
 from mlx_unified.checkpoint import hf_to_mlx_name, model_identity
@@ -116,38 +114,9 @@ def reference_digests(shard: Path) -> dict[str, str] | None:
 
 
 def run_worker(spec: dict, spec_file: Path, log: Path) -> dict[int, dict]:
-    """Every case's result line; a case after which no line came in time is a "hang", one during which
-    the worker died a "crash" (the worker is restarted after it)."""
-    results: dict[int, dict] = {}
-    start = 0
-    while start < len(spec["cases"]):
-        spec_file.write_text(json.dumps({**spec, "start": start}))
-        with open(log, "ab") as errors:
-            worker = subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], stdout=subprocess.PIPE, stderr=errors)
-        lines = selectors.DefaultSelector()
-        lines.register(worker.stdout, selectors.EVENT_READ)
-        current, timeout = start, START_TIMEOUT_S
-        try:
-            while current < len(spec["cases"]):
-                if not lines.select(timeout):
-                    results[current] = {"outcome": "hang"}
-                    worker.kill()
-                    break
-                line = worker.stdout.readline()
-                if not line:
-                    results[current] = {"outcome": "crash", "returncode": worker.wait()}
-                    break
-                result = json.loads(line)
-                timeout = CASE_TIMEOUT_S
-                if "case" in result:
-                    results[result["case"]] = result
-                    current = result["case"] + 1
-        finally:
-            worker.kill()
-            worker.wait()
-            worker.stdout.close()
-        start = current + 1 if current < len(spec["cases"]) else current
-    return results
+    """Every case's result line; a hung case is a "hang", one that killed the worker a "crash" (`run_watched`)."""
+    command = [sys.executable, str(WORKER), str(spec_file)]
+    return run_watched(command, spec, spec_file, log, START_TIMEOUT_S, CASE_TIMEOUT_S, env=None)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,18 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-from media_files import voiced_bursts, with_flac_length, write_audio_seeds, write_silence_bomb
+from media_files import (
+    png_header_only,
+    voiced_bursts,
+    with_flac_length,
+    write_audio_seeds,
+    write_silence_bomb,
+)
 from PIL import Image
 
 from mlx_unified.processing import MediaError, load_audio, load_image, preprocess_image
@@ -208,24 +213,9 @@ def test_a_zero_size_image_is_a_media_error():
         load_image(np.zeros((0, 5, 3), np.uint8))
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width` x `height` pixels and whose data is a few bytes."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(("width", "height"), [(100_000, 100_000), (9000, 9000), (2**31 - 1, 1)])
 def test_an_image_of_absurd_dimensions_is_refused_before_decoding(width, height):
-    data = png_claiming(width, height)
+    data = png_header_only(width, height)
     started = time.perf_counter()
     for read in (load_image, image_size, preprocess_image):
         with pytest.raises(MediaError, match=rf"<{len(data)} bytes>: image too large"):
@@ -299,12 +289,12 @@ def test_the_server_refuses_hostile_chat_media_with_invalid_media_and_goes_on_se
         "giant image": {
             "type": "image_url",
             "image_url": {
-                "url": "data:image/png;base64," + base64.b64encode(png_claiming(100_000, 100_000)).decode()
+                "url": "data:image/png;base64," + base64.b64encode(png_header_only(100_000, 100_000)).decode()
             },
         },
         "empty image": {
             "type": "image_url",
-            "image_url": {"url": "data:image/png;base64," + base64.b64encode(png_claiming(0, 0)).decode()},
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(png_header_only(0, 0)).decode()},
         },
     }
     for what, part in hostile.items():

@@ -1,12 +1,11 @@
 """Image preprocessing: the reference size rule, pixel values against mlx-vlm, modes, limits, errors."""
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from media_files import png_header_only
 from mlx_vlm.models.gemma4_unified.processing_gemma4_unified import (
     Gemma4UnifiedImageProcessor as MlxVlmProcessor,
 )
@@ -127,21 +126,6 @@ def test_every_mode_becomes_white_rgb(mode, tmp_path):
 def test_one_pixel_image_works():
     out = preprocess_image(np.zeros((1, 1, 3), np.uint8))
     assert out["num_soft_tokens"] == image_num_tokens(1, 1) == 256
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width x height` (a decompression bomb's signature) with almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_bad_images_raise_media_error(tmp_path):
